@@ -1,0 +1,37 @@
+# The two commands of the project (README): `make reproduce` and `make test`.
+# Both install everything they need into .venv first, from nothing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: reproduce test test-fast bench install clean
+
+install: $(STAMP)
+
+# Reinstall when the dependency pins change. torch is asked for first and by its exact
+# version so that pip takes the CPU wheel on this machine's disk (or the user's
+# CUDA build from PyPI) instead of resolving a different release.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Until the pipeline exists the main job is the model demo (issue 2).
+reproduce: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/rmt demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# Developer loop: skip the slow end-to-end tests.
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m 'not slow'
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/model_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache results

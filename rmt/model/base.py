@@ -1,0 +1,271 @@
+"""The recurrence shared by the encoder and decoder RMT: memory, segment loop, truncated and
+memory-efficient back-propagation through time, streaming, save/load.
+
+Shapes: B examples in the batch, A of them active in a step, m memory tokens, H the
+backbone's embedding width, L text tokens per segment, S positions per segment.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig
+
+from rmt.model.config import CONFIG_NAME, RMTConfig
+from rmt.model.segments import Alignment, SegmentStep, num_segments_for, stream_segments
+from rmt.utils import atomic_directory, exists
+
+WEIGHTS_NAME = "model.safetensors"
+# Loading a backbone never silently downcasts: the paper trains in full precision, and
+# transformers 5 otherwise keeps a checkpoint's own dtype (often bf16).
+DEFAULT_BACKBONE_KWARGS = {"dtype": torch.float32}
+# Settings that change the weights' shapes: a checkpoint cannot be loaded with other values.
+STRUCTURAL_FIELDS = ("architecture", "num_memory_tokens", "num_labels")
+
+
+@dataclass
+class SegmentResult:
+    """What one segment step hands back besides the next memory. Only small tensors are kept
+    for every step; large ones (hidden states) only where the caller needs them."""
+
+    loss_sum: Tensor | None = None  # () summed loss of this step's rows
+    logits: Tensor | None = None
+    last_hidden_state: Tensor | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+
+def _takes_inputs_embeds(module: nn.Module) -> bool:
+    return "inputs_embeds" in inspect.signature(module.forward).parameters
+
+
+def position_limit(backbone: nn.Module) -> int | None:
+    """How many positions one forward call of the backbone can take, if it has a limit."""
+    limit = getattr(backbone.config, "max_position_embeddings", None)
+    if limit is None:
+        return None
+    for name, module in backbone.named_modules():
+        # RoBERTa-style tables start counting after the padding index.
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and exists(module.padding_idx):
+            return limit - module.padding_idx - 1
+    return limit
+
+
+class RecurrentMemoryModel(nn.Module):
+    """A Hugging Face backbone that reads a long input segment by segment, carrying m memory
+    vectors from each segment to the next. Subclasses define one segment's layout."""
+
+    architecture: str
+    align: Alignment
+    auto_model_class: Any
+
+    def __init__(self, *, backbone: nn.Module, config: RMTConfig):
+        super().__init__()
+        if config.architecture != self.architecture:
+            raise ValueError(
+                f"{type(self).__name__} needs architecture='{self.architecture}', the config says "
+                f"'{config.architecture}'"
+            )
+        self.config = config
+        self.backbone = backbone
+        self._check_backbone()
+        # New trainable embeddings, like m extra vocabulary rows, initialised as the backbone
+        # initialises its own embeddings.
+        std = getattr(backbone.config, "initializer_range", 0.02)
+        self.memory_embeddings = nn.Parameter(torch.randn(config.num_memory_tokens, self.embedding_dim) * std)  # (m, H)
+
+    # ---------------------------------------------------------------- checks
+    @property
+    def backbone_body(self) -> nn.Module:
+        """The module that takes inputs_embeds and returns last_hidden_state."""
+        return self.backbone
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.backbone.get_input_embeddings().embedding_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.memory_embeddings.device
+
+    def _check_backbone(self) -> None:
+        name = type(self.backbone).__name__
+        if not (hasattr(self.backbone, "config") and hasattr(self.backbone, "get_input_embeddings")):
+            raise TypeError(f"The backbone {name} is not a Hugging Face model (no config / get_input_embeddings)")
+        if not _takes_inputs_embeds(self.backbone_body):
+            raise TypeError(
+                f"The backbone {name} takes no inputs_embeds: RMT feeds memory to the backbone as embeddings. "
+                "Use a Hugging Face model whose forward() accepts inputs_embeds."
+            )
+        limit = position_limit(self.backbone)
+        needed = self.config.segment_positions
+        if exists(limit) and needed > limit:
+            fixed = self.config.memory_positions_per_segment + self.config.num_special_tokens
+            raise ValueError(
+                f"A segment needs {needed} positions ({self.config.segment_length} tokens + "
+                f"{self.config.memory_positions_per_segment} memory + {self.config.num_special_tokens} special) "
+                f"but the backbone {name} has {limit}: set segment_length to at most {limit - fixed}"
+            )
+
+    # ---------------------------------------------------------------- recurrence
+    def initial_memory(self, batch_size: int) -> Tensor:
+        return self.memory_embeddings[None].expand(batch_size, -1, -1)  # (B, m, H)
+
+    def _memory_cut(self, step: SegmentStep) -> Tensor | None:
+        """(A,) True where this segment's memory input is detached (truncated BPTT): only the
+        memory inputs of each example's last `bptt_depth` segments carry gradients."""
+        depth = self.config.bptt_depth
+        if depth < 0 or not torch.is_grad_enabled():
+            return None
+        return step.segment_index < step.num_segments - depth
+
+    def _segment_forward(self, memory: Tensor, step: SegmentStep, **options) -> tuple[Tensor, SegmentResult]:
+        """(A, m, H) memory in -> (A, m, H) memory out, for the active rows of one step."""
+        raise NotImplementedError
+
+    def _step(self, memory: Tensor, step: SegmentStep, **options) -> tuple[Tensor, SegmentResult]:
+        """(B, m, H) -> (B, m, H): rows without a segment in this step keep their memory."""
+        every_row = len(step.rows) == memory.shape[0]
+        memory_in = memory if every_row else memory[step.rows]
+        cut = self._memory_cut(step)
+        if exists(cut) and bool(cut.any()):
+            memory_in = torch.where(cut[:, None, None], memory_in.detach(), memory_in)
+        new_memory, result = self._segment_forward(memory_in, step, **options)
+        if every_row:
+            return new_memory, result
+        return memory.to(new_memory.dtype).index_copy(0, step.rows, new_memory), result
+
+    def _recur(
+        self, steps: list[SegmentStep], batch_size: int, *, output_memory_states: bool = False, **options
+    ) -> tuple[list[SegmentResult], tuple[Tensor, ...] | None]:
+        memory = self.initial_memory(batch_size)
+        memory_states = [memory]
+        results = []
+        # Segment-level recomputation: each step keeps only its inputs (the (B, m, H) memory
+        # and the token ids); its activations are rebuilt, with the same dropout masks, when
+        # the backward pass reaches it. Losses are computed inside the step so that nothing
+        # larger than a scalar and the memory crosses a step boundary.
+        recompute = self.config.memory_efficient_backprop and torch.is_grad_enabled()
+        for step in steps:
+            if recompute:
+                memory, result = checkpoint(self._step, memory, step, use_reentrant=False, **options)
+            else:
+                memory, result = self._step(memory, step, **options)
+            results.append(result)
+            if output_memory_states:
+                memory_states.append(memory)
+        return results, (tuple(memory_states) if output_memory_states else None)
+
+    @contextmanager
+    def _attention_for(self, output_attentions: bool):
+        """Attention weights exist only in the eager implementation: switch to it for the call."""
+        current = self.backbone.config._attn_implementation
+        if not output_attentions or current == "eager":
+            yield
+            return
+        self.backbone.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            self.backbone.set_attn_implementation(current)
+
+    # ---------------------------------------------------------------- streaming
+    def _full_batch_step(self, tokens: Tensor, index: int, count: int, token_labels: Tensor | None = None) -> SegmentStep:
+        """A step in which every row of the batch has a segment of the same length."""
+        batch, length = tokens.shape
+        padded = torch.zeros(batch, self.config.segment_length, dtype=torch.long, device=self.device)
+        padded[:, :length] = tokens
+        full = lambda value: torch.full((batch,), value, device=self.device)  # noqa: E731
+        return SegmentStep(
+            rows=torch.arange(batch, device=self.device),
+            tokens=padded,
+            lengths=full(length),
+            segment_index=full(index),
+            num_segments=full(count),
+            token_labels=token_labels,
+        )
+
+    def _stream_segments(self, chunks: Iterable, num_tokens: int) -> Iterator[Tensor]:
+        return stream_segments(
+            chunks, num_tokens=num_tokens, segment_length=self.config.segment_length, align=self.align
+        )
+
+    def _num_stream_segments(self, num_tokens: int) -> int:
+        return num_segments_for(num_tokens, self.config.segment_length)
+
+    # ---------------------------------------------------------------- save / load
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Backbone config (config.json), RMT config (rmt_config.json) and every weight
+        (model.safetensors) in one directory, written atomically."""
+        with atomic_directory(directory) as staging:
+            self.config.save(staging)
+            self.backbone.config.save_pretrained(staging)
+            # save_model drops tied duplicates (GPT-2's lm_head is its input embedding).
+            save_model(self, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        backbone_kwargs: dict | None = None,
+        **settings,
+    ) -> "RecurrentMemoryModel":
+        """An RMT checkpoint written by save_pretrained, or a backbone to wrap: a Hugging Face
+        model id or a local directory. `settings` are RMTConfig fields; for a checkpoint only
+        those that keep the weights' shapes may change (segment_length, bptt_depth, ...)."""
+        path = Path(name_or_path)
+        if (path / CONFIG_NAME).is_file():
+            return cls._from_checkpoint(path, settings)
+        backbone = cls._load_backbone(str(name_or_path), {**DEFAULT_BACKBONE_KWARGS, **(backbone_kwargs or {})})
+        config = RMTConfig(
+            architecture=cls.architecture,
+            backbone=str(name_or_path),
+            **{**cls._settings_from_backbone(str(name_or_path)), **settings},
+        )
+        return cls(backbone=backbone, config=config)
+
+    @classmethod
+    def _settings_from_backbone(cls, name_or_path: str) -> dict:
+        """Config values a backbone implies (the encoder reads its tokenizer's special ids)."""
+        return {}
+
+    @classmethod
+    def _load_backbone(cls, name_or_path: str, kwargs: dict) -> nn.Module:
+        try:
+            return cls.auto_model_class.from_pretrained(name_or_path, **kwargs)
+        except OSError as error:
+            raise OSError(
+                f"Could not load the backbone '{name_or_path}': it is neither an RMT checkpoint (no {CONFIG_NAME}) "
+                "nor a model directory, and the Hugging Face hub did not provide it (offline, or a wrong id). "
+                "Pass a local directory, or download the model once with network access."
+            ) from error
+
+    @classmethod
+    def _from_checkpoint(cls, path: Path, settings: dict) -> "RecurrentMemoryModel":
+        saved = RMTConfig.load(path)
+        if saved.architecture != cls.architecture:
+            other = "RecurrentMemoryEncoder" if saved.architecture == "encoder" else "RecurrentMemoryDecoder"
+            raise ValueError(f"{path} holds a {saved.architecture} RMT: load it with {other}.from_pretrained")
+        conflicts = {
+            name: (getattr(saved, name), value)
+            for name, value in settings.items()
+            if name in STRUCTURAL_FIELDS and getattr(saved, name) != value
+        }
+        if conflicts:
+            detail = ", ".join(f"{name}: checkpoint {old!r}, asked {new!r}" for name, (old, new) in conflicts.items())
+            raise ValueError(f"The checkpoint {path} does not match the requested config ({detail}): these change the weights")
+        backbone = cls.auto_model_class.from_config(AutoConfig.from_pretrained(path))
+        model = cls(backbone=backbone, config=saved.replace(**settings))
+        try:
+            load_model(model, str(path / WEIGHTS_NAME), strict=True)
+        except RuntimeError as error:  # missing names or shapes other than the configs describe
+            raise ValueError(f"The weights in {path / WEIGHTS_NAME} do not match its config files: {error}") from None
+        return model

@@ -1,0 +1,52 @@
+"""Small helpers shared by the whole package."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def exists(value) -> bool:
+    return value is not None
+
+
+def default(value: T | None, fallback: T) -> T:
+    return value if exists(value) else fallback
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` means CUDA when present, else the CPU; anything else is passed to torch."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Write a directory all at once: yields a temporary sibling, renamed onto `target` on
+    success. A crash leaves either the old directory or the new one, never a mix; on error
+    the temporary directory is removed and `target` is untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if target.exists():
+        # Two renames keep the window without a complete `target` as short as possible.
+        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, retired / target.name)
+        os.replace(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, target)

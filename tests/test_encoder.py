@@ -1,0 +1,215 @@
+"""The encoder RMT: segment layout, recurrence, batching, streaming, attention maps, errors."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import CLS, PAD, SEP, encoder_config, make_encoder, random_text, tiny_encoder_backbone
+from rmt import RMTConfig, RecurrentMemoryEncoder
+from rmt.model.segments import schedule_segments, segment_bounds
+
+
+def test_segments_are_right_aligned_so_the_last_one_is_full():
+    assert segment_bounds(40, 16, "right") == [(0, 8), (8, 24), (24, 40)]
+    assert segment_bounds(32, 16, "right") == [(0, 16), (16, 32)]
+    assert segment_bounds(40, 16, "left") == [(0, 16), (16, 32), (32, 40)]
+    # In a batch, the example with fewer segments starts later and both end together.
+    steps = schedule_segments([torch.arange(40), torch.arange(10)], segment_length=16, align="right")
+    assert [s.rows.tolist() for s in steps] == [[0], [0], [0, 1]]
+    assert steps[-1].lengths.tolist() == [16, 10]
+    assert steps[-1].is_last.tolist() == [True, True]
+
+
+def test_segment_layout_is_cls_memory_sep_tokens_sep_pad():
+    model = make_encoder(num_memory_tokens=3, segment_length=6)
+    step = schedule_segments([torch.tensor([10, 11, 12, 13])], segment_length=6, align="right")[0]
+    ids, mask = model._segment_ids(step)
+    assert ids[0].tolist() == [CLS, PAD, PAD, PAD, SEP, 10, 11, 12, 13, SEP, PAD, PAD]
+    assert mask[0].tolist() == [1] * 10 + [0, 0]
+    assert model.config.segment_positions == 12
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_without_memory_one_segment_equals_the_backbone(kind):
+    model = make_encoder(kind, num_memory_tokens=0)
+    tokens = random_text(12)
+    out = model([tokens])
+    cls, sep = model.config.cls_token_id, model.config.sep_token_id
+    plain = model.backbone(input_ids=torch.cat([torch.tensor([cls]), tokens, torch.tensor([sep])])[None])
+    width = plain.last_hidden_state.shape[1]
+    torch.testing.assert_close(out.last_hidden_state[:, :width], plain.last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits, model.classifier(plain.pooler_output), atol=1e-5, rtol=1e-5)
+
+
+def test_memory_carries_the_first_segment_to_the_answer():
+    text = random_text(64)
+    changed = text.clone()
+    changed[:8] = random_text(8, seed=5)  # only the first of four segments differs
+    with_memory = make_encoder(num_memory_tokens=4)
+    assert not torch.allclose(with_memory([text]).logits, with_memory([changed]).logits)
+    without_memory = make_encoder(num_memory_tokens=0)
+    torch.testing.assert_close(without_memory([text]).logits, without_memory([changed]).logits)
+
+
+def test_special_tokens_of_the_tokenizer_are_replaced_by_the_models_own():
+    model = make_encoder()
+    text = random_text(30)
+    with_specials = torch.cat([torch.tensor([CLS]), text, torch.tensor([SEP, PAD, PAD])])
+    torch.testing.assert_close(model([text]).logits, model([with_specials]).logits)
+
+
+def test_padding_never_changes_an_example():
+    model = make_encoder()
+    texts = [random_text(n, seed=n) for n in (5, 16, 37, 64)]  # 1, 1, 3 and 4 segments
+    batch = model(texts).logits
+    for index, text in enumerate(texts):
+        torch.testing.assert_close(batch[index], model([text]).logits[0], atol=1e-5, rtol=1e-5)
+    # A padded tensor with an attention mask, padded on either side, is the same batch.
+    width = 70
+    left = torch.full((len(texts), width), PAD)
+    mask = torch.zeros_like(left)
+    for index, text in enumerate(texts):
+        left[index, width - len(text):] = text
+        mask[index, width - len(text):] = 1
+    torch.testing.assert_close(model(left, attention_mask=mask).logits, batch, atol=1e-5, rtol=1e-5)
+
+
+def test_max_segments_keeps_the_beginning():
+    model = make_encoder(max_segments=2)
+    text = random_text(70)
+    torch.testing.assert_close(model([text]).logits, model([text[:32]]).logits)
+
+
+def test_loss_is_on_the_last_segment_unless_summed_over_all():
+    texts = [random_text(40, seed=1), random_text(20, seed=2)]
+    labels = torch.tensor([3, 1])
+    model = make_encoder()
+    out = model(texts, labels=labels)
+    torch.testing.assert_close(out.loss, nn.functional.cross_entropy(out.logits, labels))
+
+    # A prefix that ends on a segment border is split the same way (right alignment), so
+    # its logits are the ones the full input produces at that segment.
+    summed = make_encoder(loss_on_all_segments=True)
+    expected = torch.zeros(())
+    for text, label in zip(texts, labels):
+        for end in range(len(text) % 16 or 16, len(text) + 1, 16):
+            expected = expected + nn.functional.cross_entropy(summed([text[:end]]).logits, label[None])
+    torch.testing.assert_close(summed(texts, labels=labels).loss, expected / len(texts))
+
+
+def test_outputs_are_deterministic():
+    texts = [random_text(40), random_text(25, seed=3)]
+    first, second = make_encoder(dropout=0.1), make_encoder(dropout=0.1)
+    torch.testing.assert_close(first(texts).logits, second(texts).logits, atol=0, rtol=0)
+    first.train(), second.train()
+    torch.manual_seed(7)
+    a = first(texts, labels=torch.tensor([0, 1])).loss
+    torch.manual_seed(7)
+    b = second(texts, labels=torch.tensor([0, 1])).loss
+    assert a.item() == b.item()
+
+
+def test_bf16_autocast_runs_on_the_cpu():
+    model = make_encoder().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model([random_text(40), random_text(12)], labels=torch.tensor([1, 2]))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.memory_embeddings.grad.abs().sum() > 0
+
+
+def test_attention_maps_on_request():
+    model = make_encoder(num_memory_tokens=4, segment_length=16)
+    assert model.backbone.config._attn_implementation == "sdpa"
+    out = model([random_text(40)], output_attentions=True)
+    assert len(out.attentions) == 3  # segments
+    assert len(out.attentions[0]) == 2  # layers
+    positions = model.config.segment_positions
+    for segment in out.attentions:
+        for layer in segment:
+            assert layer.shape == (1, 4, positions, positions)
+            torch.testing.assert_close(layer.sum(-1), torch.ones(1, 4, positions))
+    # The first segment holds 8 tokens: the 8 padded positions after its [SEP] get no attention.
+    first = out.attentions[0][0]
+    assert first[..., model.text_start + 8 + 1 :].abs().max() == 0
+    # The backbone goes back to its fast attention afterwards, with the same results.
+    assert model.backbone.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(model([random_text(40)]).logits, out.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_streaming_equals_the_forward_pass_for_any_chunking():
+    model = make_encoder()
+    texts = torch.stack([random_text(75, seed=1), random_text(75, seed=2)])
+    expected = model(texts).logits
+    for size in (1, 7, 16, 50, 75):
+        chunks = (texts[:, start : start + size] for start in range(0, 75, size))
+        torch.testing.assert_close(model.stream(chunks, num_tokens=75).logits, expected, atol=1e-5, rtol=1e-5)
+    single = model.stream(iter([texts[0, :30].tolist(), texts[0, 30:].tolist()]), num_tokens=75).logits
+    torch.testing.assert_close(single[0], expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_streaming_reads_the_input_lazily():
+    """Only about one segment of the stream is held: the backbone runs on segment k before the
+    stream has delivered much more than k + 1 segments."""
+    model = make_encoder(segment_length=16)
+    pulled = []
+
+    def chunks():
+        for start in range(0, 16 * 40, 5):
+            pulled.append(start + 5)
+            yield random_text(5, seed=start)
+
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda *_: seen.append(pulled[-1]))
+    model.stream(chunks(), num_tokens=16 * 40)
+    assert len(seen) == 40
+    for index, tokens_pulled in enumerate(seen):
+        assert tokens_pulled <= 16 * (index + 1) + 5
+
+
+def test_stream_length_must_match():
+    model = make_encoder()
+    with pytest.raises(ValueError, match="num_tokens=50"):
+        model.stream(iter([random_text(40)]), num_tokens=50)
+    with pytest.raises(ValueError, match="num_tokens=30"):
+        model.stream(iter([random_text(40)]), num_tokens=30)
+
+
+def test_errors_name_the_problem_and_the_fix():
+    with pytest.raises(ValueError, match="segment_length to at most 80"):
+        RecurrentMemoryEncoder(backbone=tiny_encoder_backbone("bert", positions=87), config=encoder_config(segment_length=81))
+    # RoBERTa loses two positions to its padding offset.
+    with pytest.raises(ValueError, match="segment_length to at most 89"):
+        RecurrentMemoryEncoder(backbone=tiny_encoder_backbone("roberta", positions=96), config=encoder_config(segment_length=90))
+
+    class NoEmbedsInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_encoder_backbone()
+            self.config = self.inner.config
+
+        def get_input_embeddings(self):
+            return self.inner.get_input_embeddings()
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    with pytest.raises(TypeError, match="inputs_embeds"):
+        RecurrentMemoryEncoder(backbone=NoEmbedsInput(), config=encoder_config())
+    with pytest.raises(ValueError, match="needs architecture='encoder'"):
+        RecurrentMemoryEncoder(backbone=tiny_encoder_backbone(), config=RMTConfig(architecture="decoder"))
+    with pytest.raises(ValueError, match="num_labels"):
+        RMTConfig(architecture="encoder", cls_token_id=1, sep_token_id=2, pad_token_id=0)
+    with pytest.raises(ValueError, match="for_tokenizer"):
+        RMTConfig(architecture="encoder", num_labels=6)
+
+    model = make_encoder()
+    with pytest.raises(ValueError, match="Example 1 has no tokens"):
+        model([random_text(5), []])
+    with pytest.raises(ValueError, match="Example 0 has no tokens"):
+        model([torch.tensor([CLS, SEP])])
+    with pytest.raises(ValueError, match="empty"):
+        model([])
+    with pytest.raises(ValueError, match="labels must be"):
+        model([random_text(5)], labels=torch.tensor([1, 2]))

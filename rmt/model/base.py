@@ -151,8 +151,9 @@ class RecurrentMemoryModel(nn.Module):
         # Segment-level recomputation: each step keeps only its inputs (the (B, m, H) memory
         # and the token ids); its activations are rebuilt, with the same dropout masks, when
         # the backward pass reaches it. Losses are computed inside the step so that nothing
-        # larger than a scalar and the memory crosses a step boundary.
-        recompute = self.config.memory_efficient_backprop and torch.is_grad_enabled()
+        # larger than a scalar and the memory crosses a step boundary. A single segment has
+        # nothing to gain from it.
+        recompute = self.config.memory_efficient_backprop and torch.is_grad_enabled() and len(steps) > 1
         for step in steps:
             if recompute:
                 memory, result = checkpoint(self._step, memory, step, use_reentrant=False, **options)

@@ -1,0 +1,49 @@
+"""The project's own promises: pinned dependencies in step, the commands the README names."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+tomllib = pytest.importorskip("tomllib")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pip_pins(requirements) -> dict[str, str]:
+    pins = {}
+    for requirement in requirements:
+        match = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([^\s;]+)", requirement.strip())
+        assert match, f"{requirement!r} is not pinned with =="
+        pins[match.group(1).lower().replace("_", "-")] = match.group(2)
+    return pins
+
+
+def test_environment_yml_has_the_same_pins_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = pip_pins(project["dependencies"] + project["optional-dependencies"]["dev"])
+    environment = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(item["pip"] for item in environment["dependencies"] if isinstance(item, dict))
+    listed = pip_pins([line for line in pip_section if not line.startswith("-e")])
+    assert listed == declared
+    assert "-e ." in pip_section
+    assert declared["torch"] == "2.13.0"
+
+
+def test_installed_versions_are_the_pinned_ones():
+    from importlib.metadata import version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for name, pinned in pip_pins(project["dependencies"] + project["optional-dependencies"]["dev"]).items():
+        assert version(name).split("+")[0] == pinned, name
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in readme and "make reproduce" in readme
+    assert re.search(r"^make test$", ci, flags=re.MULTILINE)
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^test: ", makefile, flags=re.MULTILINE)
+    assert re.search(r"^reproduce: ", makefile, flags=re.MULTILINE)

@@ -183,13 +183,13 @@ class RecurrentMemoryModel(nn.Module):
         batch, length = tokens.shape
         padded = torch.zeros(batch, self.config.segment_length, dtype=torch.long, device=self.device)
         padded[:, :length] = tokens
-        full = lambda value: torch.full((batch,), value, device=self.device)  # noqa: E731
+        per_row = torch.tensor([length, index, count], device=self.device)[:, None].expand(3, batch)
         return SegmentStep(
             rows=torch.arange(batch, device=self.device),
             tokens=padded,
-            lengths=full(length),
-            segment_index=full(index),
-            num_segments=full(count),
+            lengths=per_row[0],
+            segment_index=per_row[1],
+            num_segments=per_row[2],
             token_labels=token_labels,
         )
 

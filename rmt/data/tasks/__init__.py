@@ -1,0 +1,19 @@
+"""The task registry. To add a task: write a module with a class that follows
+`rmt.data.tasks.base.Task`, and add its instance to TASKS below."""
+
+from __future__ import annotations
+
+from rmt.data.tasks.base import PLACES, Sample, Task
+from rmt.data.tasks.qa1 import DETECT_AND_MEMORIZE, MEMORIZE
+from rmt.data.tasks.qa4 import REASONING
+
+TASKS: dict[str, Task] = {task.name: task for task in (MEMORIZE, DETECT_AND_MEMORIZE, REASONING)}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"Unknown task {name!r}: choose one of {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+__all__ = ["PLACES", "Sample", "TASKS", "Task", "get_task"]

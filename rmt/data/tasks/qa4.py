@@ -1,0 +1,86 @@
+"""bAbI QA4-style two-argument relations, the paper's Reasoning task:
+
+    "The hallway is east of the bathroom." "The bedroom is west of the bathroom."
+    "What is the bathroom east of?" -> bedroom
+
+Three distinct rooms lie on one line along one axis (a - b - c, "a" west or north of "b");
+the two facts state the relations a-b and b-c, each worded from either side; the question
+asks for a neighbour of one room through one of the facts, so one fact answers it and the
+other shares a room with it and distracts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from rmt.data.tasks.base import PLACES, FactPosition, Sample
+
+# For each axis: the direction from the first room of a pair to the second, and back.
+AXES = (("east", "west"), ("south", "north"))
+OPPOSITE = {"east": "west", "west": "east", "north": "south", "south": "north"}
+_FACT = re.compile(r"^The (\w+) is (\w+) of the (\w+)\.$")
+_WHAT_IS_DIR_OF = re.compile(r"^What is (\w+) of the (\w+)\?$")  # What is east of the office?
+_WHAT_IS_X_DIR_OF = re.compile(r"^What is the (\w+) (\w+) of\?$")  # What is the office east of?
+
+
+def _fact(first: str, direction: str, second: str) -> str:
+    return f"The {first} is {direction} of the {second}."
+
+
+@dataclass(frozen=True)
+class TwoRelationTask:
+    name: str = "reasoning"
+    fact_position: FactPosition = "anywhere"
+    classes: tuple[str, ...] = PLACES
+    num_facts: int = 2
+    reserved_words: frozenset[str] = frozenset(PLACES) | frozenset(OPPOSITE)
+
+    def sample(self, rng: np.random.Generator) -> Sample:
+        a, b, c = (self.classes[i] for i in rng.choice(len(self.classes), size=3, replace=False))
+        # On the line a - b - c, "toward" is the direction from a to b (b is `toward` of a).
+        toward, back = AXES[rng.integers(len(AXES))]
+        relations = [(b, toward, a), (b, back, c)]  # b is east of a; b is west of c
+        # Each fact may be worded from either side: "b is east of a" or "a is west of b".
+        facts = [
+            _fact(*relation) if rng.integers(2) else _fact(relation[2], OPPOSITE[relation[1]], relation[0])
+            for relation in relations
+        ]
+        order = rng.permutation(2)
+        facts = tuple(facts[i] for i in order)
+        # Ask about one relation, from one of its two rooms, in one of two phrasings.
+        subject, direction, other = relations[rng.integers(2)]
+        if rng.integers(2):  # turn "subject is direction of other" around
+            subject, direction, other = other, OPPOSITE[direction], subject
+        if rng.integers(2):
+            question, answer = f"What is the {subject} {direction} of?", other
+        else:
+            question, answer = f"What is {OPPOSITE[direction]} of the {subject}?", other
+        return Sample(facts=facts, question=question, answer=answer, label=self.classes.index(answer))
+
+    def solve(self, facts: tuple[str, ...], question: str) -> str:
+        # Every stated relation and its converse: (x, direction, y) means x is `direction` of y.
+        known = set()
+        for fact in facts:
+            x, direction, y = _FACT.match(fact).groups()
+            known |= {(x, direction, y), (y, OPPOSITE[direction], x)}
+        if match := _WHAT_IS_X_DIR_OF.match(question):  # the subject is `direction` of what?
+            subject, direction = match.groups()
+            answers = {y for x, d, y in known if x == subject and d == direction}
+        else:  # what is `direction` of the subject?
+            direction, subject = _WHAT_IS_DIR_OF.match(question).groups()
+            answers = {x for x, d, y in known if y == subject and d == direction}
+        assert len(answers) == 1, f"{question} has answers {answers} from {facts}"
+        return answers.pop()
+
+    def all_texts(self) -> list[str]:
+        directions = list(OPPOSITE)
+        facts = [_fact(x, d, y) for x in self.classes for y in self.classes if x != y for d in directions]
+        questions = [f"What is the {x} {d} of?" for x in self.classes for d in directions]
+        questions += [f"What is {d} of the {x}?" for x in self.classes for d in directions]
+        return facts + questions
+
+
+REASONING = TwoRelationTask()

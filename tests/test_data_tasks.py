@@ -1,0 +1,63 @@
+"""The three tasks: answers follow from the facts, classes are balanced, the registry."""
+
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from rmt.data.tasks import PLACES, TASKS, get_task
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_answer_follows_from_the_facts(name):
+    task = get_task(name)
+    rng = np.random.default_rng(0)
+    labels = Counter()
+    for _ in range(3000):
+        sample = task.sample(rng)
+        assert len(sample.facts) == task.num_facts
+        assert task.solve(sample.facts, sample.question) == sample.answer
+        assert task.classes[sample.label] == sample.answer
+        assert set(sample.facts + (sample.question,)) <= set(task.all_texts())
+        labels[sample.label] += 1
+    assert task.classes == PLACES
+    # Balanced classes: every place within 15% of an even share.
+    assert all(abs(count - 500) < 75 for count in labels.values()), labels
+
+
+def test_memorize_is_the_papers_qa1_template():
+    task = get_task("memorize")
+    sample = task.sample(np.random.default_rng(1))
+    assert re.fullmatch(r"(Mary|John|Daniel|Sandra) (moved|went|went back|journeyed|travelled) to the \w+\.", sample.facts[0])
+    assert re.fullmatch(r"Where is (Mary|John|Daniel|Sandra)\?", sample.question)
+    assert task.fact_position == "first" and get_task("detect_and_memorize").fact_position == "anywhere"
+
+
+def test_reasoning_needs_exactly_one_of_its_two_facts():
+    """QA4: both facts share a room; one of them answers, the other alone cannot."""
+    task = get_task("reasoning")
+    rng = np.random.default_rng(2)
+    for _ in range(500):
+        sample = task.sample(rng)
+        rooms = [set(re.findall(r"the (\w+)", fact, flags=re.IGNORECASE)) for fact in sample.facts]
+        assert len(rooms[0] & rooms[1]) == 1
+        answering = []
+        for fact in sample.facts:
+            try:
+                answering.append(task.solve((fact,), sample.question) == sample.answer)
+            except AssertionError:  # this fact alone does not answer
+                answering.append(False)
+        assert sorted(answering) == [False, True], sample
+
+
+def test_the_papers_reasoning_example_is_solved():
+    task = get_task("reasoning")
+    facts = ("The hallway is east of the bathroom.", "The bedroom is west of the bathroom.")
+    assert task.solve(facts, "What is the bathroom east of?") == "bedroom"
+    assert task.solve(facts, "What is east of the bathroom?") == "hallway"
+
+
+def test_unknown_task_names_the_known_ones():
+    with pytest.raises(ValueError, match="detect_and_memorize, memorize, reasoning"):
+        get_task("qa99")

@@ -32,6 +32,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/model_bench.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/data_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache results

@@ -13,6 +13,32 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Recurrent Memory Transformer: a reproducibility pipeline (Bulatov et al. 2023).",
 )
+data_app = typer.Typer(no_args_is_help=True, help="Synthetic long-context datasets.")
+app.add_typer(data_app, name="data")
+
+
+def _settings(config: Path | None, overrides: list[str]) -> dict:
+    """Settings from a YAML file, then KEY=VALUE overrides (values read as YAML)."""
+    import yaml
+
+    settings = {}
+    if config is not None:
+        if not config.is_file():
+            raise typer.BadParameter(f"{config} does not exist", param_hint="--config")
+        settings = yaml.safe_load(config.read_text()) or {}
+        if not isinstance(settings, dict):
+            raise typer.BadParameter(f"{config} must hold a mapping of settings", param_hint="--config")
+    for item in overrides:
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        settings[key.strip()] = yaml.safe_load(value)
+    return settings
+
+
+def _validation_message(error) -> str:
+    lines = [f"  {'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors()]
+    return "Invalid settings:\n" + "\n".join(lines)
 
 
 def _version(value: bool) -> None:
@@ -59,3 +85,53 @@ def demo(
         f"predicted class {stream['predicted']} (answer {stream['answer']})."
     )
     typer.echo(f"Summary: {output}")
+
+
+@data_app.command("generate")
+def data_generate(
+    task: str = typer.Argument(..., help="memorize, detect_and_memorize or reasoning (see `rmt data tasks`)."),
+    output: Path = typer.Argument(..., help="Dataset directory to write (replaced whole on success)."),
+    config: Path | None = typer.Option(None, help="YAML file of dataset settings (rmt.data.dataset.DataConfig)."),
+    overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE setting, e.g. --set segment_length=64."),
+) -> None:
+    """Generate a task's dataset: curriculum lengths on disk, the test split as a manifest."""
+    from pydantic import ValidationError
+
+    from rmt.data.dataset import DataConfig, build_dataset
+
+    try:
+        settings = DataConfig(**{**_settings(config, overrides), "task": task})
+    except ValidationError as error:
+        raise typer.BadParameter(_validation_message(error)) from None
+    try:
+        build_dataset(settings, output)
+    except (ValueError, FileNotFoundError) as error:
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"Wrote {output}")
+
+
+@data_app.command("tasks")
+def data_tasks() -> None:
+    """List the registered tasks."""
+    from rmt.data.tasks import TASKS
+
+    for name, task in sorted(TASKS.items()):
+        typer.echo(f"{name}: {task.num_facts} fact(s), placed {task.fact_position}; classes {', '.join(task.classes)}")
+
+
+@data_app.command("show")
+def data_show(
+    dataset: Path = typer.Argument(..., help="A dataset directory."),
+    split: str = typer.Option("train"),
+    segments: int = typer.Option(1, min=1),
+    index: int = typer.Option(0, min=0),
+) -> None:
+    """Print one example as text, with its facts and answer."""
+    from rmt.data.dataset import TaskDataset
+
+    data = TaskDataset(dataset)
+    layout, tokens = data.generator.example(split, index, segments * data.config.segment_length)
+    typer.echo(f"facts: {list(layout.sample.facts)} at tokens {list(layout.fact_positions)}")
+    typer.echo(f"question: {layout.sample.question}  answer: {layout.sample.answer} (label {layout.sample.label})")
+    typer.echo(data.generator.tokenizer.decode(tokens))

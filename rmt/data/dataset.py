@@ -1,0 +1,261 @@
+"""A task's dataset on disk, ready for DVC: curriculum lengths materialized as token ids,
+test lengths (up to millions of tokens) as a manifest from which examples are streamed.
+
+    data/<task>/
+      config.json                  the settings it was built from (DataConfig)
+      card.json                    the data card: counts, label balance, lengths, noise, hashes
+      noise.txt                    the noise sentences used, one per line
+      samples.jsonl                the first examples of each split, as text
+      train/segments-<n>/tokens.npy, labels.npy     (examples, n * segment_length), (examples,)
+      valid/segments-<n>/...
+      test.json                    manifest: lengths and example counts of the streamed test split
+
+The same settings give byte-identical files on any machine (no timestamps, no absolute
+paths, seeded NumPy generators that do not depend on the platform); the whole directory is
+written to a temporary sibling and renamed into place, so it is complete or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from tqdm import tqdm
+
+from rmt.data.generator import GENERATOR_VERSION, SPLITS, Placement, TaskGenerator
+from rmt.data.noise import load_noise
+from rmt.data.tasks import TASKS, get_task
+from rmt.hub import MINILM, load_tokenizer
+from rmt.utils import atomic_directory
+
+STORED_SPLITS = ("train", "valid")
+STREAMED_SPLIT = "test"
+DEFAULT_TEST_SEGMENTS = list(range(1, 16)) + [2**k for k in range(4, 13)]  # 1..15, 16..4096
+
+
+class DataConfig(BaseModel):
+    """Everything that decides a task's dataset."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str
+    tokenizer: str = MINILM
+    noise: str = "pydoc"
+    noise_max_documents: int | None = Field(default=None, ge=1)
+    segment_length: int = Field(default=64, ge=1, description="Text tokens per segment")
+    placement: Placement = "sentence"
+    curriculum_segments: list[int] = Field(default_factory=lambda: list(range(1, 8)), min_length=1)
+    train_examples: int = Field(default=10_000, ge=1)
+    valid_examples: int = Field(default=500, ge=1)
+    test_segments: list[int] = Field(default_factory=lambda: list(DEFAULT_TEST_SEGMENTS), min_length=1)
+    test_examples: int = Field(default=1000, ge=1)
+    # Very long examples are costly to evaluate: fewer of them from this length on.
+    long_test_from_segments: int = Field(default=512, ge=1)
+    long_test_examples: int = Field(default=100, ge=1)
+    samples: int = Field(default=5, ge=0, description="Examples per split written as text to samples.jsonl")
+    seed: int = 0
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}: choose one of {', '.join(sorted(TASKS))}")
+        return task
+
+    @field_validator("curriculum_segments", "test_segments")
+    @classmethod
+    def _positive_distinct(cls, values: list[int]) -> list[int]:
+        if any(v < 1 for v in values) or len(set(values)) != len(values):
+            raise ValueError(f"{values}: segment counts must be distinct and at least 1")
+        return sorted(values)
+
+    @model_validator(mode="after")
+    def _long_not_more(self) -> "DataConfig":
+        if self.long_test_examples > self.test_examples:
+            raise ValueError("long_test_examples cannot exceed test_examples")
+        return self
+
+    def test_examples_at(self, segments: int) -> int:
+        return self.long_test_examples if segments >= self.long_test_from_segments else self.test_examples
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"))
+
+
+def _sha256(data: str | bytes) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def _vocabulary_sha256(tokenizer) -> str:
+    return _sha256(json.dumps(sorted(tokenizer.get_vocab().items())))
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def _array_to(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.lib.format.write_array(handle, array, allow_pickle=False)
+
+
+def build_dataset(config: DataConfig, output: str | Path, *, progress: bool = True) -> Path:
+    """Generate the dataset of `config` into `output` (replacing it whole on success)."""
+    output = Path(output)
+    # Everything that can fail for a reason the user can fix fails here, before any file.
+    task = get_task(config.task)
+    tokenizer = load_tokenizer(config.tokenizer)
+    noise = load_noise(config.noise, max_documents=config.noise_max_documents)
+    generator = TaskGenerator(
+        task=task, noise_sentences=noise.sentences, tokenizer=tokenizer,
+        segment_length=config.segment_length, placement=config.placement, seed=config.seed,
+    )
+    shortest = min(config.curriculum_segments + config.test_segments) * config.segment_length
+    if shortest < generator.min_tokens:
+        raise ValueError(
+            f"{shortest} tokens ({min(config.curriculum_segments + config.test_segments)} segment(s) of "
+            f"{config.segment_length}) cannot hold the {task.name} facts and question ({generator.min_tokens} "
+            "tokens): raise segment_length"
+        )
+    config_hash = _sha256(
+        json.dumps([config.canonical_json(), noise.sha256, _vocabulary_sha256(tokenizer), GENERATOR_VERSION])
+    )
+
+    splits_card, samples = {}, []
+    counts = {"train": config.train_examples, "valid": config.valid_examples}
+    with atomic_directory(output) as staging:
+        (staging / "noise.txt").write_text("\n".join(noise.sentences) + "\n")
+        jobs = [(split, n) for split in STORED_SPLITS for n in config.curriculum_segments]
+        for split, segments in tqdm(jobs, desc=f"{task.name}: writing", unit="length", disable=not progress):
+            num_tokens = segments * config.segment_length
+            tokens = np.empty((counts[split], num_tokens), dtype=generator.dtype)
+            labels = np.empty(counts[split], dtype=np.int64)
+            fact_positions = []
+            for index in range(counts[split]):
+                layout, tokens[index] = generator.example(split, index, num_tokens)
+                labels[index] = layout.sample.label
+                fact_positions.extend(layout.fact_positions)
+            folder = staging / split / f"segments-{segments}"
+            folder.mkdir(parents=True)
+            _array_to(folder / "tokens.npy", tokens)
+            _array_to(folder / "labels.npy", labels)
+            splits_card.setdefault(split, {})[str(segments)] = _length_card(
+                tokens, labels, fact_positions, task.classes
+            )
+            if segments == config.curriculum_segments[0]:
+                samples += [_sample_record(generator, tokenizer, split, i, num_tokens) for i in range(config.samples)]
+        test_lengths = [
+            {"segments": n, "tokens": n * config.segment_length, "examples": config.test_examples_at(n)}
+            for n in config.test_segments
+        ]
+        samples += [
+            _sample_record(generator, tokenizer, STREAMED_SPLIT, i, config.test_segments[0] * config.segment_length)
+            for i in range(config.samples)
+        ]
+        _write_json(staging / "test.json", {"split": STREAMED_SPLIT, "lengths": test_lengths, "config_hash": config_hash})
+        with open(staging / "samples.jsonl", "w") as handle:
+            handle.writelines(json.dumps(record, sort_keys=True) + "\n" for record in samples)
+        _write_json(staging / "config.json", config.model_dump())
+        _write_json(staging / "card.json", {
+            "task": task.name,
+            "classes": list(task.classes),
+            "facts_per_example": task.num_facts,
+            "fact_position": task.fact_position if task.fact_position == "first" else f"random ({config.placement})",
+            "question_position": "last",
+            "seed": config.seed,
+            "config_hash": config_hash,
+            "generator_version": GENERATOR_VERSION,
+            "segment_length": config.segment_length,
+            "splits": splits_card,
+            "test": test_lengths,
+            "noise": {
+                "source": noise.source, "description": noise.description, "license": noise.license,
+                "sha256": noise.sha256, "sentences": len(noise.sentences),
+                "usable_tokens_per_split": {split: len(generator.noise[split].tokens) for split in SPLITS},
+                "usable_sentences_per_split": {split: generator.noise[split].num_sentences for split in SPLITS},
+            },
+            "tokenizer": {
+                "name": config.tokenizer, "class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
+                "vocabulary_sha256": _vocabulary_sha256(tokenizer), "dtype": np.dtype(generator.dtype).name,
+            },
+            "built_with": {"python": platform.python_version()},
+        })
+    return output
+
+
+def _length_card(tokens: np.ndarray, labels: np.ndarray, fact_positions: list[int], classes) -> dict:
+    counts = Counter(labels.tolist())
+    positions = np.asarray(fact_positions) / tokens.shape[1]
+    return {
+        "examples": int(tokens.shape[0]),
+        "tokens_per_example": int(tokens.shape[1]),
+        "label_counts": {name: counts.get(i, 0) for i, name in enumerate(classes)},
+        "fact_position_fraction": {
+            "min": round(float(positions.min()), 4), "mean": round(float(positions.mean()), 4),
+            "max": round(float(positions.max()), 4),
+        },
+        "tokens_sha256": _sha256(tokens.tobytes()),
+    }
+
+
+def _sample_record(generator: TaskGenerator, tokenizer, split: str, index: int, num_tokens: int) -> dict:
+    layout, tokens = generator.example(split, index, num_tokens)
+    return {
+        "split": split, "index": index, "tokens": num_tokens,
+        "facts": list(layout.sample.facts), "fact_positions": list(layout.fact_positions),
+        "question": layout.sample.question, "answer": layout.sample.answer, "label": layout.sample.label,
+        "text": tokenizer.decode(tokens),
+    }
+
+
+class TaskDataset:
+    """A dataset written by build_dataset: stored splits as memory-mapped arrays, the test
+    split streamed example by example from the same generator."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        if not (self.directory / "card.json").is_file():
+            raise FileNotFoundError(f"{self.directory} is not a dataset (no card.json): build it with `rmt data generate`")
+        self.config = DataConfig(**json.loads((self.directory / "config.json").read_text()))
+        self.card = json.loads((self.directory / "card.json").read_text())
+        self.test_lengths = json.loads((self.directory / "test.json").read_text())["lengths"]
+        self._generator: TaskGenerator | None = None
+
+    def arrays(self, split: str, segments: int) -> tuple[np.ndarray, np.ndarray]:
+        """(examples, tokens) token ids, memory-mapped, and (examples,) labels."""
+        folder = self.directory / split / f"segments-{segments}"
+        if not folder.is_dir():
+            stored = sorted(int(p.name.split("-")[1]) for p in (self.directory / split).glob("segments-*"))
+            raise FileNotFoundError(f"No {split} data with {segments} segments in {self.directory}: it has {stored}")
+        return np.load(folder / "tokens.npy", mmap_mode="r"), np.load(folder / "labels.npy")
+
+    @property
+    def generator(self) -> TaskGenerator:
+        """The generator, rebuilt from the stored noise and the tokenizer named in the card."""
+        if self._generator is None:
+            tokenizer = load_tokenizer(self.config.tokenizer)
+            if _vocabulary_sha256(tokenizer) != self.card["tokenizer"]["vocabulary_sha256"]:
+                raise ValueError(
+                    f"The tokenizer '{self.config.tokenizer}' loaded here has another vocabulary than the one "
+                    f"{self.directory} was built with: rebuild the dataset"
+                )
+            sentences = (self.directory / "noise.txt").read_text().splitlines()
+            self._generator = TaskGenerator(
+                task=get_task(self.config.task), noise_sentences=sentences, tokenizer=tokenizer,
+                segment_length=self.config.segment_length, placement=self.config.placement, seed=self.config.seed,
+            )
+        return self._generator
+
+    def stream(
+        self, segments: int, indices: Sequence[int], *, split: str = STREAMED_SPLIT, chunk_size: int = 1 << 16
+    ) -> tuple[np.ndarray, Iterator[np.ndarray]]:
+        """Labels (B,) and the token chunks (B, c) of examples `indices` at `segments` segments."""
+        num_tokens = segments * self.config.segment_length
+        labels = np.array([self.generator.label(split, i, num_tokens) for i in indices])
+        return labels, self.generator.batch_chunks(split, indices, num_tokens, chunk_size)

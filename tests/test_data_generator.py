@@ -152,3 +152,23 @@ def test_bad_settings_fail_before_anything_is_made(tokenizer, sentences):
         generator.layout("dev", 0, 64)
     with pytest.raises(ValueError, match="cannot hold"):
         generator.layout("train", 0, 8)
+
+
+def test_a_byte_level_bpe_tokenizer_keeps_the_spaces_between_sentences(sentences):
+    """GPT-2-style tokenizers put a word's leading space into its token: sentences laid side
+    by side must still read as separate words."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)  # as GPT-2 and OPT tokenize
+    bpe.train_from_iterator(list(sentences[:800]) + get_task("memorize").all_texts(), vocab_size=600, min_frequency=1,
+                            show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    generator = TaskGenerator(task=get_task("memorize"), noise_sentences=sentences, tokenizer=tokenizer,
+                              segment_length=64)
+    assert generator.space_prefix == " "
+    layout, tokens = generator.example("train", 0, 3 * 64)
+    text = tokenizer.decode(tokens)
+    assert text.startswith(" " + layout.sample.facts[0] + " ")
+    assert text.endswith(" " + layout.sample.question)
+    assert "  " not in text and ".The" not in text

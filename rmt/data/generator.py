@@ -115,13 +115,20 @@ class TaskGenerator:
         self.segment_length, self.placement, self.seed = segment_length, placement, seed
         self.dtype = np.uint16 if len(tokenizer) <= 2**16 else np.int32
         self._ids: dict[str, np.ndarray] = {}
+        # Sentences are tokenized one by one and laid side by side. Byte-level BPE (GPT-2,
+        # OPT) marks a word's leading space in its token, so each sentence is encoded as it
+        # appears mid-text, after a space; WordPiece and SentencePiece need nothing.
+        fused = tokenizer.decode(self._encode_raw("One.") + self._encode_raw("Two.")).strip()
+        self.space_prefix = " " if fused.replace(" ", "") == fused else ""
         self._check_sizes()
         self.noise = {split: self._noise_stream(noise_sentences, split) for split in SPLITS}
 
+    def _encode_raw(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def encode(self, text: str) -> np.ndarray:
         if text not in self._ids:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            self._ids[text] = np.asarray(ids, dtype=self.dtype)
+            self._ids[text] = np.asarray(self._encode_raw(self.space_prefix + text), dtype=self.dtype)
         return self._ids[text]
 
     def _check_sizes(self) -> None:
@@ -146,7 +153,7 @@ class TaskGenerator:
                 f"(need {MIN_NOISE_SENTENCES}): use a longer noise source"
             )
         order = np.random.default_rng([self.seed, SPLITS.index(split), stable_int(self.task.name)]).permutation(len(usable))
-        encoded = self.tokenizer([usable[i] for i in order], add_special_tokens=False)["input_ids"]
+        encoded = self.tokenizer([self.space_prefix + usable[i] for i in order], add_special_tokens=False)["input_ids"]
         lengths = np.array([len(ids) for ids in encoded])
         tokens = np.fromiter((t for ids in encoded for t in ids), dtype=self.dtype, count=int(lengths.sum()))
         return NoiseStream(tokens=tokens, starts=np.concatenate([[0], np.cumsum(lengths)[:-1]]))

@@ -55,6 +55,42 @@ def main(
 
 
 @app.command()
+def train(
+    data: Path = typer.Option(..., help="Dataset directory (rmt data generate)."),
+    segments: int = typer.Option(..., min=1, help="Segments per example in this curriculum stage."),
+    output: Path = typer.Option(..., help="The stage's folder: checkpoints, metrics, history."),
+    init: Path | None = typer.Option(None, help="Previous stage's best/ checkpoint; none for the first stage."),
+    config: Path | None = typer.Option(None, help="YAML with `model:` and `train:` sections."),
+    overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE, e.g. --set train.learning_rate=5e-4."),
+) -> None:
+    """Train one curriculum stage (resumes from its last checkpoint when run again)."""
+    from pydantic import ValidationError
+
+    from rmt.train import ModelSettings, TrainingDiverged, TrainSettings, train_stage
+
+    settings = _settings(config, [])
+    sections = {"model": dict(settings.get("model") or {}), "train": dict(settings.get("train") or {})}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not dot or section not in sections:
+            raise typer.BadParameter(f"{item!r}: use model.NAME=VALUE or train.NAME=VALUE", param_hint="--set")
+        sections[section].update(_settings(None, [f"{name}={value}"]))
+    try:
+        model_settings, train_settings = ModelSettings(**sections["model"]), TrainSettings(**sections["train"])
+    except ValidationError as error:
+        raise typer.BadParameter(_validation_message(error)) from None
+    try:
+        metrics = train_stage(data_dir=data, segments=segments, output=output, model=model_settings,
+                              train=train_settings, init=init)
+    except (ValueError, FileNotFoundError, TrainingDiverged) as error:
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"Stage {segments}: best validation accuracy {metrics['best_valid_accuracy']:.4f} at step "
+               f"{metrics['best_step']} ({metrics['stop_reason']}, {metrics['steps']} steps, {metrics['seconds']} s)")
+
+
+@app.command()
 def demo(
     segment_length: int = typer.Option(32, min=1, help="Text tokens per segment."),
     max_segments: int = typer.Option(7, min=1, help="Last curriculum stage (segments)."),

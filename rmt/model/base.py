@@ -206,10 +206,15 @@ class RecurrentMemoryModel(nn.Module):
         """Backbone config (config.json), RMT config (rmt_config.json) and every weight
         (model.safetensors) in one directory, written atomically."""
         with atomic_directory(directory) as staging:
-            self.config.save(staging)
-            self.backbone.config.save_pretrained(staging)
-            # save_model drops tied duplicates (GPT-2's lm_head is its input embedding).
-            save_model(self, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+            self.save_into(staging)
+
+    def save_into(self, directory: Path) -> None:
+        """The checkpoint's files, written into an existing directory (for callers that put
+        more beside them, such as a tokenizer or training state, in one atomic write)."""
+        self.config.save(directory)
+        self.backbone.config.save_pretrained(directory)
+        # save_model drops tied duplicates (GPT-2's lm_head is its input embedding).
+        save_model(self, str(Path(directory) / WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(

@@ -1,0 +1,286 @@
+"""One curriculum stage: train an encoder RMT on N-segment examples of one task.
+
+    results/<...>/stage-N/
+      config.json        the resolved settings of the stage
+      best/              the checkpoint with the best validation accuracy (RMT + tokenizer)
+      last/              the latest checkpoint, plus training_state.pt to resume from
+      metrics.json       outcome: best accuracy, steps, stop reason, time
+      history.jsonl      one line per evaluation: step, train loss, learning rate, accuracy
+
+Resuming. The batch of step s is a pure function of (seed, s), and the model, optimizer,
+scheduler, torch RNG and counters are saved together at every evaluation; a stage killed at
+any moment and started again with the same command continues from its last checkpoint and
+ends exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModel, get_linear_schedule_with_warmup
+
+from rmt.data.dataset import TaskDataset, _vocabulary_sha256
+from rmt.hub import MINILM, load_tokenizer, resolve
+from rmt.model import RMTConfig, RecurrentMemoryEncoder
+from rmt.utils import atomic_directory, resolve_device
+
+STATE_NAME = "training_state.pt"
+
+
+class ModelSettings(BaseModel):
+    """The model a first stage starts from (later stages start from the previous checkpoint)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backbone: str = Field(default=MINILM, description="Hugging Face id or local directory of the backbone")
+    pretrained: bool = Field(default=True, description="Load its weights, or build it from its config, randomly initialised")
+    # Changes to the backbone's config, e.g. a 2-layer variant for the CPU: only with pretrained=False.
+    backbone_overrides: dict = Field(default_factory=dict)
+    num_memory_tokens: int = Field(default=10, ge=0)
+    bptt_depth: int = Field(default=-1, ge=-1)
+    memory_efficient_backprop: bool = False
+    loss_on_all_segments: bool = False
+
+    @model_validator(mode="after")
+    def _overrides_need_random_init(self) -> "ModelSettings":
+        if self.backbone_overrides and self.pretrained:
+            raise ValueError("backbone_overrides change the architecture: set pretrained: false to use them")
+        return self
+
+
+class TrainSettings(BaseModel):
+    """The paper's recipe is the shape: AdamW, linear schedule with warm-up, total batch by
+    gradient accumulation, clipping by value, early stopping on validation accuracy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    learning_rate: float = Field(default=1e-5, gt=0)
+    weight_decay: float = Field(default=0.001, ge=0)
+    warmup_steps: int = Field(default=300, ge=0)
+    max_steps: int = Field(default=3000, ge=1)
+    batch_size: int = Field(default=32, ge=1, description="Examples per optimizer step")
+    micro_batch_size: int | None = Field(default=None, ge=1, description="Examples per forward pass (accumulation)")
+    clip_value: float | None = Field(default=5.0, gt=0)
+    clip_norm: float | None = Field(default=None, gt=0)
+    eval_every: int = Field(default=100, ge=1)
+    eval_examples: int | None = Field(default=None, ge=1, description="Validation examples per evaluation (all: None)")
+    patience: int = Field(default=15, ge=1, description="Evaluations without improvement before stopping")
+    target_accuracy: float | None = Field(default=None, gt=0, le=1, description="Stop once validation reaches it")
+    seed: int = 0
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _accumulation_divides(self) -> "TrainSettings":
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide batch_size {self.batch_size}")
+        return self
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // (self.micro_batch_size or self.batch_size)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def build_model(settings: ModelSettings, *, segment_length: int, num_labels: int) -> RecurrentMemoryEncoder:
+    rmt = dict(
+        num_memory_tokens=settings.num_memory_tokens, segment_length=segment_length, num_labels=num_labels,
+        bptt_depth=settings.bptt_depth, memory_efficient_backprop=settings.memory_efficient_backprop,
+        loss_on_all_segments=settings.loss_on_all_segments,
+    )
+    location = resolve(settings.backbone)
+    if settings.pretrained:
+        model = RecurrentMemoryEncoder.from_pretrained(location, **rmt)
+        model.config = model.config.replace(backbone=settings.backbone)  # the name, not this machine's path
+        return model
+    backbone_config = AutoConfig.from_pretrained(location, **settings.backbone_overrides)
+    backbone = AutoModel.from_config(backbone_config)
+    tokenizer = load_tokenizer(settings.backbone)
+    config = RMTConfig.for_tokenizer(tokenizer, backbone=settings.backbone, **rmt)
+    return RecurrentMemoryEncoder(backbone=backbone, config=config)
+
+
+def _check_init(init: Path, data: TaskDataset, segments: int) -> None:
+    if not (init / "rmt_config.json").is_file():
+        raise FileNotFoundError(f"--init {init} is not an RMT checkpoint (no rmt_config.json): give a stage's best/ folder")
+    saved = RMTConfig.load(init)
+    if saved.num_labels != len(data.card["classes"]):
+        raise ValueError(f"--init {init} classifies {saved.num_labels} classes, the data has {len(data.card['classes'])}")
+    tokenizer = load_tokenizer(str(init))
+    if _vocabulary_sha256(tokenizer) != data.card["tokenizer"]["vocabulary_sha256"]:
+        raise ValueError(f"The data in {data.directory} was tokenized with another vocabulary than --init {init} uses")
+
+
+def train_stage(
+    *,
+    data_dir: str | Path,
+    segments: int,
+    output: str | Path,
+    model: ModelSettings,
+    train: TrainSettings,
+    init: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run (or resume) one stage; returns the contents of metrics.json."""
+    output = Path(output)
+    data = TaskDataset(data_dir)
+    train_tokens, train_labels = data.arrays("train", segments)  # fails early if the length is missing
+    valid_tokens, valid_labels = data.arrays("valid", segments)
+    num_labels, segment_length = len(data.card["classes"]), data.config.segment_length
+    if init is not None:
+        _check_init(Path(init), data, segments)
+    else:
+        tokenizer = load_tokenizer(model.backbone)
+        if _vocabulary_sha256(tokenizer) != data.card["tokenizer"]["vocabulary_sha256"]:
+            raise ValueError(
+                f"The data in {data_dir} was tokenized with '{data.config.tokenizer}', whose vocabulary differs from "
+                f"the backbone's ('{model.backbone}'): regenerate the data with the backbone's tokenizer"
+            )
+    device = resolve_device(train.device)
+    resolved = {"data": str(data_dir), "segments": segments, "init": None if init is None else str(init),
+                "model": model.model_dump(), "train": train.model_dump(), "data_config_hash": data.card["config_hash"]}
+    output.mkdir(parents=True, exist_ok=True)
+    config_file = output / "config.json"
+    if config_file.exists() and json.loads(config_file.read_text()) != resolved:
+        raise ValueError(f"{output} holds a stage run with other settings: remove it or choose another output folder")
+    config_file.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+
+    torch.manual_seed(train.seed)
+    last = output / "last"
+    resume = (last / STATE_NAME).is_file()
+    source = last if resume else init
+    if source is not None:
+        rmt = RecurrentMemoryEncoder.from_pretrained(
+            source, segment_length=segment_length, bptt_depth=model.bptt_depth,
+            memory_efficient_backprop=model.memory_efficient_backprop, loss_on_all_segments=model.loss_on_all_segments,
+        )
+        tokenizer = load_tokenizer(str(source))
+    else:
+        rmt = build_model(model, segment_length=segment_length, num_labels=num_labels)
+        tokenizer = load_tokenizer(model.backbone)
+    rmt.to(device).train()
+    optimizer = torch.optim.AdamW(rmt.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, train.warmup_steps, train.max_steps)
+    state = {"step": 0, "best_accuracy": -1.0, "evaluations_without_gain": 0, "stop_reason": None, "seconds": 0.0,
+             "history": []}
+    if resume:
+        saved = torch.load(last / STATE_NAME, map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        if device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        state = saved["counters"]
+    history = output / "history.jsonl"
+    if state["stop_reason"] is not None:  # already finished: nothing to do
+        _write_lines(history, state["history"])
+        return json.loads((output / "metrics.json").read_text())
+
+    def save(folder: Path, *, with_state: bool) -> None:
+        with atomic_directory(folder) as staging:
+            rmt.save_into(staging)
+            tokenizer.save_pretrained(staging)
+            if with_state:
+                torch.save({
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                    "counters": state,
+                }, staging / STATE_NAME)
+
+    started = time.perf_counter() - state["seconds"]
+    micro = train.micro_batch_size or train.batch_size
+    bar = tqdm(total=train.max_steps, initial=state["step"], desc=f"stage {segments}", unit="step", disable=not progress)
+    losses = []
+    while state["stop_reason"] is None:
+        step = state["step"]
+        # The batch of step s depends on (seed, s) only: a resumed run sees the same data.
+        indices = np.random.default_rng([train.seed, step]).choice(len(train_labels), size=train.batch_size)
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for start in range(0, train.batch_size, micro):
+            rows = np.sort(indices[start : start + micro])
+            inputs = _token_tensor(train_tokens[rows], device)
+            labels = torch.as_tensor(train_labels[rows], device=device)
+            loss = rmt(inputs, labels=labels).loss / train.accumulation
+            if not torch.isfinite(loss):
+                state["stop_reason"] = "diverged"
+                bar.close()
+                raise TrainingDiverged(
+                    f"The loss became {loss.item()} at step {step + 1}: stopped; the last good checkpoint is in {last}. "
+                    "Lower the learning rate or clip gradients harder."
+                )
+            loss.backward()
+            step_loss += loss.item()
+        if train.clip_value is not None:
+            torch.nn.utils.clip_grad_value_(rmt.parameters(), train.clip_value)
+        if train.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(rmt.parameters(), train.clip_norm)
+        optimizer.step()
+        scheduler.step()
+        losses.append(step_loss)
+        state["step"] = step + 1
+        bar.update(1)
+        if state["step"] % train.eval_every == 0 or state["step"] == train.max_steps:
+            accuracy = evaluate_arrays(rmt, valid_tokens, valid_labels, train.eval_examples, micro, device)
+            rmt.train()
+            record = {"step": state["step"], "train_loss": float(np.mean(losses)), "learning_rate": scheduler.get_last_lr()[0],
+                      "valid_accuracy": accuracy}
+            losses = []
+            state["history"].append(record)
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", accuracy=f"{accuracy:.3f}")
+            if accuracy > state["best_accuracy"]:
+                state.update(best_accuracy=accuracy, evaluations_without_gain=0, best_step=state["step"])
+                save(output / "best", with_state=False)
+            else:
+                state["evaluations_without_gain"] += 1
+            if train.target_accuracy is not None and accuracy >= train.target_accuracy:
+                state["stop_reason"] = "target_accuracy"
+            elif state["evaluations_without_gain"] >= train.patience:
+                state["stop_reason"] = "early_stopping"
+            elif state["step"] >= train.max_steps:
+                state["stop_reason"] = "max_steps"
+            state["seconds"] = time.perf_counter() - started
+            if state["stop_reason"] is not None:
+                metrics = {"segments": segments, "best_valid_accuracy": state["best_accuracy"],
+                           "best_step": state.get("best_step"), "steps": state["step"],
+                           "stop_reason": state["stop_reason"], "seconds": round(state["seconds"], 1)}
+                (output / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            save(last, with_state=True)
+            # The history is part of the saved state, so a crash never loses or repeats a line.
+            _write_lines(history, state["history"])
+    bar.close()
+    return json.loads((output / "metrics.json").read_text())
+
+
+@torch.no_grad()
+def evaluate_arrays(model, tokens, labels, limit: int | None, batch_size: int, device) -> float:
+    """Accuracy on stored examples (the first `limit` of them)."""
+    model.eval()
+    count = len(labels) if limit is None else min(limit, len(labels))
+    correct = 0
+    for start in range(0, count, batch_size):
+        inputs = _token_tensor(tokens[start : min(start + batch_size, count)], device)
+        predictions = model(inputs).logits.argmax(-1).cpu()
+        correct += int((predictions == torch.as_tensor(labels[start : start + len(inputs)])).sum())
+    return correct / count
+
+
+def _token_tensor(tokens: np.ndarray, device) -> torch.Tensor:
+    """Token ids (stored as uint16 or int32, often memory-mapped) as a long tensor."""
+    return torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
+
+
+def _write_lines(path: Path, records: list[dict]) -> None:
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text("".join(json.dumps(record) + "\n" for record in records))
+    staging.replace(path)

@@ -1,0 +1,133 @@
+"""One curriculum stage: exact resume, stopping rules, divergence, bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rmt.train as train_module
+from rmt.data.dataset import DataConfig, build_dataset
+from rmt.train import ModelSettings, TrainingDiverged, TrainSettings, train_stage
+
+TINY_BERT = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+MODEL = ModelSettings(pretrained=False, backbone_overrides=TINY_BERT, num_memory_tokens=4)
+TRAIN = TrainSettings(learning_rate=1e-3, warmup_steps=4, max_steps=24, batch_size=8, micro_batch_size=4,
+                      eval_every=6, patience=100)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    config = DataConfig(task="memorize", segment_length=32, train_examples=200, valid_examples=24,
+                        curriculum_segments=[1, 2], test_segments=[1], samples=0)
+    return build_dataset(config, tmp_path_factory.mktemp("data") / "memorize", progress=False)
+
+
+def outcome(folder):
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics.pop("seconds")
+    history = (folder / "history.jsonl").read_text()
+    weights = {name: load_file(folder / name / "model.safetensors") for name in ("best", "last")}
+    return metrics, history, weights
+
+
+def test_a_stage_killed_midway_resumes_to_the_same_result(data, tmp_path, monkeypatch):
+    train_stage(data_dir=data, segments=2, output=tmp_path / "whole", model=MODEL, train=TRAIN, progress=False)
+
+    # Crash in the middle of step 15: after backward, before the optimizer step, between
+    # the checkpoints of steps 12 and 18.
+    original, calls = torch.nn.utils.clip_grad_value_, {"count": 0}
+
+    def crash_at_step_15(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 15:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", crash_at_step_15)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(data_dir=data, segments=2, output=tmp_path / "resumed", model=MODEL, train=TRAIN, progress=False)
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    saved = torch.load(tmp_path / "resumed" / "last" / "training_state.pt", weights_only=False)
+    assert saved["counters"]["step"] == 12
+    # The resumed run redoes steps 13..24 and must not repeat or lose a history line.
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", original)
+    train_stage(data_dir=data, segments=2, output=tmp_path / "resumed", model=MODEL, train=TRAIN, progress=False)
+
+    whole, resumed = outcome(tmp_path / "whole"), outcome(tmp_path / "resumed")
+    assert resumed[0] == whole[0]
+    assert resumed[1] == whole[1]
+    for name in ("best", "last"):
+        for key, tensor in whole[2][name].items():
+            assert torch.equal(resumed[2][name][key], tensor), (name, key)
+    # Running the finished stage again does nothing.
+    again = train_stage(data_dir=data, segments=2, output=tmp_path / "resumed", model=MODEL, train=TRAIN, progress=False)
+    assert again["steps"] == 24
+
+
+def test_curriculum_stage_starts_from_the_previous_checkpoint(data, tmp_path):
+    first = train_stage(data_dir=data, segments=1, output=tmp_path / "stage-1", model=MODEL,
+                        train=TRAIN.model_copy(update={"max_steps": 12}), progress=False)
+    assert first["stop_reason"] == "max_steps"
+    second = train_stage(data_dir=data, segments=2, output=tmp_path / "stage-2", model=MODEL,
+                         train=TRAIN.model_copy(update={"max_steps": 6}), init=tmp_path / "stage-1" / "best",
+                         progress=False)
+    assert second["steps"] == 6
+    config = json.loads((tmp_path / "stage-2" / "config.json").read_text())
+    assert config["init"].endswith("stage-1/best")
+
+
+def test_stopping_rules(data, tmp_path):
+    stalled = train_stage(data_dir=data, segments=1, output=tmp_path / "stalled", model=MODEL,
+                          train=TRAIN.model_copy(update={"learning_rate": 1e-12, "patience": 2, "max_steps": 60}),
+                          progress=False)
+    assert stalled["stop_reason"] == "early_stopping" and stalled["steps"] == 18
+    reached = train_stage(data_dir=data, segments=1, output=tmp_path / "reached", model=MODEL,
+                          train=TRAIN.model_copy(update={"target_accuracy": 0.01}), progress=False)
+    assert reached["stop_reason"] == "target_accuracy" and reached["steps"] == 6
+
+
+def test_a_nan_loss_stops_with_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    original, calls = train_module.RecurrentMemoryEncoder.forward, {"count": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if kwargs.get("labels") is not None:
+            calls["count"] += 1
+            if calls["count"] > 2 * 8:  # two micro-batches a step: NaN from step 9 on
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_module.RecurrentMemoryEncoder, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="step 9"):
+        train_stage(data_dir=data, segments=1, output=tmp_path / "nan", model=MODEL, train=TRAIN, progress=False)
+    saved = torch.load(tmp_path / "nan" / "last" / "training_state.pt", weights_only=False)
+    assert saved["counters"]["step"] == 6
+    assert not (tmp_path / "nan" / "metrics.json").exists()
+
+
+def test_bad_input_is_refused_before_training(data, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"has \[1, 2\]"):
+        train_stage(data_dir=data, segments=3, output=tmp_path / "a", model=MODEL, train=TRAIN, progress=False)
+    with pytest.raises(FileNotFoundError, match="not an RMT checkpoint"):
+        train_stage(data_dir=data, segments=1, output=tmp_path / "b", model=MODEL, train=TRAIN,
+                    init=tmp_path, progress=False)
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(data, other)
+    card = json.loads((other / "card.json").read_text())
+    card["tokenizer"]["vocabulary_sha256"] = "0" * 64
+    (other / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="regenerate the data"):
+        train_stage(data_dir=other, segments=1, output=tmp_path / "c", model=MODEL, train=TRAIN, progress=False)
+    train_stage(data_dir=data, segments=1, output=tmp_path / "d", model=MODEL,
+                train=TRAIN.model_copy(update={"max_steps": 6}), progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        train_stage(data_dir=data, segments=1, output=tmp_path / "d", model=MODEL,
+                    train=TRAIN.model_copy(update={"max_steps": 12}), progress=False)
+    with pytest.raises(ValueError, match="pretrained: false"):
+        ModelSettings(backbone_overrides=TINY_BERT)
+    with pytest.raises(ValueError, match="must divide"):
+        TrainSettings(batch_size=8, micro_batch_size=3)
+    for folder in ("a", "b", "c"):
+        assert not (tmp_path / folder / "last").exists()

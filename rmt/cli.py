@@ -91,6 +91,34 @@ def train(
 
 
 @app.command()
+def evaluate(
+    checkpoint: Path = typer.Option(..., help="A stage's best/ checkpoint."),
+    data: Path = typer.Option(..., help="Dataset directory (its test split is streamed)."),
+    output: Path = typer.Option(..., help="CSV to write, one row per length."),
+    segments: str | None = typer.Option(None, help="Lengths, e.g. '1-15' or '16,32,4096'; default: the dataset's."),
+    max_examples: int | None = typer.Option(None, min=1, help="At most this many examples per length."),
+    batch_size: int = typer.Option(16, min=1),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, ..."),
+) -> None:
+    """Accuracy of a checkpoint at many input lengths (streamed, flat memory)."""
+    from rmt.evaluate import evaluate_checkpoint, parse_segments
+
+    try:
+        lengths = parse_segments(segments) if segments else None
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--segments") from None
+    try:
+        rows = evaluate_checkpoint(checkpoint=checkpoint, data_dir=data, output=output, segments=lengths,
+                                   max_examples=max_examples, batch_size=batch_size, device=device)
+    except (ValueError, FileNotFoundError) as error:
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(2) from None
+    for row in rows:
+        typer.echo(f"{row['evaluated_segments']:>6} segments ({row['tokens']:,} tokens): {row['accuracy']:.1%} "
+                   f"[{row['ci_low']:.1%}, {row['ci_high']:.1%}] on {row['examples']} examples, {row['seconds']} s")
+
+
+@app.command()
 def demo(
     segment_length: int = typer.Option(32, min=1, help="Text tokens per segment."),
     max_segments: int = typer.Option(7, min=1, help="Last curriculum stage (segments)."),

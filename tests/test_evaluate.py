@@ -1,0 +1,76 @@
+"""Extrapolation evaluation: streamed accuracy equals in-memory accuracy; CSV; errors."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from rmt.data.dataset import DataConfig, TaskDataset, build_dataset
+from rmt.evaluate import ROW_FIELDS, evaluate_checkpoint, parse_segments, wilson_interval
+from rmt.model import RecurrentMemoryEncoder
+from rmt.train import ModelSettings, TrainSettings, train_stage
+
+TINY_BERT = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    config = DataConfig(task="detect_and_memorize", segment_length=32, train_examples=64, valid_examples=16,
+                        curriculum_segments=[2], test_segments=[1, 2, 5, 300], test_examples=12,
+                        long_test_from_segments=300, long_test_examples=5, samples=0)
+    data = build_dataset(config, root / "data", progress=False)
+    train_stage(data_dir=data, segments=2, output=root / "stage-2",
+                model=ModelSettings(pretrained=False, backbone_overrides=TINY_BERT, num_memory_tokens=4),
+                train=TrainSettings(max_steps=4, eval_every=4, batch_size=8, learning_rate=1e-3), progress=False)
+    return data, root / "stage-2" / "best"
+
+
+def test_wilson_interval_and_segment_lists():
+    low, high = wilson_interval(100, 100)
+    assert high == 1.0 and 0.96 < low < 0.97
+    low, high = wilson_interval(50, 100)
+    assert 0.40 < low < 0.41 and 0.59 < high < 0.60
+    assert parse_segments("1-3,8, 4096") == [1, 2, 3, 8, 4096]
+    with pytest.raises(ValueError, match="1-15"):
+        parse_segments("0-3")
+
+
+def test_streamed_accuracy_equals_the_in_memory_forward_pass(trained, tmp_path):
+    data_dir, checkpoint = trained
+    rows = evaluate_checkpoint(checkpoint=checkpoint, data_dir=data_dir, output=tmp_path / "eval.csv",
+                               batch_size=5, device="cpu", progress=False)
+    assert [r["evaluated_segments"] for r in rows] == [1, 2, 5, 300]
+    assert [r["examples"] for r in rows] == [12, 12, 12, 5]
+    assert all(r["trained_segments"] == 2 and r["task"] == "detect_and_memorize" for r in rows)
+    data = TaskDataset(data_dir)
+    model = RecurrentMemoryEncoder.from_pretrained(checkpoint, segment_length=32)
+    for row in rows[:3]:
+        num_tokens = row["evaluated_segments"] * 32
+        tokens = torch.as_tensor(np.stack([data.generator.example("test", i, num_tokens)[1] for i in range(12)]),
+                                 dtype=torch.long)
+        labels = torch.tensor([data.generator.label("test", i, num_tokens) for i in range(12)])
+        with torch.no_grad():
+            expected = (model(tokens).logits.argmax(-1) == labels).float().mean().item()
+        assert row["accuracy"] == pytest.approx(expected)
+        assert row["ci_low"] <= row["accuracy"] <= row["ci_high"]
+    with open(tmp_path / "eval.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert tuple(table[0]) == ROW_FIELDS and len(table) == 4 and table[3]["tokens"] == str(300 * 32)
+
+
+def test_chosen_lengths_and_example_cap(trained, tmp_path):
+    data_dir, checkpoint = trained
+    rows = evaluate_checkpoint(checkpoint=checkpoint, data_dir=data_dir, output=tmp_path / "grid.csv",
+                               segments=[3, 4], max_examples=4, device="cpu", progress=False)
+    assert [(r["evaluated_segments"], r["examples"]) for r in rows] == [(3, 4), (4, 4)]
+
+
+def test_bad_input_is_refused_before_evaluating(trained, tmp_path):
+    data_dir, checkpoint = trained
+    with pytest.raises(FileNotFoundError, match="not an RMT checkpoint"):
+        evaluate_checkpoint(checkpoint=tmp_path, data_dir=data_dir, output=tmp_path / "x.csv", progress=False)
+    with pytest.raises(FileNotFoundError, match="not a dataset"):
+        evaluate_checkpoint(checkpoint=checkpoint, data_dir=tmp_path, output=tmp_path / "x.csv", progress=False)
+    assert not (tmp_path / "x.csv").exists()

@@ -1,0 +1,72 @@
+"""The pipeline configuration: params.yaml and config/*.yaml validate and build."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from transformers import BertConfig, BertModel
+
+from rmt.config import PipelineConfig, load_config
+from rmt.model import RMTConfig, RecurrentMemoryEncoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_cpu_default_validates():
+    config = load_config(ROOT / "params.yaml")
+    assert sorted(config.tasks) == ["detect_and_memorize", "memorize", "reasoning"]
+    memorize = config.for_task("memorize")
+    assert memorize.curriculum == [1, 2, 3, 4, 5, 6, 7]
+    assert memorize.data.segment_length == 64 and memorize.model.backbone_overrides["num_hidden_layers"] == 2
+    assert max(memorize.data.test_segments) == 4096
+    assert max(config.for_task("detect_and_memorize").data.test_segments) == 32768
+
+
+def test_the_paper_recipe_validates_and_builds():
+    config = load_config(ROOT / "params.yaml", ROOT / "config" / "paper.yaml")
+    reasoning = config.for_task("reasoning")
+    assert reasoning.train.learning_rate == 5e-5 and reasoning.train.max_steps == 20000
+    memorize = config.for_task("memorize")
+    assert memorize.model.backbone == "bert-base-cased" and memorize.model.pretrained
+    assert memorize.train.learning_rate == 1e-5 and memorize.train.clip_value == 5.0
+    assert memorize.data.segment_length == 499 and memorize.curriculum == list(range(1, 8))
+    # bert-base-cased's shape (its weights are not downloadable here), on the meta device.
+    with torch.device("meta"):
+        backbone = BertModel(BertConfig(vocab_size=28996))
+        model = RecurrentMemoryEncoder(backbone=backbone, config=RMTConfig(
+            architecture="encoder", num_memory_tokens=memorize.model.num_memory_tokens,
+            segment_length=memorize.data.segment_length, num_labels=6, cls_token_id=101, sep_token_id=102,
+            pad_token_id=0))
+    assert model.config.segment_positions == 512
+
+
+def test_the_minilm_config_validates():
+    memorize = load_config(ROOT / "params.yaml", ROOT / "config" / "minilm.yaml").for_task("memorize")
+    assert memorize.model.pretrained and memorize.model.backbone_overrides == {}
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"tasks": ["qa9"]}, "unknown tasks"),
+        ({"train": {"learning_rate": -1}}, "learning_rate"),
+        ({"tasks": {"reasoning": {"train": {"batch_size": 8, "micro_batch_size": 3}}}}, "must divide"),
+        ({"data": {"segment_length": 0}}, "segment_length"),
+        ({"model": {"backbone_overrides": {"hidden_size": 64}}}, "pretrained: false"),
+        ({"colour": "red"}, "Extra inputs"),
+    ],
+)
+def test_a_bad_value_is_named(values, message):
+    with pytest.raises(ValidationError, match=message):
+        PipelineConfig(**values)
+
+
+def test_overlays_merge_field_by_field(tmp_path):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("train: {max_steps: 7}\ntasks: {reasoning: {train: {batch_size: 16}}}\n")
+    config = load_config(ROOT / "params.yaml", overlay)
+    reasoning = config.for_task("reasoning")
+    assert reasoning.train.max_steps == 7 and reasoning.train.batch_size == 16
+    assert reasoning.train.learning_rate == 5e-4  # untouched fields stay
+    assert max(config.for_task("detect_and_memorize").data.test_segments) == 32768  # untouched task stays

@@ -15,8 +15,8 @@ ends exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import time
 from pathlib import Path
 
@@ -27,9 +27,10 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModel, get_linear_schedule_with_warmup
 
 from rmt.data.dataset import TaskDataset, _vocabulary_sha256
+from rmt.distributed import Distributed
 from rmt.hub import MINILM, load_tokenizer, resolve
 from rmt.model import RMTConfig, RecurrentMemoryEncoder
-from rmt.utils import atomic_directory, resolve_device
+from rmt.utils import atomic_directory
 
 STATE_NAME = "training_state.pt"
 
@@ -47,6 +48,7 @@ class ModelSettings(BaseModel):
     bptt_depth: int = Field(default=-1, ge=-1)
     memory_efficient_backprop: bool = False
     loss_on_all_segments: bool = False
+    classifier_dropout: float = Field(default=0.1, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _overrides_need_random_init(self) -> "ModelSettings":
@@ -82,10 +84,6 @@ class TrainSettings(BaseModel):
             raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide batch_size {self.batch_size}")
         return self
 
-    @property
-    def accumulation(self) -> int:
-        return self.batch_size // (self.micro_batch_size or self.batch_size)
-
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
@@ -95,7 +93,7 @@ def build_model(settings: ModelSettings, *, segment_length: int, num_labels: int
     rmt = dict(
         num_memory_tokens=settings.num_memory_tokens, segment_length=segment_length, num_labels=num_labels,
         bptt_depth=settings.bptt_depth, memory_efficient_backprop=settings.memory_efficient_backprop,
-        loss_on_all_segments=settings.loss_on_all_segments,
+        loss_on_all_segments=settings.loss_on_all_segments, classifier_dropout=settings.classifier_dropout,
     )
     location = resolve(settings.backbone)
     if settings.pretrained:
@@ -145,16 +143,25 @@ def train_stage(
                 f"The data in {data_dir} was tokenized with '{data.config.tokenizer}', whose vocabulary differs from "
                 f"the backbone's ('{model.backbone}'): regenerate the data with the backbone's tokenizer"
             )
-    device = resolve_device(train.device)
+    parallel = Distributed.from_environment()
+    micro = train.micro_batch_size or train.batch_size
+    if train.batch_size % (parallel.world_size * micro):
+        raise ValueError(
+            f"batch_size {train.batch_size} must split evenly over {parallel.world_size} processes x "
+            f"micro_batch_size {micro}"
+        )
+    device = parallel.device(train.device)
     resolved = {"data": str(data_dir), "segments": segments, "init": None if init is None else str(init),
                 "model": model.model_dump(), "train": train.model_dump(), "data_config_hash": data.card["config_hash"]}
-    output.mkdir(parents=True, exist_ok=True)
     config_file = output / "config.json"
     if config_file.exists() and json.loads(config_file.read_text()) != resolved:
         raise ValueError(f"{output} holds a stage run with other settings: remove it or choose another output folder")
-    config_file.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+    parallel.barrier()  # every process has checked the folder before the first one writes to it
+    if parallel.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
 
-    torch.manual_seed(train.seed)
+    torch.manual_seed(train.seed + parallel.rank)  # each process its own dropout masks
     last = output / "last"
     resume = (last / STATE_NAME).is_file()
     source = last if resume else init
@@ -168,6 +175,7 @@ def train_stage(
         rmt = build_model(model, segment_length=segment_length, num_labels=num_labels)
         tokenizer = load_tokenizer(model.backbone)
     rmt.to(device).train()
+    network = parallel.wrap(rmt, device)  # what the training step calls: DDP with several processes
     optimizer = torch.optim.AdamW(rmt.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, train.warmup_steps, train.max_steps)
     state = {"step": 0, "best_accuracy": -1.0, "evaluations_without_gain": 0, "stop_reason": None, "seconds": 0.0,
@@ -176,9 +184,15 @@ def train_stage(
         saved = torch.load(last / STATE_NAME, map_location="cpu", weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["torch_rng"])
-        if device.type == "cuda" and saved.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        if len(saved["rng"]) != parallel.world_size:
+            raise ValueError(
+                f"{last} was saved by {len(saved['rng'])} process(es), this run has {parallel.world_size}: "
+                "resume with the same number of processes"
+            )
+        torch_rng, cuda_rng = saved["rng"][parallel.rank]
+        torch.set_rng_state(torch_rng)
+        if cuda_rng is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng, device)
         state = saved["counters"]
     history = output / "history.jsonl"
     if state["stop_reason"] is not None:  # already finished: nothing to do
@@ -186,40 +200,51 @@ def train_stage(
         return json.loads((output / "metrics.json").read_text())
 
     def save(folder: Path, *, with_state: bool) -> None:
+        # Every process's RNG state, so that a resumed run draws the same dropout masks.
+        rng = parallel.gather((torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
+        if not parallel.is_main:
+            return
         with atomic_directory(folder) as staging:
             rmt.save_into(staging)
             tokenizer.save_pretrained(staging)
             if with_state:
                 torch.save({
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
                     "counters": state,
                 }, staging / STATE_NAME)
 
     started = time.perf_counter() - state["seconds"]
-    micro = train.micro_batch_size or train.batch_size
-    bar = tqdm(total=train.max_steps, initial=state["step"], desc=f"stage {segments}", unit="step", disable=not progress)
+    bar = tqdm(total=train.max_steps, initial=state["step"], desc=f"stage {segments}", unit="step",
+               disable=not (progress and parallel.is_main))
+    share = train.batch_size // parallel.world_size  # examples per process and step
+    accumulation = share // micro
     losses = []
     while state["stop_reason"] is None:
         step = state["step"]
         # The batch of step s depends on (seed, s) only: a resumed run sees the same data.
+        # Every process draws the same indices and takes its own share of them.
         indices = np.random.default_rng([train.seed, step]).choice(len(train_labels), size=train.batch_size)
+        indices = indices[parallel.rank :: parallel.world_size]
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for start in range(0, train.batch_size, micro):
+        for start in range(0, share, micro):
             rows = np.sort(indices[start : start + micro])
             inputs = _token_tensor(train_tokens[rows], device)
             labels = torch.as_tensor(train_labels[rows], device=device)
-            loss = rmt(inputs, labels=labels).loss / train.accumulation
-            if not torch.isfinite(loss):
+            last_micro_batch = start + micro >= share
+            # Gradients are averaged across processes once per step, on the last micro-batch.
+            with contextlib.nullcontext() if last_micro_batch or parallel.world_size == 1 else network.no_sync():
+                loss = network(inputs, labels=labels).loss / accumulation
+                finite = parallel.sum(float(torch.isfinite(loss)), device) == parallel.world_size
+                if finite:
+                    loss.backward()
+            if not finite:
                 state["stop_reason"] = "diverged"
                 bar.close()
                 raise TrainingDiverged(
                     f"The loss became {loss.item()} at step {step + 1}: stopped; the last good checkpoint is in {last}. "
                     "Lower the learning rate or clip gradients harder."
                 )
-            loss.backward()
             step_loss += loss.item()
         if train.clip_value is not None:
             torch.nn.utils.clip_grad_value_(rmt.parameters(), train.clip_value)
@@ -227,11 +252,11 @@ def train_stage(
             torch.nn.utils.clip_grad_norm_(rmt.parameters(), train.clip_norm)
         optimizer.step()
         scheduler.step()
-        losses.append(step_loss)
+        losses.append(parallel.sum(step_loss, device) / parallel.world_size)
         state["step"] = step + 1
         bar.update(1)
         if state["step"] % train.eval_every == 0 or state["step"] == train.max_steps:
-            accuracy = evaluate_arrays(rmt, valid_tokens, valid_labels, train.eval_examples, micro, device)
+            accuracy = evaluate_arrays(rmt, valid_tokens, valid_labels, train.eval_examples, micro, device, parallel)
             rmt.train()
             record = {"step": state["step"], "train_loss": float(np.mean(losses)), "learning_rate": scheduler.get_last_lr()[0],
                       "valid_accuracy": accuracy}
@@ -250,29 +275,33 @@ def train_stage(
             elif state["step"] >= train.max_steps:
                 state["stop_reason"] = "max_steps"
             state["seconds"] = time.perf_counter() - started
-            if state["stop_reason"] is not None:
+            if state["stop_reason"] is not None and parallel.is_main:
                 metrics = {"segments": segments, "best_valid_accuracy": state["best_accuracy"],
                            "best_step": state.get("best_step"), "steps": state["step"],
                            "stop_reason": state["stop_reason"], "seconds": round(state["seconds"], 1)}
                 (output / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
             save(last, with_state=True)
             # The history is part of the saved state, so a crash never loses or repeats a line.
-            _write_lines(history, state["history"])
+            if parallel.is_main:
+                _write_lines(history, state["history"])
     bar.close()
+    parallel.barrier()  # metrics.json is written before any process returns
     return json.loads((output / "metrics.json").read_text())
 
 
 @torch.no_grad()
-def evaluate_arrays(model, tokens, labels, limit: int | None, batch_size: int, device) -> float:
-    """Accuracy on stored examples (the first `limit` of them)."""
+def evaluate_arrays(model, tokens, labels, limit: int | None, batch_size: int, device,
+                    parallel: Distributed = Distributed()) -> float:
+    """Accuracy on stored examples (the first `limit` of them), shared out among processes."""
     model.eval()
     count = len(labels) if limit is None else min(limit, len(labels))
+    mine = np.arange(parallel.rank, count, parallel.world_size)
     correct = 0
-    for start in range(0, count, batch_size):
-        inputs = _token_tensor(tokens[start : min(start + batch_size, count)], device)
-        predictions = model(inputs).logits.argmax(-1).cpu()
-        correct += int((predictions == torch.as_tensor(labels[start : start + len(inputs)])).sum())
-    return correct / count
+    for start in range(0, len(mine), batch_size):
+        rows = mine[start : start + batch_size]
+        predictions = model(_token_tensor(tokens[rows], device)).logits.argmax(-1).cpu()
+        correct += int((predictions == torch.as_tensor(labels[rows])).sum())
+    return parallel.sum(correct, device) / count
 
 
 def _token_tensor(tokens: np.ndarray, device) -> torch.Tensor:

@@ -131,3 +131,34 @@ def test_bad_input_is_refused_before_training(data, tmp_path):
         TrainSettings(batch_size=8, micro_batch_size=3)
     for folder in ("a", "b", "c"):
         assert not (tmp_path / folder / "last").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_train_like_one(data, tmp_path):
+    """DDP on the CPU (gloo): each process takes half of every batch; gradients averaged
+    across them equal one process's over the whole batch (dropout off to compare)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    no_dropout = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    model = ModelSettings(pretrained=False, backbone_overrides=no_dropout, num_memory_tokens=4, classifier_dropout=0.0)
+    settings = TRAIN.model_copy(update={"max_steps": 6, "eval_every": 3, "micro_batch_size": 2})
+    train_stage(data_dir=data, segments=2, output=tmp_path / "single", model=model, train=settings, progress=False)
+
+    config = tmp_path / "stage.yaml"
+    config.write_text(yaml.safe_dump({"model": model.model_dump(), "train": settings.model_dump()}))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "rmt", "train", "--data", str(data), "--segments", "2", "--output", str(tmp_path / "ddp"),
+               "--config", str(config)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    single, parallel = outcome(tmp_path / "single"), outcome(tmp_path / "ddp")
+    assert parallel[0] == single[0]
+    history = [json.loads(line) for line in parallel[1].splitlines()]
+    assert [record["step"] for record in history] == [3, 6]
+    for key, tensor in single[2]["last"].items():
+        torch.testing.assert_close(parallel[2]["last"][key], tensor, atol=1e-5, rtol=1e-4, msg=key)
+    state = torch.load(tmp_path / "ddp" / "last" / "training_state.pt", weights_only=False)
+    assert len(state["rng"]) == 2  # both processes' RNG states, for an exact resume

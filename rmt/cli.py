@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -34,6 +35,24 @@ def _settings(config: Path | None, overrides: list[str]) -> dict:
             raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
         settings[key.strip()] = yaml.safe_load(value)
     return settings
+
+
+EXPERIMENT = "rmt"
+
+
+def _tracked(step: str, *, task: str, seed: int, params: dict, tags: dict | None = None):
+    """The MLflow run of one pipeline step; none in the other processes of a torchrun job.
+    RMT_GROUP names the reproduction it belongs to (the workflow sets it)."""
+    import contextlib
+    import os
+
+    from rmt.tracking import Run
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext(None)
+    name = "/".join([task, f"seed-{seed}", *([f"stage-{tags['rmt.stage']}"] if tags and "rmt.stage" in tags else []), step])
+    return Run(experiment=EXPERIMENT, name=name, params=params, group=os.environ.get("RMT_GROUP"),
+               tags={"rmt.step": step, "rmt.task": task, "rmt.seed": seed, **(tags or {})})
 
 
 def _validation_message(error) -> str:
@@ -81,8 +100,15 @@ def train(
     except ValidationError as error:
         raise typer.BadParameter(_validation_message(error)) from None
     try:
-        metrics = train_stage(data_dir=data, segments=segments, output=output, model=model_settings,
-                              train=train_settings, init=init)
+        from rmt.data.dataset import TaskDataset
+
+        dataset = TaskDataset(data)
+        params = {"data": dataset.config.model_dump(), "model": model_settings.model_dump(),
+                  "train": train_settings.model_dump(), "segments": segments, "init": str(init) if init else None}
+        tags = {"rmt.stage": segments, "rmt.data_hash": dataset.card["config_hash"]}
+        with _tracked("train", task=dataset.config.task, seed=train_settings.seed, params=params, tags=tags) as run:
+            metrics = train_stage(data_dir=data, segments=segments, output=output, model=model_settings,
+                                  train=train_settings, init=init, run=run)
     except (ValueError, FileNotFoundError, TrainingDiverged) as error:
         typer.echo(f"Error: {error}", err=True)
         raise typer.Exit(2) from None
@@ -108,8 +134,17 @@ def evaluate(
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--segments") from None
     try:
-        rows = evaluate_checkpoint(checkpoint=checkpoint, data_dir=data, output=output, segments=lengths,
-                                   max_examples=max_examples, batch_size=batch_size, device=device)
+        from rmt.data.dataset import TaskDataset
+        from rmt.evaluate import _trained_segments
+
+        dataset = TaskDataset(data)
+        params = {"checkpoint": str(checkpoint), "data": str(data), "segments": segments,
+                  "max_examples": max_examples, "batch_size": batch_size}
+        trained = _trained_segments(checkpoint)
+        tags = {"rmt.data_hash": dataset.card["config_hash"], **({"rmt.stage": trained} if trained else {})}
+        with _tracked("evaluate", task=dataset.config.task, seed=dataset.config.seed, params=params, tags=tags) as run:
+            rows = evaluate_checkpoint(checkpoint=checkpoint, data_dir=data, output=output, segments=lengths,
+                                       max_examples=max_examples, batch_size=batch_size, device=device, run=run)
     except (ValueError, FileNotFoundError) as error:
         typer.echo(f"Error: {error}", err=True)
         raise typer.Exit(2) from None
@@ -168,7 +203,12 @@ def data_generate(
     except ValidationError as error:
         raise typer.BadParameter(_validation_message(error)) from None
     try:
-        build_dataset(settings, output)
+        with _tracked("data", task=task, seed=settings.seed, params=settings.model_dump()) as run:
+            build_dataset(settings, output)
+            card = json.loads((output / "card.json").read_text())
+            run.set_tags({"rmt.data_hash": card["config_hash"]})
+            run.log_artifact(output / "card.json")
+            run.log_artifact(output / "samples.jsonl")
     except (ValueError, FileNotFoundError) as error:
         typer.echo(f"Error: {error}", err=True)
         raise typer.Exit(2) from None

@@ -13,7 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from rmt.hub import load_tokenizer
 from rmt.memory import PeakMemory
 from rmt.model import RecurrentMemoryEncoder
 from rmt.utils import resolve_device
+
+if TYPE_CHECKING:
+    from rmt.tracking import Run
 
 ROW_FIELDS = (
     "task", "trained_segments", "evaluated_segments", "tokens", "examples", "accuracy", "ci_low", "ci_high",
@@ -67,8 +70,11 @@ def evaluate_checkpoint(
     batch_size: int = 16,
     device: str = "auto",
     progress: bool = True,
+    run: "Run | None" = None,
 ) -> list[dict]:
-    """Accuracy at every length in `segments` (default: the dataset's test lengths)."""
+    """Accuracy at every length in `segments` (default: the dataset's test lengths). With an
+    MLflow `run`, each length's figures are logged with step = number of segments, so the
+    UI draws accuracy against length."""
     checkpoint, output = Path(checkpoint), Path(output)
     data = TaskDataset(data_dir)
     if not (checkpoint / "rmt_config.json").is_file():
@@ -101,6 +107,9 @@ def evaluate_checkpoint(
             "seconds": round(seconds, 3), "examples_per_second": round(examples / seconds, 3),
             "peak_memory_mb": round(meter.growth_mb, 1),
         })
+        if run is not None:
+            run.log_metrics({key: rows[-1][key] for key in ("accuracy", "ci_low", "ci_high", "examples_per_second",
+                                                            "peak_memory_mb")}, step=length)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(output.name + ".tmp")
     with open(staging, "w", newline="") as handle:
@@ -108,4 +117,6 @@ def evaluate_checkpoint(
         writer.writeheader()
         writer.writerows(rows)
     staging.replace(output)
+    if run is not None:
+        run.log_artifact(output)
     return rows

@@ -19,6 +19,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from rmt.distributed import Distributed
 from rmt.hub import MINILM, load_tokenizer, resolve
 from rmt.model import RMTConfig, RecurrentMemoryEncoder
 from rmt.utils import atomic_directory
+
+if TYPE_CHECKING:
+    from rmt.tracking import Run
 
 STATE_NAME = "training_state.pt"
 
@@ -127,8 +131,11 @@ def train_stage(
     train: TrainSettings,
     init: str | Path | None = None,
     progress: bool = True,
+    run: "Run | None" = None,
 ) -> dict:
-    """Run (or resume) one stage; returns the contents of metrics.json."""
+    """Run (or resume) one stage; returns the contents of metrics.json. With an MLflow `run`
+    (rmt.tracking), every step's loss and learning rate, every validation accuracy and the
+    stage's files are logged to it."""
     output = Path(output)
     data = TaskDataset(data_dir)
     train_tokens, train_labels = data.arrays("train", segments)  # fails early if the length is missing
@@ -253,6 +260,8 @@ def train_stage(
         optimizer.step()
         scheduler.step()
         losses.append(parallel.sum(step_loss, device) / parallel.world_size)
+        if run is not None:
+            run.log_metrics({"train_loss": losses[-1], "learning_rate": scheduler.get_last_lr()[0]}, step=step + 1)
         state["step"] = step + 1
         bar.update(1)
         if state["step"] % train.eval_every == 0 or state["step"] == train.max_steps:
@@ -262,6 +271,8 @@ def train_stage(
                       "valid_accuracy": accuracy}
             losses = []
             state["history"].append(record)
+            if run is not None:
+                run.log_metrics({"valid_accuracy": accuracy}, step=state["step"])
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", accuracy=f"{accuracy:.3f}")
             if accuracy > state["best_accuracy"]:
                 state.update(best_accuracy=accuracy, evaluations_without_gain=0, best_step=state["step"])
@@ -286,7 +297,13 @@ def train_stage(
                 _write_lines(history, state["history"])
     bar.close()
     parallel.barrier()  # metrics.json is written before any process returns
-    return json.loads((output / "metrics.json").read_text())
+    metrics = json.loads((output / "metrics.json").read_text())
+    if run is not None:
+        run.log_metrics({"best_valid_accuracy": metrics["best_valid_accuracy"]}, step=metrics["steps"])
+        run.set_tags({"rmt.stop_reason": metrics["stop_reason"]})
+        for name in ("metrics.json", "history.jsonl", "config.json"):
+            run.log_artifact(output / name)
+    return metrics
 
 
 @torch.no_grad()

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import os
 
+import tempfile
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Runs the tests make go to a store of their own, never to the project's mlflow.db.
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='rmt-tests-mlflow-')}/mlflow.db"
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
 
 import pytest
 import torch

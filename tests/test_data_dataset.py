@@ -108,11 +108,11 @@ def test_train_and_valid_share_no_example(built):
         (dict(task="qa99"), "unknown task"),
         (dict(task="memorize", curriculum_segments=[1, 1]), "distinct"),
         (dict(task="memorize", segment_length=0), "greater than or equal to 1"),
-        (dict(task="memorize", long_test_examples=5000), "long_test_examples"),
         (dict(task="memorize", colour="red"), "Extra inputs"),
     ],
 )
 def test_invalid_settings_are_named(settings, message):
+    assert DataConfig(task="memorize", test_examples=8).test_examples_at(4096) == 8
     with pytest.raises(ValidationError, match=message):
         DataConfig(**settings)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm import tqdm
 
 from rmt.data.generator import GENERATOR_VERSION, SPLITS, Placement, TaskGenerator
@@ -75,14 +75,10 @@ class DataConfig(BaseModel):
             raise ValueError(f"{values}: segment counts must be distinct and at least 1")
         return sorted(values)
 
-    @model_validator(mode="after")
-    def _long_not_more(self) -> "DataConfig":
-        if self.long_test_examples > self.test_examples:
-            raise ValueError("long_test_examples cannot exceed test_examples")
-        return self
-
     def test_examples_at(self, segments: int) -> int:
-        return self.long_test_examples if segments >= self.long_test_from_segments else self.test_examples
+        if segments >= self.long_test_from_segments:
+            return min(self.long_test_examples, self.test_examples)
+        return self.test_examples
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"))

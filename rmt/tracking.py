@@ -1,0 +1,439 @@
+"""Experiment tracking with MLflow. This is the only module of the package that imports
+mlflow (lazily: importing it costs seconds, and most commands never track anything).
+
+    with Run(experiment="babilong-qa1", name="train-rmt", params=config, group=pipeline_id) as run:
+        run.log_metrics({"loss": loss}, step=step)
+        run.log_artifact("results/curve.png")
+
+Where runs go: `MLFLOW_TRACKING_URI` when set (a user's server), else `sqlite:///mlflow.db`
+in the current directory (the project root when the pipeline runs). MLflow 3 refuses the
+old ./mlruns file store, and SQLite needs no server. Artifacts of a SQLite store go to
+`mlartifacts/<experiment>/` next to the database file, set per experiment when it is
+created, because MLflow would otherwise put them in ./mlruns of whatever directory the
+first process happened to start in.
+
+Many pipeline jobs write to the same SQLite file at once, which SQLite only half supports:
+  * MLflow waits up to 20 s for a locked database (it sets `PRAGMA busy_timeout` on every
+    session); every read and write here is retried on top of that, with jittered
+    exponential backoff, when the database stays locked (`_retry`).
+  * The first use of a new database creates its tables and runs the schema migrations, and
+    two processes migrating at once corrupt each other ("duplicate column name"). MLflow
+    holds a lock for that, but in the temporary directory, which SLURM makes private to
+    each job; a lock file next to the database (`mlflow.db.lock`) serialises it for every
+    job that can see the database. The same lock covers finding or creating the
+    experiment, and a creation that still loses a race is resolved by reading it back.
+
+A run never stays RUNNING after a crash: leaving the block by an exception (including
+KeyboardInterrupt) ends it FAILED, and while a run is open in the main thread SIGTERM (what
+SLURM and snakemake send to stop a job) raises `Terminated`, so it does too.
+
+Grouping: the tag `rmt.group` names the pipeline run (one reproduction) that a run belongs
+to; it works across experiments, and `search_runs(filter_string="tags.\"rmt.group\" = 'x'")`
+or the UI's tag filter show one reproduction together. When the driver of the pipeline
+opens a Run of its own and exports its id as RMT_PARENT_RUN_ID, the runs of its jobs also
+get the `mlflow.parentRunId` tag, which the UI uses to nest them under it (MLflow only
+nests runs of the same experiment, hence the group tag as well).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+PARENT_RUN_ENV = "RMT_PARENT_RUN_ID"
+ARTIFACTS_DIRECTORY = "mlartifacts"
+
+GROUP_TAG = "rmt.group"
+GIT_COMMIT_TAG = "rmt.git_commit"
+HOSTNAME_TAG = "rmt.hostname"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the run under this one
+
+# MLflow 3.x limits (mlflow.utils.validation): longer values are rejected, not truncated.
+MAX_PARAM_LENGTH = 6000
+MAX_TAG_LENGTH = 8000
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+
+# MLflow's default; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it (tests set it low).
+SYSTEM_METRICS_INTERVAL = 10.0
+
+# Each attempt already waits up to MLflow's 20 s busy timeout; these add up to ~40 s more.
+RETRY_ATTEMPTS = 8
+RETRY_BASE_DELAY = 0.2
+RETRY_MAX_DELAY = 10.0
+STORE_LOCK_TIMEOUT = 600.0
+
+
+class TrackingError(RuntimeError):
+    """The tracking store could not be used; the message says why and what to do."""
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread on SIGTERM while a run is open. A SystemExit, so that
+    `except Exception` in training code does not swallow it, with the exit status a shell
+    reports for a process killed by SIGTERM."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else the project's SQLite database."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def flatten_params(config: Any, prefix: str = "") -> dict[str, str]:
+    """{"train": {"lr": 0.1}} -> {"train.lr": "0.1"}: MLflow params are flat strings.
+    Pydantic models are dumped first; values too long for MLflow are cut, ending in '...'."""
+    if hasattr(config, "model_dump"):
+        config = config.model_dump(mode="json")
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if hasattr(value, "model_dump"):
+            value = value.model_dump(mode="json")
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, f"{name}."))
+        else:
+            flat[name] = _truncate(str(value), MAX_PARAM_LENGTH)
+    return flat
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///path` URI (relative or absolute), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _resolve(uri: str) -> str:
+    """Make a relative SQLite path absolute, so that a later chdir cannot point the open
+    store at another file."""
+    path = _sqlite_path(uri)
+    if path is None or path.is_absolute():
+        return uri
+    query = uri.partition("?")[2]
+    return f"sqlite:///{path.resolve()}" + (f"?{query}" if query else "")
+
+
+def _is_transient(error: BaseException) -> bool:
+    """A locked or briefly unavailable database: sqlite3/SQLAlchemy OperationalError, which
+    MLflow re-raises as an MlflowException with code TEMPORARILY_UNAVAILABLE."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if type(error).__name__ == "OperationalError" or "database is locked" in str(error):
+            return True
+        if getattr(error, "error_code", None) == "TEMPORARILY_UNAVAILABLE":
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _retry(uri: str, what: str, call: Callable[..., T], *args, **kwargs) -> T:
+    """Every call into MLflow goes through here: a transient failure is retried with full
+    jitter (so that the processes that collided do not collide again), anything else raised."""
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:
+            if not _is_transient(error):
+                raise
+            if attempt == RETRY_ATTEMPTS:
+                raise TrackingError(
+                    f"{what} failed {RETRY_ATTEMPTS} times: the tracking store {uri} stayed "
+                    f"locked or unavailable ({error}). Run fewer jobs against one SQLite file at "
+                    "once, or start an MLflow server and point MLFLOW_TRACKING_URI at it."
+                ) from error
+            time.sleep(random.uniform(0, min(RETRY_MAX_DELAY, RETRY_BASE_DELAY * 2**attempt)))
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Held while a process opens a SQLite store (creating and migrating a new database) and
+    finds or creates its experiment. Other stores (servers) need no lock."""
+    path = _sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(f"{path}.lock")
+    try:
+        lock.acquire(timeout=STORE_LOCK_TIMEOUT)
+    except Timeout as error:
+        raise TrackingError(
+            f"waited {STORE_LOCK_TIMEOUT:.0f} s for {lock.lock_file}: another process is opening "
+            f"the tracking store {uri}. If no such process is alive, delete the lock file."
+        ) from error
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _client(uri: str):
+    """An MlflowClient; constructing it opens the store, which creates a new database."""
+    from mlflow import MlflowClient
+
+    with _store_lock(uri):
+        return _retry(uri, "opening the tracking store", MlflowClient, tracking_uri=uri)
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    path = _sqlite_path(uri)
+    if path is None:
+        return None  # a server decides where artifacts go
+    directory = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment)  # runs inside are told apart by id
+    return (path.resolve().parent / ARTIFACTS_DIRECTORY / directory).as_uri()
+
+
+def _experiment_id(client, uri: str, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    with _store_lock(uri):
+        experiment = _retry(uri, f"reading experiment {name!r}", client.get_experiment_by_name, name)
+        if experiment is None:
+            try:
+                return _retry(
+                    uri, f"creating experiment {name!r}", client.create_experiment,
+                    name, artifact_location=_artifact_location(uri, name),
+                )
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                # Another process created it between our read and our write.
+                experiment = _retry(uri, f"reading experiment {name!r}", client.get_experiment_by_name, name)
+    if experiment.lifecycle_stage != "active":
+        raise TrackingError(
+            f"experiment {name!r} is deleted in {uri}: restore it "
+            f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or use another name"
+        )
+    return experiment.experiment_id
+
+
+def _git_commit() -> str:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"  # not a git checkout, or no git
+    return result.stdout.strip() or "unknown"
+
+
+def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Run:
+    """One MLflow run, open for the duration of a `with` block: FINISHED when the block
+    completes, FAILED when it raises (including KeyboardInterrupt, and SIGTERM, which raises
+    `Terminated` while the run is open in the main thread).
+
+    params: the full resolved config (dict or pydantic model), flattened to dotted keys.
+    tags: added to the automatic ones (git commit, hostname, group, parent run), which they
+        may override.
+    group: the pipeline run this run belongs to, stored as the `rmt.group` tag.
+    system_metrics: sample CPU, memory, disk, network (and GPU) use into `system/...` metrics
+        every SYSTEM_METRICS_INTERVAL seconds, in a background thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        experiment: str,
+        name: str,
+        params: Mapping | Any | None = None,
+        tags: Mapping[str, Any] | None = None,
+        group: str | None = None,
+        system_metrics: bool = True,
+    ):
+        self.experiment = experiment
+        self.name = name
+        self.params = flatten_params(params) if params is not None else {}
+        self.tags = dict(tags or {})
+        self.group = group
+        self.system_metrics = system_metrics
+        self._run_id: str | None = None
+        self._monitor = None
+        self._previous_sigterm = None
+        self._ending = False
+        self._sigterm_while_ending = False
+
+    @property
+    def run_id(self) -> str:
+        if self._run_id is None:
+            raise TrackingError(f"run {self.name!r} is not open: use it inside `with Run(...) as run:`")
+        return self._run_id
+
+    def _automatic_tags(self) -> dict[str, str]:
+        tags = {GIT_COMMIT_TAG: _git_commit(), HOSTNAME_TAG: socket.gethostname()}
+        if self.group is not None:
+            tags[GROUP_TAG] = self.group
+        if os.environ.get(PARENT_RUN_ENV):
+            tags[PARENT_TAG] = os.environ[PARENT_RUN_ENV]
+        return tags
+
+    def __enter__(self) -> "Run":
+        if self._run_id is not None:
+            raise TrackingError(f"run {self.name!r} is already open: make a new Run for another run")
+        self.uri = _resolve(tracking_uri())
+        self._client = _client(self.uri)
+        experiment_id = _experiment_id(self._client, self.uri, self.experiment)
+        tags = {**self._automatic_tags(), **self.tags}
+        tags = {key: _truncate(str(value), MAX_TAG_LENGTH) for key, value in tags.items()}
+        run = _retry(
+            self.uri, f"creating run {self.name!r}", self._client.create_run,
+            experiment_id, run_name=self.name, tags=tags,
+        )
+        self._run_id = run.info.run_id
+        self._install_sigterm_handler()
+        try:
+            self._log_params(self.params)
+            if self.system_metrics:
+                self._start_system_metrics()
+        except BaseException:
+            self._end("FAILED")
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self._end("FINISHED" if exc_type is None else "FAILED")
+
+    def _end(self, status: str) -> None:
+        # A SIGTERM now would interrupt the very write that records the status: note it,
+        # and pass it on to the previous handler once the run is closed.
+        self._ending = True
+        try:
+            if self._monitor is not None:
+                self._monitor.finish()
+            _retry(self.uri, f"ending run {self.name!r}", self._client.set_terminated, self.run_id, status=status)
+        finally:
+            self._restore_sigterm_handler()
+            self._run_id = None
+            self._monitor = None
+            self._ending = False
+        if self._sigterm_while_ending:
+            self._sigterm_while_ending = False
+            signal.raise_signal(signal.SIGTERM)
+
+    def _install_sigterm_handler(self) -> None:
+        # Python only lets the main thread set signal handlers; runs elsewhere go without.
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _restore_sigterm_handler(self) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self._ending:
+            self._sigterm_while_ending = True
+            return
+        raise Terminated()
+
+    def _start_system_metrics(self) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # Best effort: the monitor logs from its own thread, and stops (with a warning)
+        # rather than retrying if the database stays locked.
+        self._monitor = SystemMetricsMonitor(
+            self.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL, tracking_uri=self.uri
+        )
+        self._monitor.start()
+
+    def _log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        entries = [Param(key, value) for key, value in params.items()]
+        for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+            _retry(self.uri, f"logging params of run {self.name!r}", self._client.log_batch, self.run_id, params=chunk)
+
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        entries = []
+        for key, value in metrics.items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError) as error:
+                raise TypeError(f"metric {key!r} = {value!r} is not a number: log floats (tensor.item())") from error
+            entries.append(Metric(key, value, timestamp, step))
+        for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
+            _retry(self.uri, f"logging metrics of run {self.name!r}", self._client.log_batch, self.run_id, metrics=chunk)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        entries = [RunTag(key, _truncate(str(value), MAX_TAG_LENGTH)) for key, value in tags.items()]
+        for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+            _retry(self.uri, f"tagging run {self.name!r}", self._client.log_batch, self.run_id, tags=chunk)
+
+    def log_artifact(self, path: str | os.PathLike, *, artifact_path: str | None = None) -> None:
+        """Copy a file, or a directory's contents, into the run's artifacts."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"artifact {path} does not exist: write it before logging it")
+        log = self._client.log_artifacts if path.is_dir() else self._client.log_artifact
+        _retry(self.uri, f"logging artifact {path} of run {self.name!r}", log, self.run_id, str(path), artifact_path)
+
+
+def search_runs(*, experiment: str, filter_string: str = "") -> list[dict]:
+    """The runs of an experiment as plain dicts (run_id, name, status, start_time, end_time,
+    params, metrics at their latest step, tags), newest first. No experiment, or no
+    database yet, means no runs: reading never creates anything."""
+    uri = _resolve(tracking_uri())
+    path = _sqlite_path(uri)
+    if path is not None and not path.exists():
+        return []
+    client = _client(uri)
+    found = _retry(uri, f"reading experiment {experiment!r}", client.get_experiment_by_name, experiment)
+    if found is None:
+        return []
+    runs, token = [], None
+    while True:
+        page = _retry(
+            uri, f"searching runs of {experiment!r}", client.search_runs,
+            [found.experiment_id], filter_string, max_results=1000, page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    return [
+        {
+            "run_id": run.info.run_id,
+            "name": run.info.run_name,
+            "status": run.info.status,
+            "start_time": run.info.start_time,
+            "end_time": run.info.end_time,
+            "params": dict(run.data.params),
+            "metrics": dict(run.data.metrics),
+            "tags": dict(run.data.tags),
+        }
+        for run in runs
+    ]

@@ -1,0 +1,297 @@
+"""rmt.tracking against real SQLite stores in tmp_path: what a run records, how it ends
+(success, exception, KeyboardInterrupt, SIGTERM), and many processes sharing one new database."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from rmt import tracking
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACKING_FILE = ROOT / "rmt" / "tracking.py"
+
+# Subprocesses load rmt/tracking.py by path: `import rmt.tracking` would import torch and
+# transformers through rmt/__init__, seconds per process that this file cannot spare.
+LOAD_TRACKING = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("tracking", {str(TRACKING_FILE)!r})
+tracking = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tracking)
+import mlflow  # imported before any timing matters, as a long-running job would have it
+"""
+
+
+@pytest.fixture(scope="module")
+def migrated_database(tmp_path_factory) -> Path:
+    """An empty store, created once: migrating a new database takes seconds, and only the
+    parallel test needs to see that happen."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    tracking._client(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch, migrated_database) -> str:
+    """An empty SQLite store in tmp_path, which is also the working directory."""
+    shutil.copyfile(migrated_database, tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
+    return uri
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def run_script(tmp_path: Path, name: str, body: str, uri: str) -> subprocess.Popen:
+    script = tmp_path / f"{name}.py"
+    script.write_text(LOAD_TRACKING + textwrap.dedent(body))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    return subprocess.Popen(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def test_default_uri_is_the_project_sqlite_database_and_the_environment_wins(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri() == tracking.DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert tracking.tracking_uri() == "http://tracking.example:5000"
+
+
+def test_default_store_lives_in_the_working_directory(tmp_path, monkeypatch, migrated_database):
+    shutil.copyfile(migrated_database, tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with tracking.Run(experiment="default", name="r", system_metrics=False):
+        pass
+    assert (tmp_path / "mlflow.db").exists()
+    assert [run["status"] for run in tracking.search_runs(experiment="default")] == ["FINISHED"]
+
+
+def test_limits_are_mlflows():
+    from mlflow.utils import validation
+
+    assert tracking.MAX_PARAM_LENGTH == validation.MAX_PARAM_VAL_LENGTH
+    assert tracking.MAX_TAG_LENGTH == validation.MAX_TAG_VAL_LENGTH
+    assert tracking.MAX_PARAMS_TAGS_PER_BATCH == validation.MAX_PARAMS_TAGS_PER_BATCH
+    assert tracking.MAX_METRICS_PER_BATCH <= validation.MAX_METRICS_PER_BATCH
+
+
+def test_a_run_records_params_metrics_tags_and_artifacts(store, tmp_path, monkeypatch):
+    monkeypatch.setenv(tracking.PARENT_RUN_ENV, "parent123")
+    config = {
+        "train": {"lr": 0.001, "steps": 10, "schedule": {"kind": "linear"}},
+        "segments": [1, 2, 4],
+        "note": "x" * 10_000,  # longer than MLflow allows
+        "many": {f"p{i}": i for i in range(150)},  # more params than one batch holds
+    }
+    artifact = tmp_path / "curve.txt"
+    artifact.write_text("0.5\n0.25\n")
+    with tracking.Run(
+        experiment="exp", name="train", params=config, tags={"task": "qa1"}, group="repro-1",
+        system_metrics=False,
+    ) as run:
+        for step in range(5):
+            run.log_metrics({"loss": 1.0 / (step + 1), "accuracy": step / 10}, step=step)
+        run.set_tags({"stage": "done"})
+        run.log_artifact(artifact, artifact_path="plots")
+        run_id = run.run_id
+
+    found = client(store).get_run(run_id)
+    assert found.info.status == "FINISHED"
+    assert found.info.run_name == "train"
+    params = found.data.params
+    assert params["train.lr"] == "0.001" and params["train.schedule.kind"] == "linear"
+    assert params["segments"] == "[1, 2, 4]"
+    assert len(params["note"]) == tracking.MAX_PARAM_LENGTH and params["note"].endswith("...")
+    assert params["many.p149"] == "149" and len(params) == 155
+    history = client(store).get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(s, 1.0 / (s + 1)) for s in range(5)]
+    tags = found.data.tags
+    assert tags["task"] == "qa1" and tags["stage"] == "done"
+    assert tags[tracking.GROUP_TAG] == "repro-1"
+    assert tags[tracking.PARENT_TAG] == "parent123"
+    assert tags[tracking.HOSTNAME_TAG]
+    commit = tags[tracking.GIT_COMMIT_TAG]  # tmp_path is not a git checkout
+    assert commit == "unknown"
+    # Artifacts go next to the database, not to ./mlruns.
+    assert (tmp_path / "mlartifacts" / "exp" / run_id / "artifacts" / "plots" / "curve.txt").read_text() == "0.5\n0.25\n"
+    assert not (tmp_path / "mlruns").exists()
+    assert [a.path for a in client(store).list_artifacts(run_id, "plots")] == ["plots/curve.txt"]
+
+
+def test_git_commit_is_recorded_inside_a_checkout(store, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the store stays in tmp_path: its URI is absolute
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("the project is not a git checkout here")
+    with tracking.Run(experiment="exp", name="r", system_metrics=False) as run:
+        run_id = run.run_id
+    assert client(store).get_run(run_id).data.tags[tracking.GIT_COMMIT_TAG] == head.stdout.strip()
+
+
+def test_an_exception_fails_the_run_and_propagates(store):
+    with pytest.raises(ValueError, match="boom"):
+        with tracking.Run(experiment="exp", name="r", system_metrics=False) as run:
+            run_id = run.run_id
+            raise ValueError("boom")
+    assert client(store).get_run(run_id).info.status == "FAILED"
+
+
+def test_keyboard_interrupt_fails_the_run(store):
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.Run(experiment="exp", name="r", system_metrics=False) as run:
+            run_id = run.run_id
+            assert signal.getsignal(signal.SIGTERM) != previous  # ours while the run is open
+            raise KeyboardInterrupt
+    assert client(store).get_run(run_id).info.status == "FAILED"
+    assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_system_metrics_are_sampled_when_asked(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    with tracking.Run(experiment="exp", name="r") as run:
+        time.sleep(0.5)
+        run_id = run.run_id
+    metrics = client(store).get_run(run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics
+    with tracking.Run(experiment="exp", name="quiet", system_metrics=False) as run:
+        time.sleep(0.3)
+        run_id = run.run_id
+    assert not client(store).get_run(run_id).data.metrics
+
+
+def test_sigterm_fails_the_run_of_a_subprocess(store, tmp_path):
+    job = run_script(tmp_path, "job", """
+        import time
+        with tracking.Run(experiment="exp", name="killed", system_metrics=False) as run:
+            print(run.run_id, flush=True)
+            time.sleep(120)
+    """, store)
+    run_id = job.stdout.readline().strip()
+    assert run_id, job.communicate(timeout=30)[1]
+    assert client(store).get_run(run_id).info.status == "RUNNING"
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 128 + signal.SIGTERM, stderr
+    assert client(store).get_run(run_id).info.status == "FAILED"
+
+
+def test_parallel_writers_share_a_new_database(store, tmp_path):
+    """Processes that start together on a database that does not exist yet: they race to
+    create and migrate it, to create the experiment, and then to write."""
+    (tmp_path / "mlflow.db").unlink()
+    workers, steps = 4, 50
+    go = tmp_path / "go"
+    jobs = [
+        run_script(tmp_path, f"worker{i}", f"""
+            import time
+            from pathlib import Path
+            Path("ready{i}").touch()
+            while not Path({str(go)!r}).exists():
+                time.sleep(0.005)
+            config = {{"worker": {i}, "train": {{"lr": 0.1, "steps": {steps}}}}}
+            with tracking.Run(experiment="parallel", name="worker{i}", params=config, group="g",
+                              tags={{"worker": "{i}"}}, system_metrics=False) as run:
+                for step in range({steps}):
+                    run.log_metrics({{"loss": 1.0 / (step + 1), "worker": {i}}}, step=step)
+                    if step % 10 == 0:
+                        run.set_tags({{"last_checkpoint": str(step)}})
+        """, store)
+        for i in range(workers)
+    ]
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready{i}").exists() for i in range(workers)):
+        assert time.monotonic() < deadline and all(job.poll() is None for job in jobs), [
+            job.communicate()[1] for job in jobs if job.poll() is not None
+        ]
+        time.sleep(0.01)
+    assert not (tmp_path / "mlflow.db").exists()
+    go.touch()
+    for job in jobs:
+        _, stderr = job.communicate(timeout=120)
+        assert job.returncode == 0, stderr
+
+    runs = tracking.search_runs(experiment="parallel")
+    assert sorted(run["name"] for run in runs) == [f"worker{i}" for i in range(workers)]
+    mlflow_client = client(store)
+    for run in runs:
+        i = int(run["name"].removeprefix("worker"))
+        assert run["status"] == "FINISHED"
+        assert run["params"] == {"worker": str(i), "train.lr": "0.1", "train.steps": str(steps)}
+        assert run["metrics"] == {"loss": 1.0 / steps, "worker": float(i)}
+        assert run["tags"]["worker"] == str(i) and run["tags"][tracking.GROUP_TAG] == "g"
+        assert run["tags"]["last_checkpoint"] == "40"
+        history = mlflow_client.get_metric_history(run["run_id"], "loss")
+        assert sorted(m.step for m in history) == list(range(steps))
+    assert len(tracking.search_runs(experiment="parallel", filter_string="params.worker = '2'")) == 1
+
+
+def test_search_runs_reads_without_creating_anything(store, tmp_path, monkeypatch):
+    missing = tmp_path / "missing" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing}")
+    assert tracking.search_runs(experiment="exp") == []
+    assert not missing.parent.exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    with tracking.Run(experiment="exp", name="r", params={"a": 1}, system_metrics=False) as run:
+        run.log_metrics({"m": 2.0}, step=3)
+        run_id = run.run_id
+    assert tracking.search_runs(experiment="other") == []
+    [found] = tracking.search_runs(experiment="exp")
+    assert found["params"] == {"a": "1"} and found["metrics"] == {"m": 2.0}
+    assert found["status"] == "FINISHED" and found["run_id"] == run_id
+
+
+def test_retry_waits_out_a_locked_database_then_gives_up_clearly(monkeypatch):
+    monkeypatch.setattr(tracking, "RETRY_BASE_DELAY", 0.001)
+    calls = []
+
+    def locked_twice():
+        calls.append(1)
+        if len(calls) < 3:
+            raise sqlite3.OperationalError("database is locked")
+        return "written"
+
+    assert tracking._retry("sqlite:///x.db", "writing", locked_twice) == "written"
+    assert len(calls) == 3
+
+    def always_locked():
+        raise sqlite3.OperationalError("database is locked")
+
+    with pytest.raises(tracking.TrackingError, match=re.escape("sqlite:///x.db")):
+        tracking._retry("sqlite:///x.db", "writing", always_locked)
+
+    def broken():
+        calls.append(1)
+        raise ValueError("not transient")
+
+    calls.clear()
+    with pytest.raises(ValueError):
+        tracking._retry("sqlite:///x.db", "writing", broken)
+    assert len(calls) == 1
+
+
+def test_only_the_tracking_module_imports_mlflow():
+    pattern = re.compile(r"^\s*(import\s+mlflow|from\s+mlflow)\b", re.MULTILINE)
+    importers = sorted(
+        str(path.relative_to(ROOT)) for path in (ROOT / "rmt").rglob("*.py") if pattern.search(path.read_text())
+    )
+    assert importers == ["rmt/tracking.py"]

@@ -18,23 +18,37 @@ data_app = typer.Typer(no_args_is_help=True, help="Synthetic long-context datase
 app.add_typer(data_app, name="data")
 
 
-def _settings(config: Path | None, overrides: list[str]) -> dict:
-    """Settings from a YAML file, then KEY=VALUE overrides (values read as YAML)."""
-    import yaml
+CONFIG_HELP = "Pipeline configuration (params.yaml); several are laid over each other in order."
+SET_HELP = "SECTION.KEY=VALUE (value read as YAML), e.g. train.learning_rate=5e-4 or data.segment_length=32."
 
-    settings = {}
-    if config is not None:
-        if not config.is_file():
-            raise typer.BadParameter(f"{config} does not exist", param_hint="--config")
-        settings = yaml.safe_load(config.read_text()) or {}
-        if not isinstance(settings, dict):
-            raise typer.BadParameter(f"{config} must hold a mapping of settings", param_hint="--config")
+
+def _task_settings(configs: list[Path], overrides: list[str], task: str):
+    """The settings of one task: the config files merged, then --set overrides, validated."""
+    import yaml
+    from pydantic import ValidationError
+
+    from rmt.config import PipelineConfig, load_config
+
+    try:
+        merged = load_config(*configs).model_dump() if configs else {}
+    except (FileNotFoundError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="--config") from None
     for item in overrides:
         key, separator, value = item.partition("=")
-        if not separator or not key:
-            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
-        settings[key.strip()] = yaml.safe_load(value)
-    return settings
+        path = key.strip().split(".")
+        if not separator or len(path) < 2:
+            raise typer.BadParameter(f"{item!r} is not SECTION.KEY=VALUE", param_hint="--set")
+        target = merged
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = yaml.safe_load(value)
+    try:
+        config = PipelineConfig(**merged)
+        if task not in config.tasks:
+            config = PipelineConfig(**{**merged, "tasks": {**merged.get("tasks", {}), task: {}}})
+        return config.for_task(task)
+    except ValidationError as error:
+        raise typer.BadParameter(_validation_message(error)) from None
 
 
 EXPERIMENT = "rmt"
@@ -79,29 +93,21 @@ def train(
     segments: int = typer.Option(..., min=1, help="Segments per example in this curriculum stage."),
     output: Path = typer.Option(..., help="The stage's folder: checkpoints, metrics, history."),
     init: Path | None = typer.Option(None, help="Previous stage's best/ checkpoint; none for the first stage."),
-    config: Path | None = typer.Option(None, help="YAML with `model:` and `train:` sections."),
-    overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE, e.g. --set train.learning_rate=5e-4."),
+    configs: list[Path] = typer.Option([], "--config", help=CONFIG_HELP),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
-    """Train one curriculum stage (resumes from its last checkpoint when run again)."""
-    from pydantic import ValidationError
+    """Train one curriculum stage (resumes from its last checkpoint when run again). The
+    task's model and train settings come from the configuration."""
+    from rmt.data.dataset import TaskDataset
+    from rmt.train import TrainingDiverged, train_stage
 
-    from rmt.train import ModelSettings, TrainingDiverged, TrainSettings, train_stage
-
-    settings = _settings(config, [])
-    sections = {"model": dict(settings.get("model") or {}), "train": dict(settings.get("train") or {})}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not dot or section not in sections:
-            raise typer.BadParameter(f"{item!r}: use model.NAME=VALUE or train.NAME=VALUE", param_hint="--set")
-        sections[section].update(_settings(None, [f"{name}={value}"]))
     try:
-        model_settings, train_settings = ModelSettings(**sections["model"]), TrainSettings(**sections["train"])
-    except ValidationError as error:
-        raise typer.BadParameter(_validation_message(error)) from None
+        task = TaskDataset(data).config.task
+    except FileNotFoundError as error:
+        raise typer.BadParameter(str(error), param_hint="--data") from None
+    settings = _task_settings(configs, overrides, task)
+    model_settings, train_settings = settings.model, settings.train
     try:
-        from rmt.data.dataset import TaskDataset
-
         dataset = TaskDataset(data)
         params = {"data": dataset.config.model_dump(), "model": model_settings.model_dump(),
                   "train": train_settings.model_dump(), "segments": segments, "init": str(init) if init else None}
@@ -190,18 +196,16 @@ def demo(
 def data_generate(
     task: str = typer.Argument(..., help="memorize, detect_and_memorize or reasoning (see `rmt data tasks`)."),
     output: Path = typer.Argument(..., help="Dataset directory to write (replaced whole on success)."),
-    config: Path | None = typer.Option(None, help="YAML file of dataset settings (rmt.data.dataset.DataConfig)."),
-    overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE setting, e.g. --set segment_length=64."),
+    configs: list[Path] = typer.Option([], "--config", help=CONFIG_HELP),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Generate a task's dataset: curriculum lengths on disk, the test split as a manifest."""
-    from pydantic import ValidationError
+    from rmt.data.dataset import build_dataset
+    from rmt.data.tasks import TASKS
 
-    from rmt.data.dataset import DataConfig, build_dataset
-
-    try:
-        settings = DataConfig(**{**_settings(config, overrides), "task": task})
-    except ValidationError as error:
-        raise typer.BadParameter(_validation_message(error)) from None
+    if task not in TASKS:
+        raise typer.BadParameter(f"unknown task {task!r}: choose one of {', '.join(sorted(TASKS))}", param_hint="TASK")
+    settings = _task_settings(configs, overrides, task).data
     try:
         with _tracked("data", task=task, seed=settings.seed, params=settings.model_dump()) as run:
             build_dataset(settings, output)

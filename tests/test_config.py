@@ -70,3 +70,20 @@ def test_overlays_merge_field_by_field(tmp_path):
     assert reasoning.train.max_steps == 7 and reasoning.train.batch_size == 16
     assert reasoning.train.learning_rate == 5e-4  # untouched fields stay
     assert max(config.for_task("detect_and_memorize").data.test_segments) == 32768  # untouched task stays
+
+
+def test_commands_resolve_a_tasks_settings_from_the_configuration():
+    import typer
+
+    from rmt.cli import _task_settings
+
+    settings = _task_settings([ROOT / "params.yaml"], ["data.train_examples=10", "train.learning_rate=1e-4"],
+                              "detect_and_memorize")
+    assert settings.data.train_examples == 10 and settings.train.learning_rate == 1e-4
+    assert max(settings.data.test_segments) == 32768  # the task's own override survives
+    paper = _task_settings([ROOT / "params.yaml", ROOT / "config" / "paper.yaml"], [], "reasoning")
+    assert paper.train.max_steps == 20000
+    with pytest.raises(typer.BadParameter, match="SECTION.KEY=VALUE"):
+        _task_settings([], ["learning_rate=1"], "memorize")
+    with pytest.raises(typer.BadParameter, match="learning_rate"):
+        _task_settings([], ["train.learning_rate=-1"], "memorize")

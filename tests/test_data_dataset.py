@@ -141,15 +141,16 @@ def test_cli_generates_and_shows(tmp_path):
     runner = CliRunner()
     output = tmp_path / "detect"
     config = tmp_path / "data.yaml"
-    config.write_text("segment_length: 48\ntrain_examples: 12\nvalid_examples: 6\ncurriculum_segments: [1, 2]\n")
+    config.write_text("data:\n  segment_length: 48\n  train_examples: 12\n  valid_examples: 6\n"
+                      "  curriculum_segments: [1, 2]\n")
     result = runner.invoke(app, ["data", "generate", "detect_and_memorize", str(output), "--config", str(config),
-                                 "--set", "test_segments=[1, 8]", "--set", "samples=1"])
+                                 "--set", "data.test_segments=[1, 8]", "--set", "data.samples=1"])
     assert result.exit_code == 0, result.output
     data = TaskDataset(output)
     assert data.config.segment_length == 48 and data.arrays("valid", 2)[0].shape == (6, 96)
     shown = runner.invoke(app, ["data", "show", str(output), "--segments", "2", "--index", "1"])
     assert shown.exit_code == 0 and "answer:" in shown.output
-    bad = runner.invoke(app, ["data", "generate", "memorize", str(tmp_path / "x"), "--set", "segment_length=-3"])
+    bad = runner.invoke(app, ["data", "generate", "memorize", str(tmp_path / "x"), "--set", "data.segment_length=-3"])
     assert bad.exit_code != 0 and "segment_length" in bad.output
     assert not (tmp_path / "x").exists()
     listed = runner.invoke(app, ["data", "tasks"])

@@ -25,10 +25,10 @@ def test_data_train_and_evaluate_are_tracked_as_one_group(tmp_path, monkeypatch)
     monkeypatch.setenv("RMT_GROUP", group)
     runner = CliRunner()
     data, stage = tmp_path / "data", tmp_path / "stage-1"
-    result = runner.invoke(app, ["data", "generate", "memorize", str(data), "--set", "segment_length=32",
-                                 "--set", "train_examples=64", "--set", "valid_examples=16",
-                                 "--set", "curriculum_segments=[1]", "--set", "test_segments=[1,3]",
-                                 "--set", "test_examples=8", "--set", "samples=1"])
+    result = runner.invoke(app, ["data", "generate", "memorize", str(data), "--set", "data.segment_length=32",
+                                 "--set", "data.train_examples=64", "--set", "data.valid_examples=16",
+                                 "--set", "data.curriculum_segments=[1]", "--set", "data.test_segments=[1,3]",
+                                 "--set", "data.test_examples=8", "--set", "data.samples=1"])
     assert result.exit_code == 0, result.output
     config = tmp_path / "stage.yaml"
     config.write_text(yaml.safe_dump({"model": {"pretrained": False, "backbone_overrides": TINY_BERT,
@@ -62,9 +62,9 @@ def test_a_failing_step_is_marked_failed(tmp_path, monkeypatch):
     monkeypatch.setenv("RMT_GROUP", group)
     runner = CliRunner()
     data = tmp_path / "data"
-    result = runner.invoke(app, ["data", "generate", "memorize", str(data), "--set", "train_examples=16",
-                                 "--set", "valid_examples=8", "--set", "curriculum_segments=[1]",
-                                 "--set", "test_segments=[1]", "--set", "samples=0"])
+    result = runner.invoke(app, ["data", "generate", "memorize", str(data), "--set", "data.train_examples=16",
+                                 "--set", "data.valid_examples=8", "--set", "data.curriculum_segments=[1]",
+                                 "--set", "data.test_segments=[1]", "--set", "data.samples=0"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["train", "--data", str(data), "--segments", "1", "--output", str(tmp_path / "s"),
                                  "--init", str(tmp_path)])

@@ -141,12 +141,12 @@ def evaluate(
         raise typer.BadParameter(str(error), param_hint="--segments") from None
     try:
         from rmt.data.dataset import TaskDataset
-        from rmt.evaluate import _trained_segments
+        from rmt.evaluate import trained_segments
 
         dataset = TaskDataset(data)
         params = {"checkpoint": str(checkpoint), "data": str(data), "segments": segments,
                   "max_examples": max_examples, "batch_size": batch_size}
-        trained = _trained_segments(checkpoint)
+        trained = trained_segments(checkpoint)
         tags = {"rmt.data_hash": dataset.card["config_hash"], **({"rmt.stage": trained} if trained else {})}
         with _tracked("evaluate", task=dataset.config.task, seed=dataset.config.seed, params=params, tags=tags) as run:
             rows = evaluate_checkpoint(checkpoint=checkpoint, data_dir=data, output=output, segments=lengths,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rmt.data.dataset import TaskDataset, _vocabulary_sha256
+from rmt.data.dataset import TaskDataset, vocabulary_sha256
 from rmt.hub import load_tokenizer
 from rmt.memory import PeakMemory
 from rmt.model import RecurrentMemoryEncoder
@@ -54,7 +54,7 @@ def parse_segments(text: str) -> list[int]:
     return sorted(set(values))
 
 
-def _trained_segments(checkpoint: Path) -> int | None:
+def trained_segments(checkpoint: Path) -> int | None:
     """A stage's checkpoint (stage/best) knows how many segments it was trained on."""
     config = checkpoint.parent / "config.json"
     return json.loads(config.read_text()).get("segments") if config.is_file() else None
@@ -79,13 +79,13 @@ def evaluate_checkpoint(
     data = TaskDataset(data_dir)
     if not (checkpoint / "rmt_config.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not an RMT checkpoint (no rmt_config.json): give a stage's best/ folder")
-    if _vocabulary_sha256(load_tokenizer(str(checkpoint))) != data.card["tokenizer"]["vocabulary_sha256"]:
+    if vocabulary_sha256(load_tokenizer(str(checkpoint))) != data.card["tokenizer"]["vocabulary_sha256"]:
         raise ValueError(f"{checkpoint} uses another vocabulary than the data in {data_dir} was tokenized with")
     counts = {entry["segments"]: entry["examples"] for entry in data.test_lengths}
     lengths = sorted(segments) if segments else sorted(counts)
     device_ = resolve_device(device)
     model = RecurrentMemoryEncoder.from_pretrained(checkpoint, segment_length=data.config.segment_length).to(device_)
-    trained = _trained_segments(checkpoint)
+    trained = trained_segments(checkpoint)
     data.generator  # built (noise tokenized) before any timing starts
     rows = []
     for length in tqdm(lengths, desc="lengths", unit="length", disable=not progress):

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModel, get_linear_schedule_with_warmup
 
-from rmt.data.dataset import TaskDataset, _vocabulary_sha256
+from rmt.data.dataset import TaskDataset, vocabulary_sha256
 from rmt.distributed import Distributed
 from rmt.hub import MINILM, load_tokenizer, resolve
 from rmt.model import RMTConfig, RecurrentMemoryEncoder
@@ -118,7 +118,7 @@ def _check_init(init: Path, data: TaskDataset, segments: int) -> None:
     if saved.num_labels != len(data.card["classes"]):
         raise ValueError(f"--init {init} classifies {saved.num_labels} classes, the data has {len(data.card['classes'])}")
     tokenizer = load_tokenizer(str(init))
-    if _vocabulary_sha256(tokenizer) != data.card["tokenizer"]["vocabulary_sha256"]:
+    if vocabulary_sha256(tokenizer) != data.card["tokenizer"]["vocabulary_sha256"]:
         raise ValueError(f"The data in {data.directory} was tokenized with another vocabulary than --init {init} uses")
 
 
@@ -145,7 +145,7 @@ def train_stage(
         _check_init(Path(init), data, segments)
     else:
         tokenizer = load_tokenizer(model.backbone)
-        if _vocabulary_sha256(tokenizer) != data.card["tokenizer"]["vocabulary_sha256"]:
+        if vocabulary_sha256(tokenizer) != data.card["tokenizer"]["vocabulary_sha256"]:
             raise ValueError(
                 f"The data in {data_dir} was tokenized with '{data.config.tokenizer}', whose vocabulary differs from "
                 f"the backbone's ('{model.backbone}'): regenerate the data with the backbone's tokenizer"

@@ -88,7 +88,7 @@ def _sha256(data: str | bytes) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
-def _vocabulary_sha256(tokenizer) -> str:
+def vocabulary_sha256(tokenizer) -> str:
     return _sha256(json.dumps(sorted(tokenizer.get_vocab().items())))
 
 
@@ -120,7 +120,7 @@ def build_dataset(config: DataConfig, output: str | Path, *, progress: bool = Tr
             "tokens): raise segment_length"
         )
     config_hash = _sha256(
-        json.dumps([config.canonical_json(), noise.sha256, _vocabulary_sha256(tokenizer), GENERATOR_VERSION])
+        json.dumps([config.canonical_json(), noise.sha256, vocabulary_sha256(tokenizer), GENERATOR_VERSION])
     )
 
     splits_card, samples = {}, []
@@ -178,7 +178,7 @@ def build_dataset(config: DataConfig, output: str | Path, *, progress: bool = Tr
             },
             "tokenizer": {
                 "name": config.tokenizer, "class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
-                "vocabulary_sha256": _vocabulary_sha256(tokenizer), "dtype": np.dtype(generator.dtype).name,
+                "vocabulary_sha256": vocabulary_sha256(tokenizer), "dtype": np.dtype(generator.dtype).name,
             },
             "built_with": {"python": platform.python_version()},
         })
@@ -236,7 +236,7 @@ class TaskDataset:
         """The generator, rebuilt from the stored noise and the tokenizer named in the card."""
         if self._generator is None:
             tokenizer = load_tokenizer(self.config.tokenizer)
-            if _vocabulary_sha256(tokenizer) != self.card["tokenizer"]["vocabulary_sha256"]:
+            if vocabulary_sha256(tokenizer) != self.card["tokenizer"]["vocabulary_sha256"]:
                 raise ValueError(
                     f"The tokenizer '{self.config.tokenizer}' loaded here has another vocabulary than the one "
                     f"{self.directory} was built with: rebuild the dataset"

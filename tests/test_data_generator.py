@@ -130,7 +130,7 @@ def test_a_two_million_token_example_streams_in_bounded_chunks(generators):
     generator = generators[("reasoning", "sentence")]
     num_tokens = 32768 * SEGMENT  # 2,097,152 tokens: the noise wraps around many times
     layout = generator.layout("test", 0, num_tokens)
-    total, largest, found = 0, 0, []
+    total, largest = 0, 0
     for chunk in generator.chunks("test", 0, num_tokens, chunk_size=1 << 16):
         total += len(chunk)
         largest = max(largest, len(chunk))

@@ -2,7 +2,6 @@
 
 import uuid
 
-import pytest
 import yaml
 from typer.testing import CliRunner
 

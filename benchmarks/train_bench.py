@@ -46,7 +46,7 @@ def main(
             folder = workdir / task / f"stage-{segments}"
             started = time.perf_counter()
             metrics = train_stage(data_dir=data, segments=segments, output=folder, model=settings.model,
-                                  train=settings.train, init=init, progress=False)
+                                  train=settings.train_for(segments), init=init, progress=False)
             seconds = time.perf_counter() - started
             history = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()]
             evaluations = len(history)

@@ -106,7 +106,7 @@ def train(
     except FileNotFoundError as error:
         raise typer.BadParameter(str(error), param_hint="--data") from None
     settings = _task_settings(configs, overrides, task)
-    model_settings, train_settings = settings.model, settings.train
+    model_settings, train_settings = settings.model, settings.train_for(segments)
     try:
         dataset = TaskDataset(data)
         params = {"data": dataset.config.model_dump(), "model": model_settings.model_dump(),

@@ -5,6 +5,8 @@
     data:       rmt.data.dataset.DataConfig without `task`
     model:      rmt.train.ModelSettings (what the first curriculum stage starts from)
     train:      rmt.train.TrainSettings (every curriculum stage)
+    stage_train: changes to `train` for single stages, by number of segments, e.g. the
+                paper's Reasoning runs stage 1 at lr 1e-5 for 6000 steps: {1: {...}}
     evaluate:   extrapolation lengths and batch size
 
 The curriculum is data.curriculum_segments: stage N trains on N segments starting from
@@ -42,6 +44,7 @@ class TaskOverrides(BaseModel):
     data: dict = Field(default_factory=dict)
     model: dict = Field(default_factory=dict)
     train: dict = Field(default_factory=dict)
+    stage_train: dict[int, dict] = Field(default_factory=dict)
     evaluate: dict = Field(default_factory=dict)
 
 
@@ -53,6 +56,7 @@ class PipelineConfig(BaseModel):
     data: dict = Field(default_factory=dict)
     model: dict = Field(default_factory=dict)
     train: dict = Field(default_factory=dict)
+    stage_train: dict[int, dict] = Field(default_factory=dict)
     evaluate: dict = Field(default_factory=dict)
 
     @field_validator("tasks", mode="before")
@@ -79,11 +83,20 @@ class PipelineConfig(BaseModel):
 
     def for_task(self, task: str) -> "TaskSettings":
         overrides = self.tasks[task]
+        data = DataConfig(**{**self.data, **overrides.data, "task": task})
+        train = {**self.train, **overrides.train}
+        stages = sorted(set(self.stage_train) | set(overrides.stage_train))
+        unknown = [n for n in stages if n not in data.curriculum_segments]
+        if unknown:
+            raise ValueError(f"{task}: stage_train names stages {unknown} that are not in the curriculum "
+                             f"{data.curriculum_segments}: use numbers of segments from data.curriculum_segments")
         return TaskSettings(
             task=task,
-            data=DataConfig(**{**self.data, **overrides.data, "task": task}),
+            data=data,
             model=ModelSettings(**{**self.model, **overrides.model}),
-            train=TrainSettings(**{**self.train, **overrides.train}),
+            train=TrainSettings(**train),
+            stage_train={n: TrainSettings(**{**train, **self.stage_train.get(n, {}), **overrides.stage_train.get(n, {})})
+                         for n in stages},
             evaluate=EvaluateSettings(**{**self.evaluate, **overrides.evaluate}),
         )
 
@@ -95,11 +108,16 @@ class TaskSettings(BaseModel):
     data: DataConfig
     model: ModelSettings
     train: TrainSettings
+    stage_train: dict[int, TrainSettings] = Field(default_factory=dict)
     evaluate: EvaluateSettings
 
     @property
     def curriculum(self) -> list[int]:
         return self.data.curriculum_segments
+
+    def train_for(self, segments: int) -> TrainSettings:
+        """The training settings of the stage on `segments` segments."""
+        return self.stage_train.get(segments, self.train)
 
 
 def _merge(base, overlay, levels: int):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -79,6 +80,7 @@ class TrainSettings(BaseModel):
     eval_examples: int | None = Field(default=None, ge=1, description="Validation examples per evaluation (all: None)")
     patience: int = Field(default=15, ge=1, description="Evaluations without improvement before stopping")
     target_accuracy: float | None = Field(default=None, gt=0, le=1, description="Stop once validation reaches it")
+    min_steps: int = Field(default=0, ge=0, description="Neither the target nor patience stops a stage before this step")
     seed: int = 0
     device: str = "auto"
 
@@ -86,6 +88,8 @@ class TrainSettings(BaseModel):
     def _accumulation_divides(self) -> "TrainSettings":
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide batch_size {self.batch_size}")
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps {self.min_steps} exceeds max_steps {self.max_steps}: lower it or raise max_steps")
         return self
 
 
@@ -265,30 +269,35 @@ def train_stage(
         state["step"] = step + 1
         bar.update(1)
         if state["step"] % train.eval_every == 0 or state["step"] == train.max_steps:
-            accuracy = evaluate_arrays(rmt, valid_tokens, valid_labels, train.eval_examples, micro, device, parallel)
+            accuracy, valid_loss = evaluate_arrays(rmt, valid_tokens, valid_labels, train.eval_examples, micro,
+                                                   device, parallel)
             rmt.train()
             record = {"step": state["step"], "train_loss": float(np.mean(losses)), "learning_rate": scheduler.get_last_lr()[0],
-                      "valid_accuracy": accuracy}
+                      "valid_accuracy": accuracy, "valid_loss": valid_loss}
             losses = []
             state["history"].append(record)
             if run is not None:
-                run.log_metrics({"valid_accuracy": accuracy}, step=state["step"])
+                run.log_metrics({"valid_accuracy": accuracy, "valid_loss": valid_loss}, step=state["step"])
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", accuracy=f"{accuracy:.3f}")
-            if accuracy > state["best_accuracy"]:
-                state.update(best_accuracy=accuracy, evaluations_without_gain=0, best_step=state["step"])
+            # Ties in accuracy (common at 100%) go to the lower validation loss: a model that
+            # keeps training past the first perfect score is kept, and it extrapolates further.
+            if (accuracy, -valid_loss) > (state["best_accuracy"], -state.get("best_loss", math.inf)):
+                state.update(best_accuracy=accuracy, best_loss=valid_loss, evaluations_without_gain=0,
+                             best_step=state["step"])
                 save(output / "best", with_state=False)
             else:
                 state["evaluations_without_gain"] += 1
-            if train.target_accuracy is not None and accuracy >= train.target_accuracy:
+            may_stop = state["step"] >= train.min_steps
+            if may_stop and train.target_accuracy is not None and accuracy >= train.target_accuracy:
                 state["stop_reason"] = "target_accuracy"
-            elif state["evaluations_without_gain"] >= train.patience:
+            elif may_stop and state["evaluations_without_gain"] >= train.patience:
                 state["stop_reason"] = "early_stopping"
             elif state["step"] >= train.max_steps:
                 state["stop_reason"] = "max_steps"
             state["seconds"] = time.perf_counter() - started
             if state["stop_reason"] is not None and parallel.is_main:
                 metrics = {"segments": segments, "best_valid_accuracy": state["best_accuracy"],
-                           "best_step": state.get("best_step"), "steps": state["step"],
+                           "best_valid_loss": state["best_loss"], "best_step": state.get("best_step"), "steps": state["step"],
                            "stop_reason": state["stop_reason"], "seconds": round(state["seconds"], 1)}
                 (output / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
             save(last, with_state=True)
@@ -308,17 +317,20 @@ def train_stage(
 
 @torch.no_grad()
 def evaluate_arrays(model, tokens, labels, limit: int | None, batch_size: int, device,
-                    parallel: Distributed = Distributed()) -> float:
-    """Accuracy on stored examples (the first `limit` of them), shared out among processes."""
+                    parallel: Distributed = Distributed()) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy on stored examples (the first `limit` of them), shared
+    out among processes."""
     model.eval()
     count = len(labels) if limit is None else min(limit, len(labels))
     mine = np.arange(parallel.rank, count, parallel.world_size)
-    correct = 0
+    correct, loss_sum = 0, 0.0
     for start in range(0, len(mine), batch_size):
         rows = mine[start : start + batch_size]
-        predictions = model(_token_tensor(tokens[rows], device)).logits.argmax(-1).cpu()
-        correct += int((predictions == torch.as_tensor(labels[rows])).sum())
-    return parallel.sum(correct, device) / count
+        targets = torch.as_tensor(labels[rows], device=device, dtype=torch.long)
+        logits = model(_token_tensor(tokens[rows], device)).logits
+        correct += int((logits.argmax(-1) == targets).sum())
+        loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
+    return parallel.sum(correct, device) / count, parallel.sum(loss_sum, device) / count
 
 
 def _token_tensor(tokens: np.ndarray, device) -> torch.Tensor:

@@ -27,6 +27,10 @@ def test_the_paper_recipe_validates_and_builds():
     config = load_config(ROOT / "params.yaml", ROOT / "config" / "paper.yaml")
     reasoning = config.for_task("reasoning")
     assert reasoning.train.learning_rate == 5e-5 and reasoning.train.max_steps == 20000
+    # The paper's Reasoning schedule: stage 1 at lr 1e-5 for 6000 steps, later stages as above.
+    first, second = reasoning.train_for(1), reasoning.train_for(2)
+    assert (first.learning_rate, first.max_steps, first.warmup_steps) == (1e-5, 6000, 300)
+    assert (second.learning_rate, second.max_steps) == (5e-5, 20000)
     memorize = config.for_task("memorize")
     assert memorize.model.backbone == "bert-base-cased" and memorize.model.pretrained
     assert memorize.train.learning_rate == 1e-5 and memorize.train.clip_value == 5.0
@@ -55,6 +59,8 @@ def test_the_minilm_config_validates():
         ({"data": {"segment_length": 0}}, "segment_length"),
         ({"model": {"backbone_overrides": {"hidden_size": 64}}}, "pretrained: false"),
         ({"colour": "red"}, "Extra inputs"),
+        ({"stage_train": {9: {"max_steps": 5}}}, "not in the curriculum"),
+        ({"stage_train": {2: {"max_steps": 5, "min_steps": 10}}}, "min_steps 10 exceeds"),
     ],
 )
 def test_a_bad_value_is_named(values, message):
@@ -83,6 +89,10 @@ def test_commands_resolve_a_tasks_settings_from_the_configuration():
     assert max(settings.data.test_segments) == 32768  # the task's own override survives
     paper = _task_settings([ROOT / "params.yaml", ROOT / "config" / "paper.yaml"], [], "reasoning")
     assert paper.train.max_steps == 20000
+    staged = _task_settings([ROOT / "params.yaml"], ["stage_train.3.learning_rate=1e-6",
+                                                     "tasks.memorize.stage_train.3.max_steps=9"], "memorize")
+    assert staged.train_for(3).learning_rate == 1e-6 and staged.train_for(3).max_steps == 9
+    assert staged.train_for(2) == staged.train
     with pytest.raises(typer.BadParameter, match="SECTION.KEY=VALUE"):
         _task_settings([], ["learning_rate=1"], "memorize")
     with pytest.raises(typer.BadParameter, match="learning_rate"):

@@ -22,6 +22,7 @@ def metric_history(run_id, key):
 def test_data_train_and_evaluate_are_tracked_as_one_group(tmp_path, monkeypatch):
     group = f"test-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("RMT_GROUP", group)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # MLflow's default: every 10 s
     runner = CliRunner()
     data, stage = tmp_path / "data", tmp_path / "stage-1"
     result = runner.invoke(app, ["data", "generate", "memorize", str(data), "--set", "data.segment_length=32",
@@ -52,6 +53,8 @@ def test_data_train_and_evaluate_are_tracked_as_one_group(tmp_path, monkeypatch)
     assert train["params"]["train.max_steps"] == "4" and train["params"]["model.num_memory_tokens"] == "2"
     assert [step for step, _ in metric_history(train["run_id"], "train_loss")] == [1, 2, 3, 4]
     assert [step for step, _ in metric_history(train["run_id"], "valid_accuracy")] == [2, 4]
+    for run in runs.values():  # CPU and memory use sampled while each command ran
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run["metrics"])
     evaluate = metric_history(runs["evaluate"]["run_id"], "accuracy")
     assert [step for step, _ in evaluate] == [1, 3]  # step = number of segments
 

@@ -86,6 +86,19 @@ def test_stopping_rules(data, tmp_path):
     reached = train_stage(data_dir=data, segments=1, output=tmp_path / "reached", model=MODEL,
                           train=TRAIN.model_copy(update={"target_accuracy": 0.01}), progress=False)
     assert reached["stop_reason"] == "target_accuracy" and reached["steps"] == 6
+    held = train_stage(data_dir=data, segments=1, output=tmp_path / "held", model=MODEL,
+                       train=TRAIN.model_copy(update={"target_accuracy": 0.01, "min_steps": 12}), progress=False)
+    assert held["stop_reason"] == "target_accuracy" and held["steps"] == 12
+
+
+def test_accuracy_ties_keep_the_checkpoint_with_the_lower_validation_loss(data, tmp_path, monkeypatch):
+    scores = iter([(1.0, 0.5), (1.0, 0.2), (1.0, 0.3), (0.9, 0.1)])  # steps 6, 12, 18, 24
+    monkeypatch.setattr(train_module, "evaluate_arrays", lambda *args, **kwargs: next(scores))
+    metrics = train_stage(data_dir=data, segments=1, output=tmp_path / "ties", model=MODEL, train=TRAIN,
+                          progress=False)
+    assert (metrics["best_step"], metrics["best_valid_accuracy"], metrics["best_valid_loss"]) == (12, 1.0, 0.2)
+    history = [json.loads(line) for line in (tmp_path / "ties" / "history.jsonl").read_text().splitlines()]
+    assert [record["valid_loss"] for record in history] == [0.5, 0.2, 0.3, 0.1]
 
 
 def test_a_nan_loss_stops_with_the_last_good_checkpoint(data, tmp_path, monkeypatch):

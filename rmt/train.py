@@ -2,15 +2,20 @@
 
     results/<...>/stage-N/
       config.json        the resolved settings of the stage
+      history.jsonl      one line per evaluation: step, train loss, learning rate, accuracy, loss
+      checkpoints/last/  the latest checkpoint, plus training_state.pt to resume from
+      checkpoints/best/  the best checkpoint so far
+    written when the stage ends:
       best/              the checkpoint with the best validation accuracy (RMT + tokenizer)
-      last/              the latest checkpoint, plus training_state.pt to resume from
       metrics.json       outcome: best accuracy, steps, stop reason, time
-      history.jsonl      one line per evaluation: step, train loss, learning rate, accuracy
 
 Resuming. The batch of step s is a pure function of (seed, s), and the model, optimizer,
 scheduler, torch RNG and counters are saved together at every evaluation; a stage killed at
 any moment and started again with the same command continues from its last checkpoint and
-ends exactly as an uninterrupted run would.
+ends exactly as an uninterrupted run would. Workflow managers delete a job's declared
+outputs (best/, metrics.json, history.jsonl) before they rerun it: checkpoints/ is not one
+of them, so a rerun resumes, and a finished stage only publishes its outputs again. Started
+with other settings, the stage starts afresh and discards the previous run.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +39,7 @@ from rmt.data.dataset import TaskDataset, vocabulary_sha256
 from rmt.distributed import Distributed
 from rmt.hub import MINILM, load_tokenizer, resolve
 from rmt.model import RMTConfig, RecurrentMemoryEncoder
+from rmt.model.config import CONFIG_NAME
 from rmt.utils import atomic_directory
 
 if TYPE_CHECKING:
@@ -47,7 +55,8 @@ class ModelSettings(BaseModel):
 
     backbone: str = Field(default=MINILM, description="Hugging Face id or local directory of the backbone")
     pretrained: bool = Field(default=True, description="Load its weights, or build it from its config, randomly initialised")
-    # Changes to the backbone's config, e.g. a 2-layer variant for the CPU: only with pretrained=False.
+    # Changes to the backbone's config, e.g. a small variant for the CPU (pretrained=False), or
+    # the first layers of a pretrained backbone ({num_hidden_layers: 2}).
     backbone_overrides: dict = Field(default_factory=dict)
     num_memory_tokens: int = Field(default=10, ge=0)
     bptt_depth: int = Field(default=-1, ge=-1)
@@ -56,10 +65,20 @@ class ModelSettings(BaseModel):
     classifier_dropout: float = Field(default=0.1, ge=0, lt=1)
 
     @model_validator(mode="after")
-    def _overrides_need_random_init(self) -> "ModelSettings":
-        if self.backbone_overrides and self.pretrained:
-            raise ValueError("backbone_overrides change the architecture: set pretrained: false to use them")
+    def _pretrained_weights_keep_their_shapes(self) -> "ModelSettings":
+        # A pretrained backbone takes overrides that keep its weights' shapes: fewer layers
+        # (the first ones are loaded) or other dropout.
+        changes_shapes = sorted(key for key in self.backbone_overrides if not _keeps_weight_shapes(key))
+        if self.pretrained and changes_shapes:
+            raise ValueError(
+                f"backbone_overrides {changes_shapes} change the pretrained weights' shapes: set pretrained: false "
+                "to build the backbone from its config, or override only num_hidden_layers and dropout"
+            )
         return self
+
+
+def _keeps_weight_shapes(key: str) -> bool:
+    return key == "num_hidden_layers" or "dropout" in key
 
 
 class TrainSettings(BaseModel):
@@ -105,7 +124,7 @@ def build_model(settings: ModelSettings, *, segment_length: int, num_labels: int
     )
     location = resolve(settings.backbone)
     if settings.pretrained:
-        model = RecurrentMemoryEncoder.from_pretrained(location, **rmt)
+        model = RecurrentMemoryEncoder.from_pretrained(location, backbone_kwargs=settings.backbone_overrides, **rmt)
         model.config = model.config.replace(backbone=settings.backbone)  # the name, not this machine's path
         return model
     backbone_config = AutoConfig.from_pretrained(location, **settings.backbone_overrides)
@@ -165,15 +184,21 @@ def train_stage(
     resolved = {"data": str(data_dir), "segments": segments, "init": None if init is None else str(init),
                 "model": model.model_dump(), "train": train.model_dump(), "data_config_hash": data.card["config_hash"]}
     config_file = output / "config.json"
-    if config_file.exists() and json.loads(config_file.read_text()) != resolved:
-        raise ValueError(f"{output} holds a stage run with other settings: remove it or choose another output folder")
+    changed = config_file.exists() and json.loads(config_file.read_text()) != resolved
     parallel.barrier()  # every process has checked the folder before the first one writes to it
     if parallel.is_main:
+        if changed:
+            print(f"{output} holds a stage run with other settings: starting the stage afresh", file=sys.stderr)
+            for name in ("checkpoints", "best"):
+                shutil.rmtree(output / name, ignore_errors=True)
+            for name in ("metrics.json", "history.jsonl"):
+                (output / name).unlink(missing_ok=True)
         output.mkdir(parents=True, exist_ok=True)
         config_file.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+    parallel.barrier()
 
     torch.manual_seed(train.seed + parallel.rank)  # each process its own dropout masks
-    last = output / "last"
+    last, best = output / "checkpoints" / "last", output / "checkpoints" / "best"
     resume = (last / STATE_NAME).is_file()
     source = last if resume else init
     if source is not None:
@@ -206,9 +231,25 @@ def train_stage(
             torch.cuda.set_rng_state(cuda_rng, device)
         state = saved["counters"]
     history = output / "history.jsonl"
-    if state["stop_reason"] is not None:  # already finished: nothing to do
-        _write_lines(history, state["history"])
-        return json.loads((output / "metrics.json").read_text())
+
+    def publish() -> dict:
+        """The stage's final outputs, from its saved state: idempotent."""
+        metrics = {"segments": segments, "best_valid_accuracy": state["best_accuracy"],
+                   "best_valid_loss": state["best_loss"], "best_step": state["best_step"], "steps": state["step"],
+                   "stop_reason": state["stop_reason"], "seconds": round(state["seconds"], 1)}
+        if parallel.is_main:
+            _write_lines(history, state["history"])
+            if not (output / "best" / CONFIG_NAME).is_file():
+                with atomic_directory(output / "best") as staging:
+                    shutil.copytree(best, staging, dirs_exist_ok=True)
+            staging = output / "metrics.json.tmp"
+            staging.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            staging.replace(output / "metrics.json")  # last: its presence means the stage is complete
+        parallel.barrier()
+        return metrics
+
+    if state["stop_reason"] is not None:  # already finished: publish its outputs again if they are gone
+        return publish()
 
     def save(folder: Path, *, with_state: bool) -> None:
         # Every process's RNG state, so that a resumed run draws the same dropout masks.
@@ -284,7 +325,7 @@ def train_stage(
             if (accuracy, -valid_loss) > (state["best_accuracy"], -state.get("best_loss", math.inf)):
                 state.update(best_accuracy=accuracy, best_loss=valid_loss, evaluations_without_gain=0,
                              best_step=state["step"])
-                save(output / "best", with_state=False)
+                save(best, with_state=False)
             else:
                 state["evaluations_without_gain"] += 1
             may_stop = state["step"] >= train.min_steps
@@ -295,18 +336,12 @@ def train_stage(
             elif state["step"] >= train.max_steps:
                 state["stop_reason"] = "max_steps"
             state["seconds"] = time.perf_counter() - started
-            if state["stop_reason"] is not None and parallel.is_main:
-                metrics = {"segments": segments, "best_valid_accuracy": state["best_accuracy"],
-                           "best_valid_loss": state["best_loss"], "best_step": state.get("best_step"), "steps": state["step"],
-                           "stop_reason": state["stop_reason"], "seconds": round(state["seconds"], 1)}
-                (output / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
             save(last, with_state=True)
             # The history is part of the saved state, so a crash never loses or repeats a line.
             if parallel.is_main:
                 _write_lines(history, state["history"])
     bar.close()
-    parallel.barrier()  # metrics.json is written before any process returns
-    metrics = json.loads((output / "metrics.json").read_text())
+    metrics = publish()
     if run is not None:
         run.log_metrics({"best_valid_accuracy": metrics["best_valid_accuracy"]}, step=metrics["steps"])
         run.set_tags({"rmt.stop_reason": metrics["stop_reason"]})

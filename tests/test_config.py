@@ -57,7 +57,7 @@ def test_the_minilm_config_validates():
         ({"train": {"learning_rate": -1}}, "learning_rate"),
         ({"tasks": {"reasoning": {"train": {"batch_size": 8, "micro_batch_size": 3}}}}, "must divide"),
         ({"data": {"segment_length": 0}}, "segment_length"),
-        ({"model": {"backbone_overrides": {"hidden_size": 64}}}, "pretrained: false"),
+        ({"model": {"pretrained": True, "backbone_overrides": {"hidden_size": 64}}}, "pretrained: false"),
         ({"colour": "red"}, "Extra inputs"),
         ({"stage_train": {9: {"max_steps": 5}}}, "not in the curriculum"),
         ({"stage_train": {2: {"max_steps": 5, "min_steps": 10}}}, "min_steps 10 exceeds"),

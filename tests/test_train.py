@@ -28,7 +28,7 @@ def outcome(folder):
     metrics = json.loads((folder / "metrics.json").read_text())
     metrics.pop("seconds")
     history = (folder / "history.jsonl").read_text()
-    weights = {name: load_file(folder / name / "model.safetensors") for name in ("best", "last")}
+    weights = {name: load_file(folder / name / "model.safetensors") for name in ("best", "checkpoints/last")}
     return metrics, history, weights
 
 
@@ -49,7 +49,7 @@ def test_a_stage_killed_midway_resumes_to_the_same_result(data, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         train_stage(data_dir=data, segments=2, output=tmp_path / "resumed", model=MODEL, train=TRAIN, progress=False)
     assert not (tmp_path / "resumed" / "metrics.json").exists()
-    saved = torch.load(tmp_path / "resumed" / "last" / "training_state.pt", weights_only=False)
+    saved = torch.load(tmp_path / "resumed" / "checkpoints" / "last" / "training_state.pt", weights_only=False)
     assert saved["counters"]["step"] == 12
     # The resumed run redoes steps 13..24 and must not repeat or lose a history line.
     monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", original)
@@ -58,7 +58,7 @@ def test_a_stage_killed_midway_resumes_to_the_same_result(data, tmp_path, monkey
     whole, resumed = outcome(tmp_path / "whole"), outcome(tmp_path / "resumed")
     assert resumed[0] == whole[0]
     assert resumed[1] == whole[1]
-    for name in ("best", "last"):
+    for name in ("best", "checkpoints/last"):
         for key, tensor in whole[2][name].items():
             assert torch.equal(resumed[2][name][key], tensor), (name, key)
     # Running the finished stage again does nothing.
@@ -101,6 +101,47 @@ def test_accuracy_ties_keep_the_checkpoint_with_the_lower_validation_loss(data, 
     assert [record["valid_loss"] for record in history] == [0.5, 0.2, 0.3, 0.1]
 
 
+def test_other_settings_start_the_stage_afresh(data, tmp_path, capsys):
+    short = TRAIN.model_copy(update={"max_steps": 6})
+    train_stage(data_dir=data, segments=1, output=tmp_path / "d", model=MODEL, train=short, progress=False)
+    longer = train_stage(data_dir=data, segments=1, output=tmp_path / "d", model=MODEL,
+                         train=TRAIN.model_copy(update={"max_steps": 12}), progress=False)
+    assert "starting the stage afresh" in capsys.readouterr().err
+    assert longer["steps"] == 12
+    assert len((tmp_path / "d" / "history.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_finished_stage_publishes_deleted_outputs_again(data, tmp_path):
+    # Snakemake deletes a job's declared outputs before it reruns the job; the stage's
+    # checkpoints/ are not among them, so the rerun publishes instead of training again.
+    folder = tmp_path / "stage"
+    first = train_stage(data_dir=data, segments=1, output=folder, model=MODEL, train=TRAIN, progress=False)
+    published = outcome(folder)
+    shutil.rmtree(folder / "best")
+    (folder / "metrics.json").unlink()
+    (folder / "history.jsonl").unlink()
+    again = train_stage(data_dir=data, segments=1, output=folder, model=MODEL, train=TRAIN, progress=False)
+    assert again == first
+    republished = outcome(folder)
+    assert republished[:2] == published[:2]
+    for key, tensor in published[2]["best"].items():
+        assert torch.equal(republished[2]["best"][key], tensor), key
+
+
+def test_a_pretrained_backbone_can_keep_its_first_layers():
+    from transformers import AutoModel
+
+    from rmt.hub import resolve
+    from rmt.train import build_model
+
+    truncated = build_model(ModelSettings(pretrained=True, backbone_overrides={"num_hidden_layers": 2}),
+                            segment_length=32, num_labels=6)
+    full = AutoModel.from_pretrained(resolve(MODEL.backbone))
+    assert len(truncated.backbone.encoder.layer) == 2
+    for name, tensor in truncated.backbone.encoder.layer[1].state_dict().items():
+        assert torch.equal(tensor, full.encoder.layer[1].state_dict()[name]), name
+
+
 def test_a_nan_loss_stops_with_the_last_good_checkpoint(data, tmp_path, monkeypatch):
     original, calls = train_module.RecurrentMemoryEncoder.forward, {"count": 0}
 
@@ -115,7 +156,7 @@ def test_a_nan_loss_stops_with_the_last_good_checkpoint(data, tmp_path, monkeypa
     monkeypatch.setattr(train_module.RecurrentMemoryEncoder, "forward", poisoned)
     with pytest.raises(TrainingDiverged, match="step 9"):
         train_stage(data_dir=data, segments=1, output=tmp_path / "nan", model=MODEL, train=TRAIN, progress=False)
-    saved = torch.load(tmp_path / "nan" / "last" / "training_state.pt", weights_only=False)
+    saved = torch.load(tmp_path / "nan" / "checkpoints" / "last" / "training_state.pt", weights_only=False)
     assert saved["counters"]["step"] == 6
     assert not (tmp_path / "nan" / "metrics.json").exists()
 
@@ -133,17 +174,12 @@ def test_bad_input_is_refused_before_training(data, tmp_path):
     (other / "card.json").write_text(json.dumps(card))
     with pytest.raises(ValueError, match="regenerate the data"):
         train_stage(data_dir=other, segments=1, output=tmp_path / "c", model=MODEL, train=TRAIN, progress=False)
-    train_stage(data_dir=data, segments=1, output=tmp_path / "d", model=MODEL,
-                train=TRAIN.model_copy(update={"max_steps": 6}), progress=False)
-    with pytest.raises(ValueError, match="other settings"):
-        train_stage(data_dir=data, segments=1, output=tmp_path / "d", model=MODEL,
-                    train=TRAIN.model_copy(update={"max_steps": 12}), progress=False)
     with pytest.raises(ValueError, match="pretrained: false"):
         ModelSettings(backbone_overrides=TINY_BERT)
     with pytest.raises(ValueError, match="must divide"):
         TrainSettings(batch_size=8, micro_batch_size=3)
     for folder in ("a", "b", "c"):
-        assert not (tmp_path / folder / "last").exists()
+        assert not (tmp_path / folder / "checkpoints").exists()
 
 
 @pytest.mark.slow
@@ -171,7 +207,7 @@ def test_two_processes_under_torchrun_train_like_one(data, tmp_path):
     assert parallel[0] == single[0]
     history = [json.loads(line) for line in parallel[1].splitlines()]
     assert [record["step"] for record in history] == [3, 6]
-    for key, tensor in single[2]["last"].items():
-        torch.testing.assert_close(parallel[2]["last"][key], tensor, atol=1e-5, rtol=1e-4, msg=key)
-    state = torch.load(tmp_path / "ddp" / "last" / "training_state.pt", weights_only=False)
+    for key, tensor in single[2]["checkpoints/last"].items():
+        torch.testing.assert_close(parallel[2]["checkpoints/last"][key], tensor, atol=1e-5, rtol=1e-4, msg=key)
+    state = torch.load(tmp_path / "ddp" / "checkpoints" / "last" / "training_state.pt", weights_only=False)
     assert len(state["rng"]) == 2  # both processes' RNG states, for an exact resume

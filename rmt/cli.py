@@ -93,11 +93,14 @@ def train(
     segments: int = typer.Option(..., min=1, help="Segments per example in this curriculum stage."),
     output: Path = typer.Option(..., help="The stage's folder: checkpoints, metrics, history."),
     init: Path | None = typer.Option(None, help="Previous stage's best/ checkpoint; none for the first stage."),
+    seed: int | None = typer.Option(None, help="Training seed (default: train.seed); one of the config's seeds."),
     configs: list[Path] = typer.Option([], "--config", help=CONFIG_HELP),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Train one curriculum stage (resumes from its last checkpoint when run again). The
     task's model and train settings come from the configuration."""
+    if seed is not None:
+        overrides = [*overrides, f"train.seed={seed}"]
     from rmt.data.dataset import TaskDataset
     from rmt.train import TrainingDiverged, train_stage
 
@@ -127,28 +130,41 @@ def evaluate(
     checkpoint: Path = typer.Option(..., help="A stage's best/ checkpoint."),
     data: Path = typer.Option(..., help="Dataset directory (its test split is streamed)."),
     output: Path = typer.Option(..., help="CSV to write, one row per length."),
-    segments: str | None = typer.Option(None, help="Lengths, e.g. '1-15' or '16,32,4096'; default: the dataset's."),
+    grid: bool = typer.Option(False, "--grid", help="The generalization grid: evaluate.grid_segments and "
+                              "evaluate.grid_examples instead of the extrapolation lengths."),
+    segments: str | None = typer.Option(None, help="Lengths, e.g. '1-15' or '16,32,4096' (default: evaluate.segments, "
+                                        "else the dataset's test lengths)."),
     max_examples: int | None = typer.Option(None, min=1, help="At most this many examples per length."),
-    batch_size: int = typer.Option(16, min=1),
+    batch_size: int | None = typer.Option(None, min=1, help="Default: evaluate.batch_size."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, ..."),
+    configs: list[Path] = typer.Option([], "--config", help=CONFIG_HELP),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Accuracy of a checkpoint at many input lengths (streamed, flat memory)."""
-    from rmt.evaluate import evaluate_checkpoint, parse_segments
+    from rmt.data.dataset import TaskDataset
+    from rmt.evaluate import evaluate_checkpoint, parse_segments, stage_settings
 
     try:
         lengths = parse_segments(segments) if segments else None
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--segments") from None
     try:
-        from rmt.data.dataset import TaskDataset
-        from rmt.evaluate import trained_segments
-
         dataset = TaskDataset(data)
-        params = {"checkpoint": str(checkpoint), "data": str(data), "segments": segments,
+    except FileNotFoundError as error:
+        raise typer.BadParameter(str(error), param_hint="--data") from None
+    settings = _task_settings(configs, overrides, dataset.config.task).evaluate
+    if grid:
+        lengths, max_examples = lengths or settings.grid_segments, max_examples or settings.grid_examples
+    lengths = lengths or settings.segments
+    batch_size = batch_size or settings.batch_size
+    try:
+        stage = stage_settings(checkpoint)
+        params = {"checkpoint": str(checkpoint), "data": str(data), "grid": grid, "segments": lengths,
                   "max_examples": max_examples, "batch_size": batch_size}
-        trained = trained_segments(checkpoint)
-        tags = {"rmt.data_hash": dataset.card["config_hash"], **({"rmt.stage": trained} if trained else {})}
-        with _tracked("evaluate", task=dataset.config.task, seed=dataset.config.seed, params=params, tags=tags) as run:
+        tags = {"rmt.data_hash": dataset.card["config_hash"], **({"rmt.stage": stage["segments"]} if stage else {})}
+        seed = stage["train"]["seed"] if stage else dataset.config.seed
+        with _tracked("grid" if grid else "evaluate", task=dataset.config.task, seed=seed, params=params,
+                      tags=tags) as run:
             rows = evaluate_checkpoint(checkpoint=checkpoint, data_dir=data, output=output, segments=lengths,
                                        max_examples=max_examples, batch_size=batch_size, device=device, run=run)
     except (ValueError, FileNotFoundError) as error:
@@ -157,6 +173,57 @@ def evaluate(
     for row in rows:
         typer.echo(f"{row['evaluated_segments']:>6} segments ({row['tokens']:,} tokens): {row['accuracy']:.1%} "
                    f"[{row['ci_low']:.1%}, {row['ci_high']:.1%}] on {row['examples']} examples, {row['seconds']} s")
+
+
+@app.command()
+def report(
+    output: Path = typer.Option(Path("reports"), help="Folder for the figures and tables."),
+    results: Path = typer.Option(Path("."), help="Project root holding results/ (the pipeline's layout)."),
+    configs: list[Path] = typer.Option([], "--config", help=CONFIG_HELP),
+) -> None:
+    """Figures and tables of the reproduction, from its result files."""
+    from rmt.config import load_config
+    from rmt.report import build_report
+
+    try:
+        config = load_config(*configs)
+        curricula = {task: config.for_task(task).curriculum for task in config.tasks}
+        written = build_report(tasks=list(config.tasks), seeds=config.seeds, curricula=curricula, output=output,
+                               root=results)
+    except (ValueError, FileNotFoundError) as error:
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(2) from None
+    for path in written:
+        typer.echo(f"Wrote {path}")
+
+
+pipeline_app = typer.Typer(help="The pipeline's step list (one source for Snakemake and DVC).", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+
+
+@pipeline_app.command("dvc")
+def pipeline_dvc(
+    params: Path = typer.Option(Path("params.yaml"), help="The configuration DVC tracks."),
+    output: Path = typer.Option(Path("dvc.yaml")),
+) -> None:
+    """Write dvc.yaml: the workflow's steps as DVC stages."""
+    from rmt.pipeline import write_dvc_yaml
+
+    typer.echo(f"Wrote {write_dvc_yaml(params, output)}")
+
+
+@pipeline_app.command("schema")
+def pipeline_schema(
+    output: Path = typer.Option(Path("workflow/schemas/config.schema.json")),
+) -> None:
+    """Write the JSON schema of the configuration files (Snakemake validates against it)."""
+    import json
+
+    from rmt.config import json_schema
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(json_schema(), indent=2) + "\n")
+    typer.echo(f"Wrote {output}")
 
 
 @app.command()

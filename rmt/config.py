@@ -18,11 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rmt.data.dataset import DataConfig
 from rmt.data.tasks import TASKS
-from rmt.train import ModelSettings, TrainSettings
+from rmt.settings import ModelSettings, TrainSettings
 
 
 class EvaluateSettings(BaseModel):
@@ -120,20 +120,17 @@ class TaskSettings(BaseModel):
         return self.stage_train.get(segments, self.train)
 
 
-def _merge(base, overlay, levels: int):
-    """Merge `levels` levels of mappings; below that, the overlay's value replaces the base's
-    whole (so `backbone_overrides: {}` clears it, and a list replaces a list)."""
-    if levels == 0 or not (isinstance(base, dict) and isinstance(overlay, dict)):
+def merge(base, overlay):
+    """Lay `overlay` over `base` the way Snakemake merges --configfile files: mappings key
+    by key at every depth; any other value (a list, null) replaces the base's whole. So
+    `backbone_overrides: null` clears the overrides of the file below."""
+    if not (isinstance(base, dict) and isinstance(overlay, dict)):
         return overlay
-    return {**base, **{key: _merge(base.get(key), value, levels - 1) for key, value in overlay.items()}}
-
-
-# tasks -> task name -> section -> field; every other section -> field.
-MERGE_LEVELS = {"tasks": 3}
+    return {**base, **{key: merge(base.get(key), value) for key, value in overlay.items()}}
 
 
 def load_config(*paths: str | Path) -> PipelineConfig:
-    """params.yaml, then each further file laid over it, section by section and field by field."""
+    """params.yaml, then each further file laid over it (`merge`)."""
     merged: dict = {}
     for path in paths:
         path = Path(path)
@@ -142,8 +139,64 @@ def load_config(*paths: str | Path) -> PipelineConfig:
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a mapping of settings")
-        if isinstance(values.get("tasks"), list):
-            values["tasks"] = {name: {} for name in values["tasks"]}
-        merged = {**merged, **{key: _merge(merged.get(key), value, MERGE_LEVELS.get(key, 1))
-                               for key, value in values.items()}}
+        merged = merge(merged, values)  # a list of tasks replaces the tasks below, as in Snakemake
     return PipelineConfig(**merged)
+
+
+def json_schema() -> dict:
+    """JSON schema of a configuration file (params.yaml or an overlay: every key optional),
+    from the settings models; workflow/schemas/config.schema.json is this, written by
+    `rmt pipeline schema`. Types and ranges only: PipelineConfig checks the rest."""
+    definitions: dict = {}
+
+    def section(model, *, drop: tuple[str, ...] = ()) -> dict:
+        schema = model.model_json_schema(ref_template="#/$defs/{model}")
+        definitions.update(schema.pop("$defs", {}))
+        for key in drop:
+            schema["properties"].pop(key)
+        schema.pop("required", None)  # an overlay may set any subset
+        return schema
+
+    sections = {"data": section(DataConfig, drop=("task",)), "model": section(ModelSettings),
+                "train": section(TrainSettings), "evaluate": section(EvaluateSettings)}
+    stage_train = {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"}, "additionalProperties": sections["train"],
+                   "description": "Changes to train for single curriculum stages, by number of segments"}
+    task = {"type": ["object", "null"], "additionalProperties": False,
+            "properties": {**sections, "stage_train": stage_train}}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "rmt pipeline configuration (params.yaml, config/*.yaml)",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "tasks": {"description": "Tasks to run, each with optional overrides of the sections",
+                      "oneOf": [{"type": "array", "items": {"enum": sorted(TASKS)}},
+                                {"type": "object", "propertyNames": {"enum": sorted(TASKS)},
+                                 "additionalProperties": task}]},
+            "seeds": {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+            **sections,
+            "stage_train": stage_train,
+        },
+        "$defs": definitions,
+    }
+
+
+def validate_workflow_config(config: dict, config_files: list[str]) -> PipelineConfig:
+    """The configuration a workflow manager loaded, checked before any job: it validates,
+    and it equals what the config files say (the rmt commands read those files, so values
+    given any other way, such as `snakemake --config key=value`, would not reach them)."""
+    try:
+        pipeline = PipelineConfig(**config)
+    except ValidationError as error:
+        problems = "\n".join(f"  {'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+        raise ValueError(f"The configuration ({', '.join(config_files)}) is invalid:\n{problems}\n"
+                         "Fix these values; every setting is described in rmt/config.py.") from None
+    from_files = load_config(*config_files).model_dump()
+    differing = sorted(key for key, value in pipeline.model_dump().items() if from_files.get(key) != value)
+    if differing:
+        raise ValueError(
+            f"The configuration's {', '.join(differing)} differ from its files ({', '.join(config_files)}): values passed with "
+            "`snakemake --config` do not reach the rmt commands. Put them in a YAML file and pass it with "
+            "`--configfile FILE` instead."
+        )
+    return pipeline

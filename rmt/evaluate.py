@@ -54,10 +54,16 @@ def parse_segments(text: str) -> list[int]:
     return sorted(set(values))
 
 
+def stage_settings(checkpoint: Path) -> dict | None:
+    """The resolved settings of the stage a checkpoint (stage/best) comes from, if any."""
+    config = Path(checkpoint).parent / "config.json"
+    return json.loads(config.read_text()) if config.is_file() else None
+
+
 def trained_segments(checkpoint: Path) -> int | None:
     """A stage's checkpoint (stage/best) knows how many segments it was trained on."""
-    config = checkpoint.parent / "config.json"
-    return json.loads(config.read_text()).get("segments") if config.is_file() else None
+    stage = stage_settings(checkpoint)
+    return stage["segments"] if stage else None
 
 
 def evaluate_checkpoint(

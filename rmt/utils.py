@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, TypeVar
 
-import torch
 
 T = TypeVar("T")
 
@@ -22,8 +21,10 @@ def default(value: T | None, fallback: T) -> T:
     return value if exists(value) else fallback
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
+def resolve_device(device: "str | torch.device" = "auto") -> "torch.device":
     """`auto` means CUDA when present, else the CPU; anything else is passed to torch."""
+    import torch
+
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

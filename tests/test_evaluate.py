@@ -9,7 +9,8 @@ import torch
 from rmt.data.dataset import DataConfig, TaskDataset, build_dataset
 from rmt.evaluate import ROW_FIELDS, evaluate_checkpoint, parse_segments, wilson_interval
 from rmt.model import RecurrentMemoryEncoder
-from rmt.train import ModelSettings, TrainSettings, train_stage
+from rmt.settings import ModelSettings, TrainSettings
+from rmt.train import train_stage
 
 TINY_BERT = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
 

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 import rmt.train as train_module
 from rmt.data.dataset import DataConfig, build_dataset
-from rmt.train import ModelSettings, TrainingDiverged, TrainSettings, train_stage
+from rmt.settings import ModelSettings, TrainSettings
+from rmt.train import TrainingDiverged, train_stage
 
 TINY_BERT = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
 MODEL = ModelSettings(pretrained=False, backbone_overrides=TINY_BERT, num_memory_tokens=4)

@@ -1,0 +1,146 @@
+"""The pipeline's steps, planned from the configuration: one source for dvc.yaml.
+
+Snakemake (workflow/rules/*.smk) and DVC (dvc.yaml) run the same steps with the same
+commands, inputs and outputs:
+
+    data/<task>/                                   rmt data generate
+    results/<task>/seed-<s>/stage-<n>/             rmt train (curriculum: stage n starts
+                                                   from stage n-1's best/)
+    results/<task>/seed-<s>/evaluation.csv         rmt evaluate, last stage, long inputs
+    results/<task>/seed-<s>/grid/stage-<n>.csv     rmt evaluate --grid, every stage, 1..15
+    reports/                                       rmt report
+
+The Snakemake rules are written by hand with wildcards (readable, native); `plan()` lists
+every job of the same DAG, and `dvc_yaml()` turns it into dvc.yaml. tests/test_workflow.py
+checks that Snakemake's dry run and this plan agree job by job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from rmt.config import PipelineConfig, load_config
+
+# Paths of the pipeline's outputs, with Snakemake-style wildcards.
+DATA = "data/{task}"
+STAGE = "results/{task}/seed-{seed}/stage-{segments}"
+EVALUATION = "results/{task}/seed-{seed}/evaluation.csv"
+GRID = "results/{task}/seed-{seed}/grid/stage-{segments}.csv"
+REPORT = "reports"
+LOGS = "logs"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One job of the pipeline: a dvc.yaml stage, a Snakemake job."""
+
+    name: str  # unique; the DVC stage name
+    rule: str  # the Snakemake rule that runs it
+    command: str  # without the log redirection Snakemake adds
+    deps: tuple[str, ...]  # files the step reads: Snakemake inputs, DVC deps
+    code: tuple[str, ...] = ()  # source it runs: DVC deps (Snakemake's own code trigger covers it)
+    outs: tuple[str, ...] = ()  # DVC-cached outputs
+    persist: tuple[str, ...] = ()  # outputs DVC must not delete before a rerun (resumable work)
+    metrics: tuple[str, ...] = ()  # small files, in git, read by `dvc metrics show`
+    plots: tuple[str, ...] = ()  # CSVs of accuracy against segments, for `dvc plots show`
+    params: tuple[str, ...] = ()  # keys of params.yaml the step reads
+
+
+def config_arguments(config_files: list[str]) -> str:
+    return " ".join(f"--config {path}" for path in config_files)
+
+
+def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] | None = None) -> list[Step]:
+    """Every step for every task, seed and curriculum stage. `defined`: the top-level and
+    per-task keys present in the params file (DVC refuses params it cannot find)."""
+    configs = config_arguments(config_files)
+    defined = defined if defined is not None else set()
+
+    def keys(*names: str) -> tuple[str, ...]:
+        return tuple(name for name in names if name in defined)
+
+    steps = []
+    for task in config.tasks:
+        settings = config.for_task(task)
+        data = DATA.format(task=task)
+        steps.append(Step(
+            name=f"data-{task}", rule="data",
+            command=f"rmt data generate {task} {data} {configs}",
+            deps=(), code=("rmt/data",), outs=(data,), params=keys("data", f"tasks.{task}"),
+        ))
+        for seed in config.seeds:
+            previous = None
+            for segments in settings.curriculum:
+                stage = STAGE.format(task=task, seed=seed, segments=segments)
+                init = f" --init {previous}/best" if previous else ""
+                steps.append(Step(
+                    name=f"train-{task}-seed{seed}-stage{segments}", rule="train",
+                    command=f"rmt train --data {data} --segments {segments} --seed {seed} --output {stage}{init} "
+                            f"{configs}",
+                    deps=(data, *((f"{previous}/best",) if previous else ())), code=("rmt/train.py", "rmt/model"),
+                    outs=(f"{stage}/best", f"{stage}/history.jsonl"),
+                    persist=(f"{stage}/checkpoints", f"{stage}/config.json"), metrics=(f"{stage}/metrics.json",),
+                    params=keys("model", "train", "stage_train", f"tasks.{task}"),
+                ))
+                grid = GRID.format(task=task, seed=seed, segments=segments)
+                steps.append(Step(
+                    name=f"grid-{task}-seed{seed}-stage{segments}", rule="grid",
+                    command=f"rmt evaluate --grid --checkpoint {stage}/best --data {data} --output {grid} {configs}",
+                    deps=(f"{stage}/best", data), code=("rmt/evaluate.py",), plots=(grid,),
+                    params=keys("evaluate", f"tasks.{task}"),
+                ))
+                previous = stage
+            evaluation = EVALUATION.format(task=task, seed=seed)
+            steps.append(Step(
+                name=f"evaluate-{task}-seed{seed}", rule="evaluate",
+                command=f"rmt evaluate --checkpoint {previous}/best --data {data} --output {evaluation} {configs}",
+                deps=(f"{previous}/best", data), code=("rmt/evaluate.py",), plots=(evaluation,),
+                params=keys("evaluate", f"tasks.{task}"),
+            ))
+    results = [path for step in steps if step.rule in ("evaluate", "grid") for path in step.plots]
+    steps.append(Step(
+        name="report", rule="report", command=f"rmt report --output {REPORT} {configs}",
+        deps=tuple(results), code=("rmt/report.py",), outs=(REPORT,),
+    ))
+    return steps
+
+
+def dvc_yaml(steps: list[Step]) -> dict:
+    """dvc.yaml's stages for the planned steps."""
+    stages = {}
+    for step in steps:
+        outs = [*step.outs, *({path: {"persist": True}} for path in step.persist)]
+        stage = {"cmd": step.command, "deps": [*step.code, *step.deps]}
+        if step.params:
+            stage["params"] = list(step.params)
+        if outs:
+            stage["outs"] = outs
+        if step.metrics:
+            stage["metrics"] = [{path: {"cache": False}} for path in step.metrics]
+        if step.plots:
+            stage["plots"] = [{path: {"cache": False, "x": "evaluated_segments", "y": "accuracy"}}
+                              for path in step.plots]
+        stages[step.name] = stage
+    return {"stages": stages}
+
+
+HEADER = """\
+# Generated by `rmt pipeline dvc` from params.yaml (rmt/pipeline.py): do not edit.
+# The same steps as the Snakemake workflow; tests/test_workflow.py checks they agree.
+"""
+
+
+def write_dvc_yaml(params: str | Path = "params.yaml", output: str | Path = "dvc.yaml") -> Path:
+    """dvc.yaml for the pipeline that params.yaml describes."""
+    params, output = Path(params), Path(output)
+    raw = yaml.safe_load(params.read_text()) or {}
+    defined = set(raw) | {f"tasks.{task}" for task in (raw.get("tasks") or {})}
+    steps = plan(load_config(params), [str(params)], defined=defined)
+    text = HEADER + yaml.safe_dump(dvc_yaml(steps), sort_keys=False, width=200)
+    staging = output.with_name(output.name + ".tmp")
+    staging.write_text(text)
+    staging.replace(output)
+    return output

@@ -1,0 +1,116 @@
+"""Figures and tables from the result files (never from memory): `rmt report`.
+
+    reports/accuracy.{png,svg}         accuracy against segments per task, paper beside ours
+    reports/generalization.{png,svg}   trained segments x evaluated segments (paper's Figure 5)
+    reports/accuracy.csv               every length: ours (mean and spread over seeds), paper
+    reports/accuracy.md                the same as a Markdown table
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from rmt.paper import paper_accuracy  # noqa: E402
+from rmt.pipeline import EVALUATION, GRID  # noqa: E402
+
+FIGURE_FORMATS = ("png", "svg")
+
+
+def _read(files: dict[Path, int], what: str) -> pd.DataFrame:
+    """The CSVs (path -> seed) in one table with a seed column."""
+    missing = [str(path) for path in files if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"No {what} results at {', '.join(missing)}: run the pipeline's evaluations first")
+    return pd.concat([pd.read_csv(path).assign(seed=seed) for path, seed in files.items()], ignore_index=True)
+
+
+def accuracy_table(evaluations: pd.DataFrame) -> pd.DataFrame:
+    """One row per task and length: mean accuracy over seeds, its spread, the paper's value."""
+    grouped = evaluations.groupby(["task", "evaluated_segments"])
+    table = grouped.agg(trained_segments=("trained_segments", "first"), tokens=("tokens", "first"),
+                        seeds=("seed", "nunique"), examples=("examples", "sum"), accuracy=("accuracy", "mean"),
+                        accuracy_std=("accuracy", "std"), ci_low=("ci_low", "mean"),
+                        ci_high=("ci_high", "mean")).reset_index()
+    table["accuracy_std"] = table["accuracy_std"].fillna(0.0)
+    table["paper_accuracy"] = [paper_accuracy(task).get(n) for task, n in
+                               zip(table["task"], table["evaluated_segments"])]
+    return table
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    lines = ["| task | segments | tokens | examples | seeds | ours (%) | 95% CI | paper (%) |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
+    for row in table.itertuples():
+        spread = f" ± {100 * row.accuracy_std:.1f}" if row.seeds > 1 else ""
+        paper = "" if pd.isna(row.paper_accuracy) else f"{100 * row.paper_accuracy:.1f}"
+        lines.append(f"| {row.task} | {row.evaluated_segments} | {row.tokens:,} | {row.examples} | {row.seeds} | "
+                     f"{100 * row.accuracy:.1f}{spread} | {100 * row.ci_low:.1f}-{100 * row.ci_high:.1f} | {paper} |")
+    return "\n".join(lines) + "\n"
+
+
+def _save(figure, output: Path, name: str) -> list[Path]:
+    paths = [output / f"{name}.{fmt}" for fmt in FIGURE_FORMATS]
+    for path in paths:
+        figure.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(figure)
+    return paths
+
+
+def accuracy_figure(table: pd.DataFrame, output: Path) -> list[Path]:
+    tasks = list(dict.fromkeys(table["task"]))
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False, sharey=True)
+    for axis, task in zip(axes[0], tasks):
+        ours = table[table["task"] == task]
+        axis.fill_between(ours["evaluated_segments"], 100 * ours["ci_low"], 100 * ours["ci_high"], alpha=0.2)
+        sns.lineplot(x=ours["evaluated_segments"], y=100 * ours["accuracy"], marker="o", ax=axis, label="ours")
+        paper = paper_accuracy(task)
+        if paper:
+            sns.lineplot(x=list(paper), y=[100 * v for v in paper.values()], marker="s", linestyle="--", ax=axis,
+                         label="paper")
+        trained = int(ours["trained_segments"].iloc[0])
+        axis.axvline(trained, color="grey", linewidth=0.8, linestyle=":", label=f"trained on {trained}")
+        axis.set(xscale="log", title=task.replace("_", " "), xlabel="input length (segments)",
+                 ylabel="accuracy (%)", ylim=(0, 102))
+        tokens_per_segment = int(ours["tokens"].iloc[0]) // int(ours["evaluated_segments"].iloc[0])
+        tokens = axis.secondary_xaxis("top", functions=(lambda s, k=tokens_per_segment: s * k,
+                                                        lambda t, k=tokens_per_segment: t / k))
+        tokens.set_xlabel("input length (tokens)")
+        axis.legend(loc="lower left")
+    figure.tight_layout()
+    return _save(figure, output, "accuracy")
+
+
+def generalization_figure(grid: pd.DataFrame, output: Path) -> list[Path]:
+    tasks = list(dict.fromkeys(grid["task"]))
+    figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        cells = (grid[grid["task"] == task].groupby(["trained_segments", "evaluated_segments"])["accuracy"].mean()
+                 .mul(100).unstack("evaluated_segments"))
+        sns.heatmap(cells, ax=axis, vmin=0, vmax=100, cmap="viridis", annot=cells.shape[1] <= 16, fmt=".0f",
+                    annot_kws={"size": 6}, cbar_kws={"label": "accuracy (%)"})
+        axis.set(title=task.replace("_", " "), xlabel="evaluated on (segments)", ylabel="trained on (segments)")
+    figure.tight_layout()
+    return _save(figure, output, "generalization")
+
+
+def build_report(*, tasks: list[str], seeds: list[int], curricula: dict[str, list[int]], output: str | Path,
+                 root: str | Path = ".") -> list[Path]:
+    """Every figure and table of the report, from the result files under `root`."""
+    output, root = Path(output), Path(root)
+    evaluations = _read({root / EVALUATION.format(task=t, seed=s): s for t in tasks for s in seeds}, "evaluation")
+    grid = _read({root / GRID.format(task=t, seed=s, segments=n): s for t in tasks for s in seeds for n in curricula[t]},
+                 "grid")
+    output.mkdir(parents=True, exist_ok=True)
+    sns.set_theme(style="whitegrid", context="paper")
+    table = accuracy_table(evaluations)
+    table.to_csv(output / "accuracy.csv", index=False)
+    (output / "accuracy.md").write_text(markdown_table(table))
+    return [*accuracy_figure(table, output), *generalization_figure(grid, output),
+            output / "accuracy.csv", output / "accuracy.md"]

@@ -1,0 +1,77 @@
+"""Settings of a curriculum stage: the model a first stage starts from, and the training
+recipe. Plain pydantic models (no torch), so that configurations validate quickly."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from rmt.hub import MINILM
+
+
+class ModelSettings(BaseModel):
+    """The model a first stage starts from (later stages start from the previous checkpoint)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backbone: str = Field(default=MINILM, description="Hugging Face id or local directory of the backbone")
+    pretrained: bool = Field(default=True, description="Load its weights, or build it from its config, randomly initialised")
+    # Changes to the backbone's config, e.g. a small variant for the CPU (pretrained=False), or
+    # the first layers of a pretrained backbone ({num_hidden_layers: 2}).
+    backbone_overrides: dict | None = Field(default_factory=dict)
+
+    @field_validator("backbone_overrides", mode="before")
+    @classmethod
+    def _none_is_no_overrides(cls, value):
+        return {} if value is None else value
+    num_memory_tokens: int = Field(default=10, ge=0)
+    bptt_depth: int = Field(default=-1, ge=-1)
+    memory_efficient_backprop: bool = False
+    loss_on_all_segments: bool = False
+    classifier_dropout: float = Field(default=0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _pretrained_weights_keep_their_shapes(self) -> "ModelSettings":
+        # A pretrained backbone takes overrides that keep its weights' shapes: fewer layers
+        # (the first ones are loaded) or other dropout.
+        changes_shapes = sorted(key for key in self.backbone_overrides if not _keeps_weight_shapes(key))
+        if self.pretrained and changes_shapes:
+            raise ValueError(
+                f"backbone_overrides {changes_shapes} change the pretrained weights' shapes: set pretrained: false "
+                "to build the backbone from its config, or override only num_hidden_layers and dropout"
+            )
+        return self
+
+
+def _keeps_weight_shapes(key: str) -> bool:
+    return key == "num_hidden_layers" or "dropout" in key
+
+
+class TrainSettings(BaseModel):
+    """The paper's recipe is the shape: AdamW, linear schedule with warm-up, total batch by
+    gradient accumulation, clipping by value, early stopping on validation accuracy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    learning_rate: float = Field(default=1e-5, gt=0)
+    weight_decay: float = Field(default=0.001, ge=0)
+    warmup_steps: int = Field(default=300, ge=0)
+    max_steps: int = Field(default=3000, ge=1)
+    batch_size: int = Field(default=32, ge=1, description="Examples per optimizer step")
+    micro_batch_size: int | None = Field(default=None, ge=1, description="Examples per forward pass (accumulation)")
+    clip_value: float | None = Field(default=5.0, gt=0)
+    clip_norm: float | None = Field(default=None, gt=0)
+    eval_every: int = Field(default=100, ge=1)
+    eval_examples: int | None = Field(default=None, ge=1, description="Validation examples per evaluation (all: None)")
+    patience: int = Field(default=15, ge=1, description="Evaluations without improvement before stopping")
+    target_accuracy: float | None = Field(default=None, gt=0, le=1, description="Stop once validation reaches it")
+    min_steps: int = Field(default=0, ge=0, description="Neither the target nor patience stops a stage before this step")
+    seed: int = 0
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _accumulation_divides(self) -> "TrainSettings":
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide batch_size {self.batch_size}")
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps {self.min_steps} exceeds max_steps {self.max_steps}: lower it or raise max_steps")
+        return self

@@ -1,0 +1,83 @@
+# Helpers shared by the rules: the validated configuration, paths and curriculum links.
+
+import os
+import time
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from rmt.config import validate_workflow_config
+from rmt.pipeline import DATA, EVALUATION, GRID, LOGS, REPORT, STAGE, config_arguments
+
+
+validate(config, "../schemas/config.schema.json", set_default=False)
+
+# The rmt commands read the same files Snakemake merged: params.yaml, then each --configfile.
+CONFIG_FILES = ["params.yaml", *(os.path.relpath(path) for path in workflow.overwrite_configfiles)]
+try:
+    PIPELINE = validate_workflow_config(config, CONFIG_FILES)
+except ValueError as error:
+    raise WorkflowError(str(error)) from None
+CONFIG_ARGS = config_arguments(CONFIG_FILES)
+
+# One reproduction is one group in MLflow; jobs (also under SLURM) inherit the variable.
+os.environ.setdefault("RMT_GROUP", f"reproduction-{time.strftime('%Y%m%d-%H%M%S')}")
+
+TIMINGS = "results/timings"
+ENVIRONMENT = "../../environment.yml"  # for --software-deployment-method conda
+
+
+def curriculum(task):
+    return PIPELINE.for_task(task).curriculum
+
+
+def previous_stage(wildcards):
+    """The stage a curriculum stage starts from: none for the first."""
+    stages = curriculum(wildcards.task)
+    index = stages.index(int(wildcards.segments))
+    return STAGE.format(task=wildcards.task, seed=wildcards.seed, segments=stages[index - 1]) if index else None
+
+
+def best_checkpoint(stage):
+    return os.path.join(stage, "best")
+
+
+def previous_best(wildcards):
+    previous = previous_stage(wildcards)
+    return [best_checkpoint(previous)] if previous else []
+
+
+def last_stage_best(wildcards):
+    return best_checkpoint(STAGE.format(task=wildcards.task, seed=wildcards.seed,
+                                        segments=curriculum(wildcards.task)[-1]))
+
+
+def task_settings(wildcards, section):
+    """A task's resolved settings of one section, as a job parameter; changing them reruns
+    exactly the jobs that read them (rerun trigger `params`)."""
+    return PIPELINE.for_task(wildcards.task).model_dump(mode="json")[section]
+
+
+def stage_settings(wildcards):
+    settings = PIPELINE.for_task(wildcards.task)
+    return {"model": settings.model.model_dump(mode="json"),
+            "train": settings.train_for(int(wildcards.segments)).model_dump(mode="json")}
+
+
+def launcher(wildcards, resources):
+    """torchrun with one process per GPU the job got; nothing for one device."""
+    gpus = int(getattr(resources, "gpu", 0) or 0)
+    return f"torchrun --standalone --nproc-per-node {gpus} -m " if gpus > 1 else ""
+
+
+def evaluations():
+    return [EVALUATION.format(task=task, seed=seed) for task in PIPELINE.tasks for seed in PIPELINE.seeds]
+
+
+def grids():
+    return [GRID.format(task=task, seed=seed, segments=segments)
+            for task in PIPELINE.tasks for seed in PIPELINE.seeds for segments in curriculum(task)]
+
+
+def all_outputs():
+    return [*evaluations(), *grids(), *REPORT_FILES]

@@ -1,0 +1,34 @@
+# Figures and tables from the result files, registered in `snakemake --report`.
+
+REPORT_FILES = [
+    f"{REPORT}/accuracy.png",
+    f"{REPORT}/accuracy.svg",
+    f"{REPORT}/generalization.png",
+    f"{REPORT}/generalization.svg",
+    f"{REPORT}/accuracy.csv",
+    f"{REPORT}/accuracy.md",
+]
+
+
+rule report:
+    input:
+        evaluations(),
+        grids(),
+    output:
+        report(f"{REPORT}/accuracy.png", caption="../report/accuracy.rst", category="Accuracy"),
+        f"{REPORT}/accuracy.svg",
+        report(f"{REPORT}/generalization.png", caption="../report/generalization.rst", category="Generalization"),
+        f"{REPORT}/generalization.svg",
+        report(f"{REPORT}/accuracy.csv", caption="../report/table.rst", category="Accuracy"),
+        f"{REPORT}/accuracy.md",
+    params:
+        folder=lambda wildcards, output: os.path.dirname(output[0]),
+        config=CONFIG_ARGS,
+    conda:
+        ENVIRONMENT
+    log:
+        f"{LOGS}/report.log",
+    benchmark:
+        f"{TIMINGS}/report.tsv"
+    shell:
+        "rmt report --output {params.folder} {params.config} > {log} 2>&1"

@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Until the pipeline exists the main job is the model demo (issue 2).
+# The main job: the whole CPU reproduction through the Snakemake workflow (params.yaml),
+# then its self-contained HTML report. Run again, it only does what changed.
 reproduce: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/rmt demo
+	PATH=$(CURDIR)/$(BIN):$$PATH HF_HUB_OFFLINE=1 $(BIN)/snakemake
+	PATH=$(CURDIR)/$(BIN):$$PATH HF_HUB_OFFLINE=1 $(BIN)/snakemake --report reports/report.html
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
@@ -35,4 +37,4 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/data_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache results
+	rm -rf $(VENV) .pytest_cache

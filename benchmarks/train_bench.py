@@ -29,12 +29,13 @@ OUTPUT = ROOT / "results" / "benchmarks" / "train.json"
 
 def main(
     tasks: list[str] = typer.Option(["memorize"], help="Tasks to run (repeat the option)."),
+    configs: list[Path] = typer.Option([ROOT / "params.yaml"], "--config", help="Configuration files, in order."),
     last_stage: int = typer.Option(7, min=1, help="Stop the curriculum after this many segments."),
     evaluate_segments: list[int] = typer.Option([1, 7, 16, 64, 512], help="Lengths for the last stage."),
     evaluate_examples: int = typer.Option(64, min=1),
     workdir: Path = typer.Option(ROOT / "results" / "benchmarks" / "train-work"),
 ):
-    config = load_config(ROOT / "params.yaml")
+    config = load_config(*configs)
     report = {}
     for task in tasks:
         settings = config.for_task(task)

@@ -129,8 +129,8 @@ def merge(base, overlay):
     return {**base, **{key: merge(base.get(key), value) for key, value in overlay.items()}}
 
 
-def load_config(*paths: str | Path) -> PipelineConfig:
-    """params.yaml, then each further file laid over it (`merge`)."""
+def read_config_files(*paths: str | Path) -> dict:
+    """The files' settings laid over each other (`merge`), not yet validated."""
     merged: dict = {}
     for path in paths:
         path = Path(path)
@@ -140,7 +140,12 @@ def load_config(*paths: str | Path) -> PipelineConfig:
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a mapping of settings")
         merged = merge(merged, values)  # a list of tasks replaces the tasks below, as in Snakemake
-    return PipelineConfig(**merged)
+    return merged
+
+
+def load_config(*paths: str | Path) -> PipelineConfig:
+    """params.yaml, then each further file laid over it (`merge`), validated."""
+    return PipelineConfig(**read_config_files(*paths))
 
 
 def json_schema() -> dict:
@@ -181,22 +186,25 @@ def json_schema() -> dict:
     }
 
 
-def validate_workflow_config(config: dict, config_files: list[str]) -> PipelineConfig:
-    """The configuration a workflow manager loaded, checked before any job: it validates,
-    and it equals what the config files say (the rmt commands read those files, so values
-    given any other way, such as `snakemake --config key=value`, would not reach them)."""
+def check_config_files(config: dict, config_files: list[str]) -> None:
+    """The configuration a workflow manager loaded is what its config files say: the rmt
+    commands read those files, so values given any other way (`snakemake --config k=v`)
+    would not reach them."""
+    from_files = read_config_files(*config_files)
+    differing = sorted(key for key in {*config, *from_files} if config.get(key) != from_files.get(key))
+    if differing:
+        raise ValueError(
+            f"The configuration's {', '.join(differing)} differ from its files ({', '.join(config_files)}): values "
+            "passed with `snakemake --config` do not reach the rmt commands. Put them in a YAML file and pass it "
+            "with `--configfile FILE` instead."
+        )
+
+
+def validate_config(config: dict, config_files: list[str]) -> PipelineConfig:
+    """The whole configuration validated, every problem named with its key."""
     try:
-        pipeline = PipelineConfig(**config)
+        return PipelineConfig(**config)
     except ValidationError as error:
         problems = "\n".join(f"  {'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
         raise ValueError(f"The configuration ({', '.join(config_files)}) is invalid:\n{problems}\n"
                          "Fix these values; every setting is described in rmt/config.py.") from None
-    from_files = load_config(*config_files).model_dump()
-    differing = sorted(key for key, value in pipeline.model_dump().items() if from_files.get(key) != value)
-    if differing:
-        raise ValueError(
-            f"The configuration's {', '.join(differing)} differ from its files ({', '.join(config_files)}): values passed with "
-            "`snakemake --config` do not reach the rmt commands. Put them in a YAML file and pass it with "
-            "`--configfile FILE` instead."
-        )
-    return pipeline

@@ -54,8 +54,8 @@ def config_arguments(config_files: list[str]) -> str:
 
 
 def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] | None = None) -> list[Step]:
-    """Every step for every task, seed and curriculum stage. `defined`: the top-level and
-    per-task keys present in the params file (DVC refuses params it cannot find)."""
+    """Every step for every task, seed and curriculum stage. `defined`: the keys present in
+    the params file, as dotted paths two levels deep (DVC refuses params it cannot find)."""
     configs = config_arguments(config_files)
     defined = defined if defined is not None else set()
 
@@ -90,7 +90,8 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
                     name=f"grid-{task}-seed{seed}-stage{segments}", rule="grid",
                     command=f"rmt evaluate --grid --checkpoint {stage}/best --data {data} --output {grid} {configs}",
                     deps=(f"{stage}/best", data), code=("rmt/evaluate.py",), plots=(grid,),
-                    params=keys("evaluate", f"tasks.{task}"),
+                    params=keys("evaluate.grid_segments", "evaluate.grid_examples", "evaluate.batch_size",
+                                f"tasks.{task}"),
                 ))
                 previous = stage
             evaluation = EVALUATION.format(task=task, seed=seed)
@@ -98,7 +99,7 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
                 name=f"evaluate-{task}-seed{seed}", rule="evaluate",
                 command=f"rmt evaluate --checkpoint {previous}/best --data {data} --output {evaluation} {configs}",
                 deps=(f"{previous}/best", data), code=("rmt/evaluate.py",), plots=(evaluation,),
-                params=keys("evaluate", f"tasks.{task}"),
+                params=keys("evaluate.segments", "evaluate.batch_size", f"tasks.{task}"),
             ))
     results = [path for step in steps if step.rule in ("evaluate", "grid") for path in step.plots]
     steps.append(Step(
@@ -137,7 +138,8 @@ def write_dvc_yaml(params: str | Path = "params.yaml", output: str | Path = "dvc
     """dvc.yaml for the pipeline that params.yaml describes."""
     params, output = Path(params), Path(output)
     raw = yaml.safe_load(params.read_text()) or {}
-    defined = set(raw) | {f"tasks.{task}" for task in (raw.get("tasks") or {})}
+    defined = set(raw) | {f"{section}.{key}" for section, values in raw.items() if isinstance(values, dict)
+                          for key in values}
     steps = plan(load_config(params), [str(params)], defined=defined)
     text = HEADER + yaml.safe_dump(dvc_yaml(steps), sort_keys=False, width=200)
     staging = output.with_name(output.name + ".tmp")

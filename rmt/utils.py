@@ -27,7 +27,13 @@ def resolve_device(device: "str | torch.device" = "auto") -> "torch.device":
 
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    device = torch.device(device)
+    if device.type == "cuda":
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is not None and device.index >= available or not available:
+            raise ValueError(f"Device {device} was asked for, but this machine has {available} CUDA device(s): "
+                             "use device 'auto' (CUDA when present, else the CPU) or 'cpu'")
+    return device
 
 
 def _umask() -> int:

@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from rmt import RMTConfig, RecurrentMemoryDecoder, RecurrentMemoryEncoder
+from slurm_fixture import local_slurm  # noqa: F401  (one cluster for the session's SLURM tests)
 
 VOCAB = 128
 # BERT-style special ids inside the tiny vocabulary; text tokens are drawn from TEXT_TOKENS.

@@ -6,17 +6,19 @@ import time
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from rmt.config import validate_workflow_config
+from rmt.config import check_config_files, validate_config
 from rmt.pipeline import DATA, EVALUATION, GRID, LOGS, REPORT, STAGE, config_arguments
 
 
-validate(config, "../schemas/config.schema.json", set_default=False)
-
 # The rmt commands read the same files Snakemake merged: params.yaml, then each --configfile.
+# Checked before any job: the merged files against the schema (types and ranges), then by
+# rmt's settings models (everything else, with the fix named).
 CONFIG_FILES = ["params.yaml", *(os.path.relpath(path) for path in workflow.overwrite_configfiles)]
 try:
-    PIPELINE = validate_workflow_config(config, CONFIG_FILES)
-except ValueError as error:
+    check_config_files(config, CONFIG_FILES)
+    validate(config, "../schemas/config.schema.json", set_default=False)
+    PIPELINE = validate_config(config, CONFIG_FILES)
+except (ValueError, WorkflowError) as error:
     raise WorkflowError(str(error)) from None
 CONFIG_ARGS = config_arguments(CONFIG_FILES)
 
@@ -56,6 +58,13 @@ def task_settings(wildcards, section):
     """A task's resolved settings of one section, as a job parameter; changing them reruns
     exactly the jobs that read them (rerun trigger `params`)."""
     return PIPELINE.for_task(wildcards.task).model_dump(mode="json")[section]
+
+
+def evaluation_settings(wildcards, *, grid):
+    """The evaluate settings one evaluation reads (the grid's or the extrapolation's)."""
+    evaluate = task_settings(wildcards, "evaluate")
+    names = ("grid_segments", "grid_examples") if grid else ("segments",)
+    return {name: evaluate[name] for name in (*names, "batch_size")}
 
 
 def stage_settings(wildcards):

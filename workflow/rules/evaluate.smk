@@ -10,7 +10,7 @@ rule evaluate:
         EVALUATION,
     params:
         config=CONFIG_ARGS,
-        settings=lambda wildcards: task_settings(wildcards, "evaluate"),
+        settings=lambda wildcards: evaluation_settings(wildcards, grid=False),
     conda:
         ENVIRONMENT
     log:
@@ -30,7 +30,7 @@ rule grid:
         GRID,
     params:
         config=CONFIG_ARGS,
-        settings=lambda wildcards: task_settings(wildcards, "evaluate"),
+        settings=lambda wildcards: evaluation_settings(wildcards, grid=True),
     conda:
         ENVIRONMENT
     log:

@@ -1,0 +1,75 @@
+"""`dvc repro` runs the same pipeline: it resumes a killed training stage (persisted
+checkpoints), does nothing when nothing changed, reruns only what a changed value
+touches, and moves results through the default local remote. Snakemake does not rerun
+what DVC restored (DVC does not keep modification times)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from workflow_project import BIN, ROOT, TINY, environment, make_project
+
+pytestmark = pytest.mark.slow
+
+STAGE_1 = "results/memorize/seed-0/stage-1"
+
+
+def test_dvc_reproduces_resumes_and_moves_the_pipeline(tmp_path):
+    config = json.loads(json.dumps(TINY))
+    config["stage_train"] = {1: {"max_steps": 300, "eval_every": 2, "eval_examples": 4, "patience": 1000}}
+    project = make_project(tmp_path / "project", config)
+    shutil.copytree(ROOT / ".dvc", project.root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    shutil.copy2(ROOT / ".dvcignore", project.root / ".dvcignore")
+    project.run(str(BIN / "rmt"), "pipeline", "dvc")
+    dvc = str(BIN / "dvc")
+    project.run(dvc, "config", "core.no_scm", "true")  # this copy is not a git repository
+
+    # Killed during the first training stage, `dvc repro` again resumes it.
+    process = subprocess.Popen([dvc, "repro"], cwd=project.root, env=environment(project.root),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    history = project.root / STAGE_1 / "history.jsonl"
+    deadline = time.monotonic() + 300
+    while not (history.is_file() and len(history.read_text().splitlines()) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)
+    process.wait(timeout=60)
+    assert (project.root / STAGE_1 / "checkpoints/last/training_state.pt").is_file()
+    assert not (project.root / STAGE_1 / "metrics.json").exists()  # killed mid-stage
+    resumed = project.run(dvc, "repro", timeout=900).stdout
+    assert "starting the stage afresh" not in resumed
+    assert json.loads((project.root / STAGE_1 / "metrics.json").read_text())["steps"] == 300
+    assert len(history.read_text().splitlines()) == 150  # none lost, none repeated
+    assert (project.root / "reports/accuracy.png").is_file()
+
+    # Nothing changed: nothing runs. One value changed: only the stages that read it.
+    assert "Data and pipelines are up to date" in project.run(dvc, "repro").stdout
+    assert "best_valid_accuracy" in project.run(dvc, "metrics", "show").stdout
+    project.run(dvc, "plots", "show", "-o", "plots")
+    assert (project.root / "plots/index.html").is_file()
+    original = (project.root / "params.yaml").read_text()
+    project.set_params(evaluate={"grid_examples": 4})
+    changed = project.run(dvc, "status").stdout
+    stages = {line.rstrip(":").strip() for line in changed.splitlines() if line and not line.startswith("\t")
+              and line.rstrip().endswith(":")}
+    assert stages == {"grid-memorize-seed0-stage1", "grid-memorize-seed0-stage2"}, changed
+    (project.root / "params.yaml").write_text(original)
+
+    # Through the default local remote: push, lose everything, pull.
+    project.run(dvc, "push")
+    for folder in ("data", "results", "reports", ".dvc/cache"):
+        shutil.rmtree(project.root / folder)
+    project.run(dvc, "pull")
+    assert "Data and pipelines are up to date" in project.run(dvc, "status").stdout
+    assert (project.root / "reports/accuracy.png").is_file()
+
+    # Restored files all have new modification times: Snakemake has nothing to do.
+    dry = project.snakemake("-n").stdout
+    assert "Nothing to be done" in dry, dry

@@ -1,0 +1,172 @@
+"""The Snakemake workflow and dvc.yaml: one step list, a checked configuration, and a tiny
+end-to-end run that reruns only what a change touches and resumes a killed stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from rmt.config import json_schema, load_config
+from rmt.pipeline import plan
+from workflow_project import BIN, ROOT, TINY, dry_run_jobs, environment, make_project
+
+
+def snakemake(*arguments, cwd=ROOT, timeout=120):
+    """Snakemake in `cwd`; its messages (Snakemake writes them to stderr) in stdout."""
+    return subprocess.run([str(BIN / "snakemake"), *arguments], cwd=cwd, env=environment(cwd), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def test_lint_is_clean():
+    result = snakemake("--lint")
+    assert result.returncode == 0 and "Congratulations" in result.stdout, result.stdout
+
+
+def test_committed_files_are_generated_from_the_current_sources(tmp_path):
+    from rmt.pipeline import write_dvc_yaml
+
+    write_dvc_yaml(ROOT / "params.yaml", tmp_path / "dvc.yaml")
+    expected = (tmp_path / "dvc.yaml").read_text().replace(str(ROOT / "params.yaml"), "params.yaml")
+    assert (ROOT / "dvc.yaml").read_text() == expected, "dvc.yaml is stale: run `rmt pipeline dvc`"
+    schema = json.loads((ROOT / "workflow" / "schemas" / "config.schema.json").read_text())
+    assert schema == json_schema(), "the config schema is stale: run `rmt pipeline schema`"
+
+
+def _agreement(project_root, config_files):
+    """Snakemake's dry run and the plan (dvc.yaml's source) list the same jobs."""
+    arguments = ["-n", "-p", "--forceall", *(a for f in config_files[1:] for a in ("--configfile", f))]
+    result = snakemake(*arguments, cwd=project_root)
+    assert result.returncode == 0, result.stdout
+    jobs = [job for job in dry_run_jobs(result.stdout) if job.rule != "all"]
+    steps = plan(load_config(*(project_root / f for f in config_files)), list(config_files))
+    assert len(jobs) == len(steps)
+    by_output = {job.outputs: job for job in jobs}
+    for step in steps:
+        outputs = {*step.outs, *step.metrics, *step.plots}
+        if step.rule == "report":  # DVC keeps reports/ whole; Snakemake lists its files
+            job = next(job for job in jobs if job.rule == "report")
+            assert all(path.startswith(f"{step.outs[0]}/") for path in job.outputs)
+        else:
+            job = by_output[frozenset(outputs)]
+            assert set(job.inputs) == set(step.deps), step.name
+        command = job.command.split(" > logs/")[0]  # Snakemake adds the log redirection
+        assert (job.rule, command) == (step.rule, step.command)
+
+
+def test_snakemake_and_dvc_run_the_same_steps():
+    _agreement(ROOT, ["params.yaml"])
+    _agreement(ROOT, ["params.yaml", "config/paper.yaml"])
+
+
+def test_the_whole_default_dag_builds_in_seconds():
+    started = time.perf_counter()
+    result = snakemake("-n", "--forceall", "--quiet", "rules")
+    assert result.returncode == 0, result.stdout
+    # 3 tasks x (data, 7 stages, 7 grid evaluations, 1 evaluation), the report, `all`.
+    assert "total" in result.stdout and " 50" in result.stdout.split("total")[1].splitlines()[0]
+    assert time.perf_counter() - started < 30
+
+
+@pytest.mark.parametrize(
+    "overlay, message",
+    [
+        ({"train": {"learning_rate": -1}}, "learning_rate"),
+        ({"tasks": {"memorise": {}}}, "memorise"),
+        ({"train": {"min_steps": 10, "max_steps": 5}}, "min_steps 10 exceeds max_steps 5"),
+    ],
+)
+def test_a_bad_configuration_fails_before_any_job(tmp_path, overlay, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(overlay))
+    result = snakemake("-n", "--configfile", str(bad))
+    assert result.returncode != 0 and message in result.stdout, result.stdout
+    assert "Job stats" not in result.stdout
+
+
+def test_values_outside_the_config_files_are_refused():
+    result = snakemake("-n", "--config", "seeds=[1]")
+    assert result.returncode != 0 and "--configfile" in result.stdout
+
+
+def _mlflow_runs(project):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("rmt")
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+@pytest.mark.slow
+def test_the_tiny_pipeline_end_to_end(tmp_path):
+    project = make_project(tmp_path / "project")
+    project.snakemake()
+    metrics = json.loads((project.root / "results/memorize/seed-0/stage-2/metrics.json").read_text())
+    assert metrics["steps"] == 4
+    for path in ("reports/accuracy.png", "reports/generalization.svg", "reports/accuracy.md",
+                 "results/memorize/seed-0/evaluation.csv", "results/memorize/seed-0/grid/stage-1.csv",
+                 "logs/train/memorize/seed-0/stage-2.log", "results/timings/train/memorize/seed-0/stage-2.tsv"):
+        assert (project.root / path).is_file(), path
+    runs = _mlflow_runs(project)
+    assert {run.data.tags["rmt.step"] for run in runs} == {"data", "train", "grid", "evaluate"}
+    assert len({run.data.tags["rmt.group"] for run in runs}) == 1  # one reproduction, one group
+
+    # Done: nothing to do. One changed value reruns exactly what reads it.
+    assert "Nothing to be done" in project.snakemake("-n").stdout
+    project.set_params(evaluate={"grid_examples": 4})
+    planned = {job.rule for job in dry_run_jobs(project.snakemake("-n", "-p").stdout)}
+    assert planned == {"grid", "report", "all"}
+
+    # The report: self-contained HTML with the figures.
+    project.snakemake()
+    project.snakemake("--report", "reports/report.html")
+    html = (project.root / "reports/report.html").read_text()
+    assert "accuracy.png" in html and "generalization.png" in html
+
+
+@pytest.mark.slow
+def test_a_killed_workflow_resumes_its_training_stage(tmp_path):
+    config = json.loads(json.dumps(TINY))
+    config["data"]["curriculum_segments"] = [1]
+    config["train"].update(max_steps=400, eval_every=2, eval_examples=4, patience=1000)
+    project = make_project(tmp_path / "project", config)
+    process = subprocess.Popen([str(BIN / "snakemake"), "--cores", "1"], cwd=project.root,
+                               env=environment(project.root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    state = project.root / "results/memorize/seed-0/stage-1/checkpoints/last/training_state.pt"
+    history = project.root / "results/memorize/seed-0/stage-1/history.jsonl"
+    deadline = time.monotonic() + 300
+    while not (history.is_file() and len(history.read_text().splitlines()) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the terminal signals Snakemake and its jobs
+    process.wait(timeout=60)
+    assert state.is_file()
+    assert not (project.root / "results/memorize/seed-0/stage-1/metrics.json").exists()
+    killed_at = len(history.read_text().splitlines())
+
+    project.snakemake("--cores", "1")
+    log = (project.root / "logs/train/memorize/seed-0/stage-1.log").read_text()
+    metrics = json.loads((project.root / "results/memorize/seed-0/stage-1/metrics.json").read_text())
+    assert metrics["steps"] == 400
+    assert len(history.read_text().splitlines()) == 200  # none lost, none repeated
+    assert "starting the stage afresh" not in log
+    assert 3 <= killed_at < 200
+
+
+@pytest.mark.slow
+def test_a_failing_job_fails_the_workflow_and_its_run(tmp_path):
+    config = json.loads(json.dumps(TINY))
+    config["train"]["device"] = "cuda:7"  # no such device here: rmt train refuses it inside its run
+    project = make_project(tmp_path / "project", config)
+    result = project.snakemake(check=False)
+    assert result.returncode != 0
+    output = result.stdout
+    assert "logs/train/memorize/seed-0/stage-1.log" in output
+    failed = [run for run in _mlflow_runs(project) if run.data.tags["rmt.step"] == "train"]
+    assert [run.info.status for run in failed] == ["FAILED"]

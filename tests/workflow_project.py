@@ -1,0 +1,104 @@
+"""A throwaway copy of the project with a tiny configuration, for end-to-end workflow tests
+(Snakemake locally and under SLURM, DVC)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Two curriculum stages of a 1-layer BERT on 16-token segments: every job takes seconds.
+TINY = {
+    "tasks": {"memorize": {}},
+    "seeds": [0],
+    "data": {"tokenizer": "sentence-transformers/all-MiniLM-L6-v2", "noise": "pydoc", "segment_length": 16,
+             "curriculum_segments": [1, 2], "train_examples": 64, "valid_examples": 16, "test_examples": 8,
+             "test_segments": [1, 2, 4], "long_test_from_segments": 512, "samples": 1},
+    "model": {"backbone": "sentence-transformers/all-MiniLM-L6-v2", "pretrained": False,
+              "backbone_overrides": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
+                                     "intermediate_size": 64},
+              "num_memory_tokens": 2},
+    "train": {"learning_rate": 1e-3, "warmup_steps": 1, "max_steps": 4, "eval_every": 2, "batch_size": 8,
+              "eval_examples": 16},
+    "evaluate": {"segments": None, "grid_segments": [1, 2, 3], "grid_examples": 8, "batch_size": 8},
+}
+
+
+def environment(project: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", **extra}
+
+
+@dataclass
+class Project:
+    root: Path
+
+    def run(self, *command: str, timeout: float = 600, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+        """A command in the project, bounded in time; stdout and stderr together in stdout."""
+        result = subprocess.run(command, cwd=self.root, env=environment(self.root, **env), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        if check:
+            assert result.returncode == 0, f"{' '.join(command)} exited {result.returncode}:\n{result.stdout}"
+        return result
+
+    def snakemake(self, *arguments: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(str(BIN / "snakemake"), "--cores", "2", *arguments, timeout=timeout, check=check)
+
+    def set_params(self, **sections: dict) -> None:
+        params = yaml.safe_load((self.root / "params.yaml").read_text())
+        for section, values in sections.items():
+            params[section] = {**params.get(section, {}), **values}
+        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_project(folder: Path, config: dict = TINY) -> Project:
+    """The workflow files, the package source (DVC hashes it as code) and a tiny params.yaml."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("Snakefile", "environment.yml", "pyproject.toml"):
+        shutil.copy2(ROOT / name, folder / name)
+    for name in ("workflow", "rmt", "profiles"):
+        shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "params.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return Project(folder)
+
+
+# ---------------------------------------------------------------------------------------
+# Snakemake's dry run (-n -p), read back as jobs: rule, inputs, outputs, shell command.
+
+_JOB = re.compile(r"^(?:local)?rule (\w+):$")
+
+
+@dataclass(frozen=True)
+class DryRunJob:
+    rule: str
+    inputs: frozenset[str]
+    outputs: frozenset[str]
+    command: str | None
+
+
+def dry_run_jobs(text: str) -> list[DryRunJob]:
+    jobs, current = [], None
+    for line in text.splitlines():
+        if match := _JOB.match(line):
+            current = {"rule": match.group(1), "input": "", "output": "", "command": None}
+        elif current is not None and line.startswith("    ") and ": " in line:
+            key, _, value = line.strip().partition(": ")
+            if key in ("input", "output"):
+                current[key] = value
+        elif current is not None and line.startswith("Shell command: "):
+            command = line.removeprefix("Shell command: ")
+            current["command"] = None if command == "None" else command
+            jobs.append(DryRunJob(rule=current["rule"], command=current["command"],
+                                  inputs=frozenset(filter(None, current["input"].split(", "))),
+                                  outputs=frozenset(filter(None, current["output"].split(", ")))))
+            current = None
+    return jobs

@@ -6,7 +6,7 @@
 #   snakemake --report reports/report.html      the self-contained report
 #
 # Rules call the rmt CLI; all computation lives in rmt/. Per-rule resources are in
-# workflow/profiles/default/config.yaml. dvc.yaml describes the same steps (rmt/pipeline.py).
+# profiles/default/config.yaml. dvc.yaml describes the same steps (rmt/pipeline.py).
 
 from snakemake.utils import min_version
 

@@ -113,6 +113,7 @@ def test_train_and_valid_share_no_example(built):
 )
 def test_invalid_settings_are_named(settings, message):
     assert DataConfig(task="memorize", test_examples=8).test_examples_at(4096) == 8
+    assert DataConfig(task="memorize", test_examples_by_segments={4096: 3}).test_examples_at(4096) == 3
     with pytest.raises(ValidationError, match=message):
         DataConfig(**settings)
 

@@ -58,6 +58,8 @@ class DataConfig(BaseModel):
     # Very long examples are costly to evaluate: fewer of them from this length on.
     long_test_from_segments: int = Field(default=512, ge=1)
     long_test_examples: int = Field(default=100, ge=1)
+    # Exceptions by length, e.g. {32768: 10}: the longest inputs cost minutes per example.
+    test_examples_by_segments: dict[int, int] = Field(default_factory=dict)
     samples: int = Field(default=5, ge=0, description="Examples per split written as text to samples.jsonl")
     seed: int = 0
 
@@ -76,6 +78,8 @@ class DataConfig(BaseModel):
         return sorted(values)
 
     def test_examples_at(self, segments: int) -> int:
+        if segments in self.test_examples_by_segments:
+            return self.test_examples_by_segments[segments]
         if segments >= self.long_test_from_segments:
             return min(self.long_test_examples, self.test_examples)
         return self.test_examples

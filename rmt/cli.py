@@ -197,6 +197,10 @@ def report(
         typer.echo(f"Wrote {path}")
 
 
+from rmt.profile.commands import profile_app  # noqa: E402  (torch loads inside its commands)
+
+app.add_typer(profile_app, name="profile")
+
 pipeline_app = typer.Typer(help="The pipeline's step list (one source for Snakemake and DVC).", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
 

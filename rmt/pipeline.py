@@ -8,6 +8,7 @@ commands, inputs and outputs:
                                                    from stage n-1's best/)
     results/<task>/seed-<s>/evaluation.csv         rmt evaluate, last stage, long inputs
     results/<task>/seed-<s>/grid/stage-<n>.csv     rmt evaluate --grid, every stage, 1..15
+    results/profile/flops.csv                      rmt profile flops (the paper's Figure 3)
     reports/                                       rmt report
 
 The Snakemake rules are written by hand with wildcards (readable, native); `plan()` lists
@@ -29,6 +30,7 @@ DATA = "data/{task}"
 STAGE = "results/{task}/seed-{seed}/stage-{segments}"
 EVALUATION = "results/{task}/seed-{seed}/evaluation.csv"
 GRID = "results/{task}/seed-{seed}/grid/stage-{segments}.csv"
+FLOPS = "results/profile/flops.csv"
 REPORT = "reports"
 LOGS = "logs"
 
@@ -44,7 +46,7 @@ class Step:
     code: tuple[str, ...] = ()  # source it runs: DVC deps (Snakemake's own code trigger covers it)
     outs: tuple[str, ...] = ()  # DVC-cached outputs
     persist: tuple[str, ...] = ()  # outputs DVC must not delete before a rerun (resumable work)
-    metrics: tuple[str, ...] = ()  # small files, in git, read by `dvc metrics show`
+    metrics: tuple[str, ...] = ()  # read by `dvc metrics show`; cached like every output (results/ is not in git)
     plots: tuple[str, ...] = ()  # CSVs of accuracy against segments, for `dvc plots show`
     params: tuple[str, ...] = ()  # keys of params.yaml the step reads
 
@@ -101,7 +103,9 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
                 deps=(f"{previous}/best", data), code=("rmt/evaluate.py",), plots=(evaluation,),
                 params=keys("evaluate.segments", "evaluate.batch_size", f"tasks.{task}"),
             ))
-    results = [path for step in steps if step.rule in ("evaluate", "grid") for path in step.plots]
+    steps.append(Step(name="flops", rule="flops", command=f"rmt profile flops --output {FLOPS}", deps=(),
+                      code=("rmt/profile",), outs=(FLOPS,)))
+    results = [path for step in steps if step.rule in ("evaluate", "grid") for path in step.plots] + [FLOPS]
     steps.append(Step(
         name="report", rule="report", command=f"rmt report --output {REPORT} {configs}",
         deps=tuple(results), code=("rmt/report.py",), outs=(REPORT,),
@@ -120,10 +124,9 @@ def dvc_yaml(steps: list[Step]) -> dict:
         if outs:
             stage["outs"] = outs
         if step.metrics:
-            stage["metrics"] = [{path: {"cache": False}} for path in step.metrics]
+            stage["metrics"] = list(step.metrics)
         if step.plots:
-            stage["plots"] = [{path: {"cache": False, "x": "evaluated_segments", "y": "accuracy"}}
-                              for path in step.plots]
+            stage["plots"] = [{path: {"x": "evaluated_segments", "y": "accuracy"}} for path in step.plots]
         stages[step.name] = stage
     return {"stages": stages}
 

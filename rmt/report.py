@@ -4,6 +4,7 @@
     reports/generalization.{png,svg}   trained segments x evaluated segments (paper's Figure 5)
     reports/accuracy.csv               every length: ours (mean and spread over seeds), paper
     reports/accuracy.md                the same as a Markdown table
+    reports/flops.{png,svg}            forward FLOPs against length, full attention and RMT
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from rmt.paper import paper_accuracy  # noqa: E402
-from rmt.pipeline import EVALUATION, GRID  # noqa: E402
+from rmt.pipeline import EVALUATION, FLOPS, GRID  # noqa: E402
 
 FIGURE_FORMATS = ("png", "svg")
 
@@ -100,6 +101,15 @@ def generalization_figure(grid: pd.DataFrame, output: Path) -> list[Path]:
     return _save(figure, output, "generalization")
 
 
+def flops_figure(flops: pd.DataFrame, output: Path) -> list[Path]:
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    sns.lineplot(data=flops, x="tokens", y="normalized", hue="model", style="method", markers=True, ax=axis)
+    axis.set(xscale="log", yscale="log", xlabel="input length (tokens)",
+             ylabel="forward FLOPs / one 512-token pass")
+    figure.tight_layout()
+    return _save(figure, output, "flops")
+
+
 def build_report(*, tasks: list[str], seeds: list[int], curricula: dict[str, list[int]], output: str | Path,
                  root: str | Path = ".") -> list[Path]:
     """Every figure and table of the report, from the result files under `root`."""
@@ -112,5 +122,6 @@ def build_report(*, tasks: list[str], seeds: list[int], curricula: dict[str, lis
     table = accuracy_table(evaluations)
     table.to_csv(output / "accuracy.csv", index=False)
     (output / "accuracy.md").write_text(markdown_table(table))
-    return [*accuracy_figure(table, output), *generalization_figure(grid, output),
+    flops = _read({root / FLOPS: 0}, "FLOP")
+    return [*accuracy_figure(table, output), *generalization_figure(grid, output), *flops_figure(flops, output),
             output / "accuracy.csv", output / "accuracy.md"]

@@ -7,7 +7,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from rmt.config import check_config_files, validate_config
-from rmt.pipeline import DATA, EVALUATION, GRID, LOGS, REPORT, STAGE, config_arguments
+from rmt.pipeline import DATA, EVALUATION, FLOPS, GRID, LOGS, REPORT, STAGE, config_arguments
 
 
 # The rmt commands read the same files Snakemake merged: params.yaml, then each --configfile.
@@ -44,14 +44,20 @@ def best_checkpoint(stage):
     return os.path.join(stage, "best")
 
 
+# Every input is ancient(): its modification time never reruns a job. DVC restores files
+# with new modification times (dvc pull, dvc checkout), in no particular order; Snakemake
+# compares them with its outputs' even without the `mtime` rerun trigger. A job still
+# reruns when its code, params or set of inputs change, or when a job it reads from reruns.
+
+
 def previous_best(wildcards):
     previous = previous_stage(wildcards)
-    return [best_checkpoint(previous)] if previous else []
+    return [ancient(best_checkpoint(previous))] if previous else []
 
 
 def last_stage_best(wildcards):
-    return best_checkpoint(STAGE.format(task=wildcards.task, seed=wildcards.seed,
-                                        segments=curriculum(wildcards.task)[-1]))
+    return ancient(best_checkpoint(STAGE.format(task=wildcards.task, seed=wildcards.seed,
+                                                segments=curriculum(wildcards.task)[-1])))
 
 
 def task_settings(wildcards, section):
@@ -86,6 +92,10 @@ def evaluations():
 def grids():
     return [GRID.format(task=task, seed=seed, segments=segments)
             for task in PIPELINE.tasks for seed in PIPELINE.seeds for segments in curriculum(task)]
+
+
+def report_inputs(wildcards):
+    return [ancient(path) for path in (*evaluations(), *grids(), FLOPS)]
 
 
 def all_outputs():

@@ -5,7 +5,7 @@
 rule evaluate:
     input:
         checkpoint=last_stage_best,
-        data=DATA,
+        data=ancient(DATA),
     output:
         EVALUATION,
     params:
@@ -24,8 +24,8 @@ rule evaluate:
 
 rule grid:
     input:
-        checkpoint=f"{STAGE}/best",
-        data=DATA,
+        checkpoint=ancient(f"{STAGE}/best"),
+        data=ancient(DATA),
     output:
         GRID,
     params:

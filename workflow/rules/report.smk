@@ -7,13 +7,14 @@ REPORT_FILES = [
     f"{REPORT}/generalization.svg",
     f"{REPORT}/accuracy.csv",
     f"{REPORT}/accuracy.md",
+    f"{REPORT}/flops.png",
+    f"{REPORT}/flops.svg",
 ]
 
 
 rule report:
     input:
-        evaluations(),
-        grids(),
+        report_inputs,
     output:
         report(f"{REPORT}/accuracy.png", caption="../report/accuracy.rst", category="Accuracy"),
         f"{REPORT}/accuracy.svg",
@@ -21,6 +22,8 @@ rule report:
         f"{REPORT}/generalization.svg",
         report(f"{REPORT}/accuracy.csv", caption="../report/table.rst", category="Accuracy"),
         f"{REPORT}/accuracy.md",
+        report(f"{REPORT}/flops.png", caption="../report/flops.rst", category="Cost"),
+        f"{REPORT}/flops.svg",
     params:
         folder=lambda wildcards, output: os.path.dirname(output[0]),
         config=CONFIG_ARGS,

@@ -4,7 +4,7 @@
 
 rule train:
     input:
-        data=DATA,
+        data=ancient(DATA),
         init=previous_best,
     output:
         best=directory(f"{STAGE}/best"),

@@ -1,0 +1,106 @@
+"""`rmt profile ...`: cost studies. Registered in rmt/cli.py as `app.add_typer(profile_app, name="profile")`.
+
+Heavy imports (pandas, the estimator) happen inside the commands so that `rmt --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+profile_app = typer.Typer(no_args_is_help=True, help="Cost studies: analytic FLOPs of full attention and RMT.")
+
+
+@profile_app.callback()
+def _group() -> None:
+    # A Typer with a single command would otherwise collapse into it: keep `profile flops`
+    # the same whether the sub-app is called alone or registered under `rmt`.
+    pass
+
+
+def _split(values: list[str]) -> list[str]:
+    """Repeated options and comma-separated lists alike: --models a,b --models c."""
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def _shape(name: str):
+    """A published OPT shape by name, or a local Hugging Face config (config.json or its folder)."""
+    from rmt.profile.flops import TransformerShape, opt_shape
+
+    path = Path(name)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        return TransformerShape.from_config(json.loads(path.read_text()), name=path.parent.name or path.stem)
+    return opt_shape(name)
+
+
+@profile_app.command("flops")
+def flops(
+    output: Path = typer.Option(Path("results/profile/flops.csv"), help="Grid to write: .csv (rows) or .json "
+                                "(accounting, layout and rows)."),
+    models: list[str] = typer.Option([], "--models", help="opt-125m, opt-1.3b, opt-6.7b, opt-30b, opt-175b, or a "
+                                     "local config.json / model folder; repeat or comma-separate (default: all OPT)."),
+    tokens: list[str] = typer.Option([], "--tokens", help="Input lengths, repeat or comma-separate "
+                                     "(default: the paper's 512 ... 2,048,000)."),
+    segment_length: int = typer.Option(512, min=1, help="RMT text tokens per segment."),
+    memory_tokens: int = typer.Option(0, min=0, help="Memory positions added to every segment (the paper's "
+                                      "FLOP study adds none: a segment is one 512-position pass)."),
+    memory_writes: bool = typer.Option(False, "--memory-writes", help="Decoder layout: memory read AND written, "
+                                       "2 x memory_tokens positions."),
+    special_tokens: int = typer.Option(0, min=0, help="Special positions per segment (3 for the encoder's "
+                                       "[CLS] [MEM]* [SEP] ... [SEP])."),
+    embeddings: bool = typer.Option(False, "--embeddings/--no-embeddings", help="Count the input embedding as a "
+                                    "one-hot matmul (appendix F) instead of a lookup."),
+    logits: bool = typer.Option(True, "--logits/--no-logits", help="Count the vocabulary projection."),
+    softmax: bool = typer.Option(True, "--softmax/--no-softmax", help="Count softmax (3 x heads x P^2 per layer)."),
+) -> None:
+    """Forward FLOPs of full attention and RMT on OPT shapes (the paper's Figure 3).
+
+    Normalized to one 512-token full-attention pass; prints full-attention / RMT FLOPs at the longest input.
+    """
+    from rmt.profile.flops import (
+        FIGURE3_TOKENS, OPT_MODELS, PAPER_HEADLINE_RATIOS, Accounting, SegmentLayout, figure3_grid, ratios,
+        write_grid,
+    )
+
+    try:
+        lengths = [int(value.replace("_", "")) for value in _split(tokens)] or list(FIGURE3_TOKENS)
+    except ValueError as error:
+        raise typer.BadParameter(f"{error}: give whole token counts, e.g. 512,2048000", param_hint="--tokens") from None
+    if any(length < 1 for length in lengths):
+        raise typer.BadParameter("token counts must be at least 1", param_hint="--tokens")
+    try:
+        shapes = [_shape(name) for name in _split(models) or OPT_MODELS]
+    except (ValueError, KeyError) as error:
+        raise typer.BadParameter(str(error), param_hint="--models") from None
+    accounting = Accounting(embeddings=embeddings, logits=logits, softmax=softmax)
+    layout = SegmentLayout(segment_length=segment_length, num_memory_tokens=memory_tokens,
+                           memory_writes=memory_writes, num_special_tokens=special_tokens)
+    import os
+
+    from rmt.tracking import Run
+
+    params = {"models": [shape.name for shape in shapes], "tokens": sorted(set(lengths)),
+              "accounting": accounting.describe(), "layout": layout.describe()}
+    with Run(experiment="rmt", name="profile/flops", params=params, group=os.environ.get("RMT_GROUP"),
+             tags={"rmt.step": "flops"}) as run:
+        grid = figure3_grid(shapes, sorted(set(lengths)), layout=layout, accounting=accounting)
+        try:
+            path = write_grid(grid, output)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--output") from None
+        longest = max(lengths)
+        run.log_metrics({f"flops_ratio/{model}": ratio for model, ratio in ratios(grid, longest).items()},
+                        step=longest)
+        run.log_artifact(path)
+    typer.echo(f"Accounting: {accounting.describe()}")
+    typer.echo(f"RMT: {layout.describe()}")
+    typer.echo(f"Full attention / RMT forward FLOPs at {longest:,} tokens:")
+    for model, ratio in ratios(grid, longest).items():
+        paper = PAPER_HEADLINE_RATIOS.get(model) if longest == 2_048_000 else None
+        note = f"   (paper ~{paper:g}x, {ratio / paper - 1:+.1%})" if paper else ""
+        typer.echo(f"  {model:>10}: {ratio:8.1f}x{note}")
+    typer.echo(f"Wrote {len(grid)} rows to {path}")

@@ -9,6 +9,7 @@ commands, inputs and outputs:
     results/<task>/seed-<s>/evaluation.csv         rmt evaluate, last stage, long inputs
     results/<task>/seed-<s>/grid/stage-<n>.csv     rmt evaluate --grid, every stage, 1..15
     results/profile/flops.csv                      rmt profile flops (the paper's Figure 3)
+    results/profile/attention-<task>.json          rmt profile attention, first seed's last stage
     reports/                                       rmt report
 
 The Snakemake rules are written by hand with wildcards (readable, native); `plan()` lists
@@ -31,6 +32,8 @@ STAGE = "results/{task}/seed-{seed}/stage-{segments}"
 EVALUATION = "results/{task}/seed-{seed}/evaluation.csv"
 GRID = "results/{task}/seed-{seed}/grid/stage-{segments}.csv"
 FLOPS = "results/profile/flops.csv"
+ATTENTION = "results/profile/attention-{task}.json"
+ATTENTION_TASKS = ("reasoning", "detect_and_memorize")  # tasks whose facts the maps show (Figure 6)
 REPORT = "reports"
 LOGS = "logs"
 
@@ -96,6 +99,13 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
                                 f"tasks.{task}"),
                 ))
                 previous = stage
+            if task in ATTENTION_TASKS and seed == config.seeds[0]:
+                attention = ATTENTION.format(task=task)
+                steps.append(Step(
+                    name=f"attention-{task}", rule="attention",
+                    command=f"rmt profile attention --checkpoint {previous}/best --data {data} --output {attention}",
+                    deps=(f"{previous}/best", data), code=("rmt/profile",), outs=(attention,),
+                ))
             evaluation = EVALUATION.format(task=task, seed=seed)
             steps.append(Step(
                 name=f"evaluate-{task}-seed{seed}", rule="evaluate",
@@ -105,7 +115,8 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
             ))
     steps.append(Step(name="flops", rule="flops", command=f"rmt profile flops --output {FLOPS}", deps=(),
                       code=("rmt/profile",), outs=(FLOPS,)))
-    results = [path for step in steps if step.rule in ("evaluate", "grid") for path in step.plots] + [FLOPS]
+    results = [path for step in steps if step.rule in ("evaluate", "grid") for path in step.plots] + [
+        path for step in steps if step.rule in ("flops", "attention") for path in step.outs]
     steps.append(Step(
         name="report", rule="report", command=f"rmt report --output {REPORT} {configs}",
         deps=tuple(results), code=("rmt/report.py",), outs=(REPORT,),

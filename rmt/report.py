@@ -5,6 +5,7 @@
     reports/accuracy.csv               every length: ours (mean and spread over seeds), paper
     reports/accuracy.md                the same as a Markdown table
     reports/flops.{png,svg}            forward FLOPs against length, full attention and RMT
+    reports/attention-<task>.{png,svg} attention of [CLS] and memory per segment (Figure 6)
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from rmt.paper import paper_accuracy  # noqa: E402
-from rmt.pipeline import EVALUATION, FLOPS, GRID  # noqa: E402
+from rmt.pipeline import ATTENTION, ATTENTION_TASKS, EVALUATION, FLOPS, GRID  # noqa: E402
 
 FIGURE_FORMATS = ("png", "svg")
 
@@ -110,6 +114,26 @@ def flops_figure(flops: pd.DataFrame, output: Path) -> list[Path]:
     return _save(figure, output, "flops")
 
 
+def attention_figure(result: dict, output: Path) -> list[Path]:
+    segments, memory = result["segments"], result["num_memory_tokens"]
+    figure, axes = plt.subplots(1, segments, figsize=(4.5 * segments, 3.2), sharey=True)
+    top = max(float(np.max(cells)) for cells in result["maps"])  # one color scale for every segment
+    for segment, (axis, cells) in enumerate(zip(axes, result["maps"])):
+        sns.heatmap(np.asarray(cells), ax=axis, cmap="magma", vmin=0, vmax=top, cbar=segment == segments - 1,
+                    cbar_kws={"label": "attention (last layer, mean of heads)"}, yticklabels=result["rows"],
+                    xticklabels=False)
+        axis.axvline(memory, color="white", linewidth=1)  # memory | tokens
+        for column in result["fact_columns"][segment]:
+            axis.axvspan(column, column + 1, ymin=0.97, ymax=1.0, color="cyan", clip_on=False)
+        has_fact = "fact" if result["fact_columns"][segment] else "no fact"
+        axis.set(title=f"segment {segment + 1} ({has_fact})", xlabel=f"memory ({memory}) | tokens")
+    figure.suptitle(f"{result['task'].replace('_', ' ')}: {' '.join(result['facts'])} {result['question']} "
+                    f"answer {result['answer']}, predicted {result['predicted']} (fact tokens marked in cyan)",
+                    fontsize=8)
+    figure.tight_layout()
+    return _save(figure, output, f"attention-{result['task']}")
+
+
 def build_report(*, tasks: list[str], seeds: list[int], curricula: dict[str, list[int]], output: str | Path,
                  root: str | Path = ".") -> list[Path]:
     """Every figure and table of the report, from the result files under `root`."""
@@ -123,5 +147,11 @@ def build_report(*, tasks: list[str], seeds: list[int], curricula: dict[str, lis
     table.to_csv(output / "accuracy.csv", index=False)
     (output / "accuracy.md").write_text(markdown_table(table))
     flops = _read({root / FLOPS: 0}, "FLOP")
+    attention = []
+    for task in (t for t in tasks if t in ATTENTION_TASKS):
+        path = root / ATTENTION.format(task=task)
+        if not path.is_file():
+            raise FileNotFoundError(f"No attention maps at {path}: run `rmt profile attention` first")
+        attention += attention_figure(json.loads(path.read_text()), output)
     return [*accuracy_figure(table, output), *generalization_figure(grid, output), *flops_figure(flops, output),
-            output / "accuracy.csv", output / "accuracy.md"]
+            *attention, output / "accuracy.csv", output / "accuracy.md"]

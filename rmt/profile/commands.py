@@ -104,3 +104,31 @@ def flops(
         note = f"   (paper ~{paper:g}x, {ratio / paper - 1:+.1%})" if paper else ""
         typer.echo(f"  {model:>10}: {ratio:8.1f}x{note}")
     typer.echo(f"Wrote {len(grid)} rows to {path}")
+
+
+@profile_app.command("attention")
+def attention(
+    checkpoint: Path = typer.Option(..., help="A trained stage's best/ checkpoint."),
+    data: Path = typer.Option(..., help="Its dataset directory (a test example is drawn from it)."),
+    output: Path = typer.Option(..., help="JSON to write (rmt report draws it)."),
+    segments: int = typer.Option(4, min=2, help="Segments of the example."),
+    index: int | None = typer.Option(None, min=0, help="Test example (default: one with its facts in different "
+                                     "segments, none in the last)."),
+) -> None:
+    """Attention of [CLS] and memory over [memory, tokens] per segment (the paper's Figure 6)."""
+    import os
+
+    from rmt.profile.attention import write_attention_maps
+    from rmt.tracking import Run
+
+    if not (checkpoint / "rmt_config.json").is_file():
+        raise typer.BadParameter(f"{checkpoint} is not an RMT checkpoint (no rmt_config.json)", param_hint="--checkpoint")
+    params = {"checkpoint": str(checkpoint), "data": str(data), "segments": segments, "index": index}
+    with Run(experiment="rmt", name="profile/attention", params=params, group=os.environ.get("RMT_GROUP"),
+             tags={"rmt.step": "attention"}) as run:
+        path = write_attention_maps(output, checkpoint=checkpoint, data_dir=data, segments=segments, index=index)
+        run.log_artifact(path)
+    result = json.loads(path.read_text())
+    typer.echo(f"{result['task']} example {result['example']}: facts {result['facts']}, question "
+               f"{result['question']!r}, answer {result['answer']}, predicted {result['predicted']}")
+    typer.echo(f"Wrote {path}")

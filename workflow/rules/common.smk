@@ -7,7 +7,18 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from rmt.config import check_config_files, validate_config
-from rmt.pipeline import DATA, EVALUATION, FLOPS, GRID, LOGS, REPORT, STAGE, config_arguments
+from rmt.pipeline import (
+    ATTENTION,
+    ATTENTION_TASKS,
+    DATA,
+    EVALUATION,
+    FLOPS,
+    GRID,
+    LOGS,
+    REPORT,
+    STAGE,
+    config_arguments,
+)
 
 
 # The rmt commands read the same files Snakemake merged: params.yaml, then each --configfile.
@@ -94,8 +105,18 @@ def grids():
             for task in PIPELINE.tasks for seed in PIPELINE.seeds for segments in curriculum(task)]
 
 
+def attention_maps():
+    """The maps of the tasks whose facts they show (the first seed's last stage)."""
+    return [ATTENTION.format(task=task) for task in PIPELINE.tasks if task in ATTENTION_TASKS]
+
+
+def last_stage_of_first_seed(wildcards):
+    return ancient(best_checkpoint(STAGE.format(task=wildcards.task, seed=PIPELINE.seeds[0],
+                                                segments=curriculum(wildcards.task)[-1])))
+
+
 def report_inputs(wildcards):
-    return [ancient(path) for path in (*evaluations(), *grids(), FLOPS)]
+    return [ancient(path) for path in (*evaluations(), *grids(), FLOPS, *attention_maps())]
 
 
 def all_outputs():

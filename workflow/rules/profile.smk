@@ -13,3 +13,19 @@ rule flops:
         f"{TIMINGS}/profile/flops.tsv"
     shell:
         "rmt profile flops --output {output} > {log} 2>&1"
+
+
+rule attention:
+    input:
+        checkpoint=last_stage_of_first_seed,
+        data=ancient(DATA),
+    output:
+        ATTENTION,
+    conda:
+        ENVIRONMENT
+    log:
+        f"{LOGS}/profile/attention-{{task}}.log",
+    benchmark:
+        f"{TIMINGS}/profile/attention-{{task}}.tsv"
+    shell:
+        "rmt profile attention --checkpoint {input.checkpoint} --data {input.data} --output {output} > {log} 2>&1"

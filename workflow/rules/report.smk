@@ -9,6 +9,7 @@ REPORT_FILES = [
     f"{REPORT}/accuracy.md",
     f"{REPORT}/flops.png",
     f"{REPORT}/flops.svg",
+    *(f"{REPORT}/attention-{task}.{fmt}" for task in PIPELINE.tasks if task in ATTENTION_TASKS for fmt in ("png", "svg")),
 ]
 
 
@@ -24,6 +25,12 @@ rule report:
         f"{REPORT}/accuracy.md",
         report(f"{REPORT}/flops.png", caption="../report/flops.rst", category="Cost"),
         f"{REPORT}/flops.svg",
+        *(
+            report(f"{REPORT}/attention-{task}.png", caption="../report/attention.rst", category="Attention")
+            for task in PIPELINE.tasks
+            if task in ATTENTION_TASKS
+        ),
+        *(f"{REPORT}/attention-{task}.svg" for task in PIPELINE.tasks if task in ATTENTION_TASKS),
     params:
         folder=lambda wildcards, output: os.path.dirname(output[0]),
         config=CONFIG_ARGS,

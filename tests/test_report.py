@@ -1,0 +1,102 @@
+"""rmt report: figures and tables from the result files; attention maps of a trained model."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from rmt.cli import app
+from rmt.data.dataset import DataConfig, build_dataset
+from rmt.evaluate import ROW_FIELDS
+from rmt.pipeline import ATTENTION, EVALUATION, FLOPS, GRID
+from rmt.profile.attention import attention_maps
+from rmt.report import accuracy_table, build_report, markdown_table
+from rmt.settings import ModelSettings, TrainSettings
+from rmt.train import train_stage
+
+TINY_BERT = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def _rows(task, trained, lengths, accuracy):
+    return [{"task": task, "trained_segments": trained, "evaluated_segments": n, "tokens": 64 * n, "examples": 100,
+             "accuracy": accuracy, "ci_low": accuracy - 0.03, "ci_high": min(1.0, accuracy + 0.03), "seconds": 1.0,
+             "examples_per_second": 100.0, "peak_memory_mb": 10.0} for n in lengths]
+
+
+def _write_csv(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=ROW_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    config = DataConfig(task="reasoning", segment_length=32, train_examples=64, valid_examples=16,
+                        curriculum_segments=[2], test_segments=[4], test_examples=40, samples=0)
+    data = build_dataset(config, root / "data", progress=False)
+    train_stage(data_dir=data, segments=2, output=root / "stage-2",
+                model=ModelSettings(pretrained=False, backbone_overrides=TINY_BERT, num_memory_tokens=3),
+                train=TrainSettings(max_steps=2, eval_every=2, batch_size=8, learning_rate=1e-3), progress=False)
+    return data, root / "stage-2" / "best"
+
+
+def test_attention_maps_cover_every_segment_and_mark_the_facts(trained):
+    data, checkpoint = trained
+    result = attention_maps(checkpoint=checkpoint, data_dir=data, segments=4)
+    assert len(result["maps"]) == 4
+    for cells in result["maps"]:
+        assert len(cells) == 1 + 3 and all(len(row) == 3 + 32 for row in cells)  # [CLS] + memory; memory + tokens
+        assert all(0.0 <= sum(row) <= 1.0 + 1e-5 for row in cells)  # a share of each row's attention
+    marked = [segment for segment, columns in enumerate(result["fact_columns"]) if columns]
+    assert len(marked) == 2 and max(marked) < 3  # two facts, in different segments, none in the last
+    assert all(3 <= column < 35 for columns in result["fact_columns"] for column in columns)
+
+
+def test_the_report_draws_every_figure_and_table_from_the_files(tmp_path, trained):
+    data, checkpoint = trained
+    for seed, accuracy in ((0, 0.9), (1, 1.0)):
+        _write_csv(tmp_path / EVALUATION.format(task="reasoning", seed=seed),
+                   _rows("reasoning", 2, [1, 2, 4096], accuracy))
+        for stage in (1, 2):
+            _write_csv(tmp_path / GRID.format(task="reasoning", seed=seed, segments=stage),
+                       _rows("reasoning", stage, [1, 2, 3], accuracy))
+    flops = tmp_path / FLOPS
+    result = CliRunner().invoke(app, ["profile", "flops", "--output", str(flops), "--models", "opt-125m",
+                                      "--tokens", "512,4096"])
+    assert result.exit_code == 0, result.output
+    attention = tmp_path / ATTENTION.format(task="reasoning")
+    attention.write_text(json.dumps(attention_maps(checkpoint=checkpoint, data_dir=data, segments=4)))
+
+    written = build_report(tasks=["reasoning"], seeds=[0, 1], curricula={"reasoning": [1, 2]},
+                           output=tmp_path / "reports", root=tmp_path)
+    names = sorted(path.name for path in written)
+    assert names == sorted(["accuracy.png", "accuracy.svg", "generalization.png", "generalization.svg", "flops.png",
+                            "flops.svg", "attention-reasoning.png", "attention-reasoning.svg", "accuracy.csv",
+                            "accuracy.md"])
+    assert all(path.stat().st_size > 0 for path in written)
+    table = {row["evaluated_segments"]: row for row in csv.DictReader((tmp_path / "reports/accuracy.csv").open())}
+    assert float(table["4096"]["accuracy"]) == pytest.approx(0.95)  # mean of the two seeds
+    assert float(table["4096"]["accuracy_std"]) > 0 and table["4096"]["seeds"] == "2"
+    assert float(table["4096"]["paper_accuracy"]) == pytest.approx(0.819)
+    assert table["1"]["paper_accuracy"] == ""  # the paper reports no 1-segment figure
+    markdown = (tmp_path / "reports/accuracy.md").read_text()
+    assert "| reasoning | 4096 | 262,144 | 200 | 2 | 95.0 ± 7.1 |" in markdown and "| 81.9 |" in markdown
+
+
+def test_missing_results_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="evaluation.csv"):
+        build_report(tasks=["memorize"], seeds=[0], curricula={"memorize": [1]}, output=tmp_path / "r", root=tmp_path)
+
+
+def test_accuracy_table_and_markdown_for_one_seed():
+    import pandas as pd
+
+    table = accuracy_table(pd.DataFrame(_rows("memorize", 7, [4096], 0.97)).assign(seed=0))
+    assert table["accuracy_std"].tolist() == [0.0] and table["paper_accuracy"].tolist() == [pytest.approx(0.906)]
+    assert "± " not in markdown_table(table)

@@ -70,10 +70,11 @@ def test_a_bad_value_is_named(values, message):
 
 def test_overlays_merge_field_by_field(tmp_path):
     overlay = tmp_path / "overlay.yaml"
-    overlay.write_text("train: {max_steps: 7}\ntasks: {reasoning: {train: {batch_size: 16}}}\n")
+    overlay.write_text("train: {max_steps: 7, min_steps: 0}\ntasks: {reasoning: {train: {batch_size: 16}}}\n")
     config = load_config(ROOT / "params.yaml", overlay)
     reasoning = config.for_task("reasoning")
-    assert reasoning.train.max_steps == 7 and reasoning.train.batch_size == 16
+    assert config.for_task("memorize").train.max_steps == 7 and reasoning.train.batch_size == 16
+    assert reasoning.train.max_steps == 150  # the task's own value wins over the shared one
     assert reasoning.train.learning_rate == 5e-4  # untouched fields stay
     assert max(config.for_task("detect_and_memorize").data.test_segments) == 32768  # untouched task stays
 
@@ -90,8 +91,8 @@ def test_commands_resolve_a_tasks_settings_from_the_configuration():
     paper = _task_settings([ROOT / "params.yaml", ROOT / "config" / "paper.yaml"], [], "reasoning")
     assert paper.train.max_steps == 20000
     staged = _task_settings([ROOT / "params.yaml"], ["stage_train.3.learning_rate=1e-6",
-                                                     "tasks.memorize.stage_train.3.max_steps=9"], "memorize")
-    assert staged.train_for(3).learning_rate == 1e-6 and staged.train_for(3).max_steps == 9
+                                                     "tasks.memorize.stage_train.3.max_steps=109"], "memorize")
+    assert staged.train_for(3).learning_rate == 1e-6 and staged.train_for(3).max_steps == 109
     assert staged.train_for(2) == staged.train
     with pytest.raises(typer.BadParameter, match="SECTION.KEY=VALUE"):
         _task_settings([], ["learning_rate=1"], "memorize")

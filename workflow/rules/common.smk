@@ -55,20 +55,14 @@ def best_checkpoint(stage):
     return os.path.join(stage, "best")
 
 
-# Every input is ancient(): its modification time never reruns a job. DVC restores files
-# with new modification times (dvc pull, dvc checkout), in no particular order; Snakemake
-# compares them with its outputs' even without the `mtime` rerun trigger. A job still
-# reruns when its code, params or set of inputs change, or when a job it reads from reruns.
-
-
 def previous_best(wildcards):
     previous = previous_stage(wildcards)
-    return [ancient(best_checkpoint(previous))] if previous else []
+    return [best_checkpoint(previous)] if previous else []
 
 
 def last_stage_best(wildcards):
-    return ancient(best_checkpoint(STAGE.format(task=wildcards.task, seed=wildcards.seed,
-                                                segments=curriculum(wildcards.task)[-1])))
+    return best_checkpoint(STAGE.format(task=wildcards.task, seed=wildcards.seed,
+                                        segments=curriculum(wildcards.task)[-1]))
 
 
 def task_settings(wildcards, section):
@@ -111,12 +105,12 @@ def attention_maps():
 
 
 def last_stage_of_first_seed(wildcards):
-    return ancient(best_checkpoint(STAGE.format(task=wildcards.task, seed=PIPELINE.seeds[0],
-                                                segments=curriculum(wildcards.task)[-1])))
+    return best_checkpoint(STAGE.format(task=wildcards.task, seed=PIPELINE.seeds[0],
+                                        segments=curriculum(wildcards.task)[-1]))
 
 
 def report_inputs(wildcards):
-    return [ancient(path) for path in (*evaluations(), *grids(), FLOPS, *attention_maps())]
+    return [*evaluations(), *grids(), FLOPS, *attention_maps()]
 
 
 def all_outputs():

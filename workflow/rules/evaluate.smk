@@ -5,7 +5,7 @@
 rule evaluate:
     input:
         checkpoint=last_stage_best,
-        data=ancient(DATA),
+        data=DATA,
     output:
         EVALUATION,
     params:
@@ -24,8 +24,8 @@ rule evaluate:
 
 rule grid:
     input:
-        checkpoint=ancient(f"{STAGE}/best"),
-        data=ancient(DATA),
+        checkpoint=f"{STAGE}/best",
+        data=DATA,
     output:
         GRID,
     params:

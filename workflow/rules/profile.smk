@@ -18,7 +18,7 @@ rule flops:
 rule attention:
     input:
         checkpoint=last_stage_of_first_seed,
-        data=ancient(DATA),
+        data=DATA,
     output:
         ATTENTION,
     conda:

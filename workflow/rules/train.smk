@@ -4,7 +4,7 @@
 
 rule train:
     input:
-        data=ancient(DATA),
+        data=DATA,
         init=previous_best,
     output:
         best=directory(f"{STAGE}/best"),

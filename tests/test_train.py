@@ -205,6 +205,8 @@ def test_two_processes_under_torchrun_train_like_one(data, tmp_path):
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     single, parallel = outcome(tmp_path / "single"), outcome(tmp_path / "ddp")
+    # The validation loss is summed over two processes: equal up to float rounding.
+    assert parallel[0].pop("best_valid_loss") == pytest.approx(single[0].pop("best_valid_loss"), rel=1e-6)
     assert parallel[0] == single[0]
     history = [json.loads(line) for line in parallel[1].splitlines()]
     assert [record["step"] for record in history] == [3, 6]

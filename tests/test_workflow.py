@@ -170,3 +170,13 @@ def test_a_failing_job_fails_the_workflow_and_its_run(tmp_path):
     assert "logs/train/memorize/seed-0/stage-1.log" in output
     failed = [run for run in _mlflow_runs(project) if run.data.tags["rmt.step"] == "train"]
     assert [run.info.status for run in failed] == ["FAILED"]
+
+
+def test_a_training_job_with_several_gpus_runs_under_torchrun():
+    several = snakemake("results/memorize/seed-0/stage-2/metrics.json", "-n", "-p", "--forceall",
+                        "--set-resources", "train:gpu=4")
+    assert several.returncode == 0, several.stdout
+    commands = [job.command for job in dry_run_jobs(several.stdout) if job.rule == "train"]
+    assert commands and all(c.startswith("torchrun --standalone --nproc-per-node 4 -m rmt train ") for c in commands)
+    one = snakemake("-n", "-p", "--forceall", "results/memorize/seed-0/stage-2/metrics.json")
+    assert all(job.command.startswith("rmt train ") for job in dry_run_jobs(one.stdout) if job.rule == "train")

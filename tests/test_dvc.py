@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from workflow_project import BIN, ROOT, TINY, environment, make_project
+from workflow_project import BIN, ROOT, TINY, environment, interruptible, make_project
 
 pytestmark = pytest.mark.slow
 
@@ -32,15 +32,18 @@ def test_dvc_reproduces_resumes_and_moves_the_pipeline(tmp_path):
     project.run(dvc, "config", "core.no_scm", "true")  # this copy is not a git repository
 
     # Killed during the first training stage, `dvc repro` again resumes it.
+    output = (tmp_path / "dvc.out").open("w")  # a file, not a pipe nobody reads while it runs
     process = subprocess.Popen([dvc, "repro"], cwd=project.root, env=environment(project.root),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                               stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=interruptible)
     history = project.root / STAGE_1 / "history.jsonl"
     deadline = time.monotonic() + 300
     while not (history.is_file() and len(history.read_text().splitlines()) >= 3):
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()
+        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "dvc.out").read_text()
         time.sleep(0.1)
     os.killpg(process.pid, signal.SIGINT)
-    process.wait(timeout=60)
+    process.wait(timeout=120)
+    output.close()
     assert (project.root / STAGE_1 / "checkpoints/last/training_state.pt").is_file()
     assert not (project.root / STAGE_1 / "metrics.json").exists()  # killed mid-stage
     resumed = project.run(dvc, "repro", timeout=900).stdout

@@ -14,7 +14,7 @@ import yaml
 
 from rmt.config import json_schema, load_config
 from rmt.pipeline import plan
-from workflow_project import BIN, ROOT, TINY, dry_run_jobs, environment, make_project
+from workflow_project import BIN, ROOT, TINY, dry_run_jobs, environment, interruptible, make_project
 
 
 def snakemake(*arguments, cwd=ROOT, timeout=120):
@@ -135,17 +135,20 @@ def test_a_killed_workflow_resumes_its_training_stage(tmp_path):
     config["data"]["curriculum_segments"] = [1]
     config["train"].update(max_steps=400, eval_every=2, eval_examples=4, patience=1000)
     project = make_project(tmp_path / "project", config)
+    output = (tmp_path / "snakemake.out").open("w")  # a file, not a pipe nobody reads while it runs
     process = subprocess.Popen([str(BIN / "snakemake"), "--cores", "1"], cwd=project.root,
-                               env=environment(project.root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                               env=environment(project.root), stdout=output, stderr=subprocess.STDOUT,
+                               start_new_session=True,
+                               preexec_fn=interruptible)
     state = project.root / "results/memorize/seed-0/stage-1/checkpoints/last/training_state.pt"
     history = project.root / "results/memorize/seed-0/stage-1/history.jsonl"
     deadline = time.monotonic() + 300
     while not (history.is_file() and len(history.read_text().splitlines()) >= 3):
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()
+        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "snakemake.out").read_text()
         time.sleep(0.1)
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the terminal signals Snakemake and its jobs
-    process.wait(timeout=60)
+    process.wait(timeout=120)
+    output.close()
     assert state.is_file()
     assert not (project.root / "results/memorize/seed-0/stage-1/metrics.json").exists()
     killed_at = len(history.read_text().splitlines())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -31,6 +32,13 @@ TINY = {
               "eval_examples": 16},
     "evaluate": {"segments": None, "grid_segments": [1, 2, 3], "grid_examples": 8, "batch_size": 8},
 }
+
+
+def interruptible() -> None:
+    """In a child process: let SIGINT interrupt it, as Ctrl-C does in a terminal. A shell
+    that starts a job in the background (as CI runners may) leaves SIGINT ignored, and the
+    children would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def environment(project: Path, **extra: str) -> dict[str, str]:

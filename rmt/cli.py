@@ -51,22 +51,18 @@ def _task_settings(configs: list[Path], overrides: list[str], task: str):
         raise typer.BadParameter(_validation_message(error)) from None
 
 
-EXPERIMENT = "rmt"
-
-
 def _tracked(step: str, *, task: str, seed: int, params: dict, tags: dict | None = None):
     """The MLflow run of one pipeline step; none in the other processes of a torchrun job.
     RMT_GROUP names the reproduction it belongs to (the workflow sets it)."""
     import contextlib
     import os
 
-    from rmt.tracking import Run
+    from rmt.tracking import pipeline_run
 
     if int(os.environ.get("RANK", "0")) != 0:
         return contextlib.nullcontext(None)
     name = "/".join([task, f"seed-{seed}", *([f"stage-{tags['rmt.stage']}"] if tags and "rmt.stage" in tags else []), step])
-    return Run(experiment=EXPERIMENT, name=name, params=params, group=os.environ.get("RMT_GROUP"),
-               tags={"rmt.step": step, "rmt.task": task, "rmt.seed": seed, **(tags or {})})
+    return pipeline_run(step, name=name, params=params, tags={"rmt.task": task, "rmt.seed": seed, **(tags or {})})
 
 
 def _validation_message(error) -> str:

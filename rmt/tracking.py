@@ -437,3 +437,13 @@ def search_runs(*, experiment: str, filter_string: str = "") -> list[dict]:
         }
         for run in runs
     ]
+
+
+EXPERIMENT = "rmt"  # the pipeline's experiment
+
+
+def pipeline_run(step: str, *, name: str, params: dict, tags: dict | None = None) -> Run:
+    """The run of one pipeline step in the pipeline's experiment, in the reproduction that
+    RMT_GROUP names (the workflow sets it for all its jobs)."""
+    return Run(experiment=EXPERIMENT, name=name, params=params, group=os.environ.get("RMT_GROUP"),
+               tags={"rmt.step": step, **(tags or {})})

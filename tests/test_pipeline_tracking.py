@@ -5,8 +5,8 @@ import uuid
 import yaml
 from typer.testing import CliRunner
 
-from rmt.cli import EXPERIMENT, app
-from rmt.tracking import search_runs
+from rmt.cli import app
+from rmt.tracking import EXPERIMENT, search_runs
 
 TINY_BERT = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
 

@@ -79,14 +79,11 @@ def flops(
     accounting = Accounting(embeddings=embeddings, logits=logits, softmax=softmax)
     layout = SegmentLayout(segment_length=segment_length, num_memory_tokens=memory_tokens,
                            memory_writes=memory_writes, num_special_tokens=special_tokens)
-    import os
-
-    from rmt.tracking import Run
+    from rmt.tracking import pipeline_run
 
     params = {"models": [shape.name for shape in shapes], "tokens": sorted(set(lengths)),
               "accounting": accounting.describe(), "layout": layout.describe()}
-    with Run(experiment="rmt", name="profile/flops", params=params, group=os.environ.get("RMT_GROUP"),
-             tags={"rmt.step": "flops"}) as run:
+    with pipeline_run("flops", name="profile/flops", params=params) as run:
         grid = figure3_grid(shapes, sorted(set(lengths)), layout=layout, accounting=accounting)
         try:
             path = write_grid(grid, output)
@@ -116,16 +113,13 @@ def attention(
                                      "segments, none in the last)."),
 ) -> None:
     """Attention of [CLS] and memory over [memory, tokens] per segment (the paper's Figure 6)."""
-    import os
-
     from rmt.profile.attention import write_attention_maps
-    from rmt.tracking import Run
+    from rmt.tracking import pipeline_run
 
     if not (checkpoint / "rmt_config.json").is_file():
         raise typer.BadParameter(f"{checkpoint} is not an RMT checkpoint (no rmt_config.json)", param_hint="--checkpoint")
     params = {"checkpoint": str(checkpoint), "data": str(data), "segments": segments, "index": index}
-    with Run(experiment="rmt", name="profile/attention", params=params, group=os.environ.get("RMT_GROUP"),
-             tags={"rmt.step": "attention"}) as run:
+    with pipeline_run("attention", name="profile/attention", params=params) as run:
         path = write_attention_maps(output, checkpoint=checkpoint, data_dir=data, segments=segments, index=index)
         run.log_artifact(path)
     result = json.loads(path.read_text())

@@ -7,7 +7,10 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, TypeVar
+from typing import TYPE_CHECKING, Iterator, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 
 T = TypeVar("T")

@@ -8,6 +8,7 @@
     stage_train: changes to `train` for single stages, by number of segments, e.g. the
                 paper's Reasoning runs stage 1 at lr 1e-5 for 6000 steps: {1: {...}}
     evaluate:   extrapolation lengths and batch size
+    profile:    the measured cost study, `rmt profile memory` (lengths, budgets)
 
 The curriculum is data.curriculum_segments: stage N trains on N segments starting from
 stage N-1's best checkpoint. Validated as a whole before any job runs.
@@ -16,12 +17,14 @@ stage N-1's best checkpoint. Validated as a whole before any job runs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rmt.data.dataset import DataConfig
 from rmt.data.tasks import TASKS
+from rmt.profile.flops import FIGURE3_TOKENS
 from rmt.settings import ModelSettings, TrainSettings
 
 
@@ -34,6 +37,39 @@ class EvaluateSettings(BaseModel):
     grid_segments: list[int] = Field(default_factory=lambda: list(range(1, 16)))
     grid_examples: int = Field(default=200, ge=1)
     batch_size: int = Field(default=16, ge=1)
+
+
+class ProfileSettings(BaseModel):
+    """`rmt profile memory` (rmt/profile/memory.py): RMT's streaming inference against full
+    attention over the same backbone, and training memory against segments. The model is the
+    first task's (its model settings and segment length)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tokens: list[int] = Field(default_factory=lambda: list(FIGURE3_TOKENS), min_length=1,
+                              description="Input lengths (tokens per example); the paper's Figure 3 grid")
+    full_attention: list[Literal["sdpa", "eager"]] = Field(
+        default_factory=lambda: ["sdpa", "eager"],
+        description="Attention implementations of the full-attention baseline (sdpa: fused kernel; eager: the "
+                    "score matrix materialised)")
+    memory_budget_mb: float | None = Field(default=None, gt=0, description="Full attention is measured while "
+                                           "its projected peak stays within this (null: a quarter of the memory "
+                                           "available when the profile starts); longer inputs are projected")
+    max_seconds: float = Field(default=60.0, gt=0, description="The same for the time of one full-attention pass")
+    batch_size: int = Field(default=1, ge=1, description="Examples per inference call")
+    train_segments: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1)
+    train_batch_size: int = Field(default=8, ge=1)
+    train_steps: int = Field(default=3, ge=1, description="Timed optimizer steps per training point")
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _enough_lengths_to_project(self) -> "ProfileSettings":
+        if min(self.tokens) < 1 or min(self.train_segments) < 1:
+            raise ValueError("profile.tokens and profile.train_segments must be positive")
+        if self.full_attention and len(set(self.tokens)) < 3:
+            raise ValueError(f"profile.tokens {self.tokens}: give at least 3 lengths, the fewest from which full "
+                             "attention's cost beyond its budget is projected")
+        return self
 
 
 class TaskOverrides(BaseModel):
@@ -58,6 +94,7 @@ class PipelineConfig(BaseModel):
     train: dict = Field(default_factory=dict)
     stage_train: dict[int, dict] = Field(default_factory=dict)
     evaluate: dict = Field(default_factory=dict)
+    profile: ProfileSettings = Field(default_factory=ProfileSettings)
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -164,6 +201,7 @@ def json_schema() -> dict:
 
     sections = {"data": section(DataConfig, drop=("task",)), "model": section(ModelSettings),
                 "train": section(TrainSettings), "evaluate": section(EvaluateSettings)}
+    profile = section(ProfileSettings)
     stage_train = {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"}, "additionalProperties": sections["train"],
                    "description": "Changes to train for single curriculum stages, by number of segments"}
     task = {"type": ["object", "null"], "additionalProperties": False,
@@ -181,6 +219,7 @@ def json_schema() -> dict:
             "seeds": {"type": "array", "items": {"type": "integer"}, "minItems": 1},
             **sections,
             "stage_train": stage_train,
+            "profile": profile,
         },
         "$defs": definitions,
     }

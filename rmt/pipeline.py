@@ -10,6 +10,7 @@ commands, inputs and outputs:
     results/<task>/seed-<s>/grid/stage-<n>.csv     rmt evaluate --grid, every stage, 1..15
     results/profile/flops.csv                      rmt profile flops (the paper's Figure 3)
     results/profile/attention-<task>.json          rmt profile attention, first seed's last stage
+    results/profile/memory/                        rmt profile memory (measured memory and time)
     reports/                                       rmt report
 
 The Snakemake rules are written by hand with wildcards (readable, native); `plan()` lists
@@ -34,6 +35,8 @@ GRID = "results/{task}/seed-{seed}/grid/stage-{segments}.csv"
 FLOPS = "results/profile/flops.csv"
 ATTENTION = "results/profile/attention-{task}.json"
 ATTENTION_TASKS = ("reasoning", "detect_and_memorize")  # tasks whose facts the maps show (Figure 6)
+MEMORY = "results/profile/memory"
+MEMORY_FILES = tuple(f"{MEMORY}/{name}" for name in ("inference.csv", "training.csv", "summary.json"))
 REPORT = "reports"
 LOGS = "logs"
 
@@ -115,8 +118,11 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
             ))
     steps.append(Step(name="flops", rule="flops", command=f"rmt profile flops --output {FLOPS}", deps=(),
                       code=("rmt/profile",), outs=(FLOPS,)))
+    steps.append(Step(name="memory", rule="memory", command=f"rmt profile memory --output {MEMORY} {configs}",
+                      deps=(), code=("rmt/profile", "rmt/model", "rmt/train.py"), outs=MEMORY_FILES,
+                      params=keys("profile", "model", "data.segment_length", f"tasks.{next(iter(config.tasks))}")))
     results = [path for step in steps if step.rule in ("evaluate", "grid") for path in step.plots] + [
-        path for step in steps if step.rule in ("flops", "attention") for path in step.outs]
+        path for step in steps if step.rule in ("flops", "attention", "memory") for path in step.outs]
     steps.append(Step(
         name="report", rule="report", command=f"rmt report --output {REPORT} {configs}",
         deps=tuple(results), code=("rmt/report.py",), outs=(REPORT,),

@@ -6,6 +6,8 @@
     reports/accuracy.md                the same as a Markdown table
     reports/flops.{png,svg}            forward FLOPs against length, full attention and RMT
     reports/attention-<task>.{png,svg} attention of [CLS] and memory per segment (Figure 6)
+    reports/memory.{png,svg}           measured peak memory and time per token against length
+    reports/training-memory.{png,svg}  training step peak memory and time against segments
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from rmt.paper import paper_accuracy  # noqa: E402
-from rmt.pipeline import ATTENTION, ATTENTION_TASKS, EVALUATION, FLOPS, GRID  # noqa: E402
+from rmt.pipeline import ATTENTION, ATTENTION_TASKS, EVALUATION, FLOPS, GRID, MEMORY  # noqa: E402
 
 FIGURE_FORMATS = ("png", "svg")
 
@@ -114,6 +116,49 @@ def flops_figure(flops: pd.DataFrame, output: Path) -> list[Path]:
     return _save(figure, output, "flops")
 
 
+def memory_figure(inference: pd.DataFrame, summary: dict, output: Path) -> list[Path]:
+    """Peak memory and time per token against input length, RMT streaming against full
+    attention; projected points (never run) hollow, on dashed lines."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    methods = list(dict.fromkeys(inference["method"]))
+    colors = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
+    for axis, column, label in ((axes[0], "peak_memory_mb", "peak memory (MB)"),
+                                (axes[1], "us_per_token", "time per token (µs)")):
+        for method in methods:
+            rows = inference[inference["method"] == method].sort_values("tokens")
+            measured, projected = rows[rows["measured"]], rows[~rows["measured"]]
+            axis.plot(measured["tokens"], measured[column], marker="o", color=colors[method], label=method)
+            if not projected.empty:  # dashed from the last measured point on
+                tail = pd.concat([measured.tail(1), projected])
+                axis.plot(tail["tokens"], tail[column], linestyle="--", marker="o", markerfacecolor="none",
+                          color=colors[method], label=f"{method} (projected)")
+        axis.set(xscale="log", yscale="log", xlabel="input length (tokens)", ylabel=label)
+    for method, crossover in summary.get("crossover", {}).items():
+        if crossover["memory_from_tokens"]:
+            axes[0].axvline(crossover["memory_from_tokens"], color=colors[method], linewidth=0.8, linestyle=":")
+        if crossover["time_from_tokens"]:
+            axes[1].axvline(crossover["time_from_tokens"], color=colors[method], linewidth=0.8, linestyle=":")
+    axes[0].legend(fontsize=7)
+    figure.suptitle(f"inference, batch {summary['batch_size']}, {summary['segment_length']}-token segments, "
+                    f"{summary['device']} (dotted: RMT cheaper from here)", fontsize=9)
+    figure.tight_layout()
+    return _save(figure, output, "memory")
+
+
+def training_memory_figure(training: pd.DataFrame, summary: dict, output: Path) -> list[Path]:
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    sns.lineplot(data=training, x="segments", y="peak_memory_mb", hue="backprop", marker="o", ax=axes[0])
+    sns.lineplot(data=training, x="segments", y="step_seconds", hue="backprop", marker="o", ax=axes[1])
+    axes[0].set(xscale="log", xlabel="segments per example", ylabel="peak memory (MB)")
+    axes[1].set(xscale="log", xlabel="segments per example", ylabel="optimizer step (s)")
+    for axis in axes:
+        axis.set_xticks(sorted(training["segments"].unique()), labels=sorted(training["segments"].unique()))
+    figure.suptitle(f"training step (forward, backward, AdamW), batch {summary['train_batch_size']}, "
+                    f"{summary['segment_length']}-token segments, {summary['device']}", fontsize=9)
+    figure.tight_layout()
+    return _save(figure, output, "training-memory")
+
+
 def attention_figure(result: dict, output: Path) -> list[Path]:
     segments, memory = result["segments"], result["num_memory_tokens"]
     figure, axes = plt.subplots(1, segments, figsize=(4.5 * segments, 3.2), sharey=True)
@@ -153,5 +198,9 @@ def build_report(*, tasks: list[str], seeds: list[int], curricula: dict[str, lis
         if not path.is_file():
             raise FileNotFoundError(f"No attention maps at {path}: run `rmt profile attention` first")
         attention += attention_figure(json.loads(path.read_text()), output)
+    memory = root / MEMORY
+    inference, training = _read({memory / "inference.csv": 0}, "memory"), _read({memory / "training.csv": 0}, "memory")
+    summary = json.loads((memory / "summary.json").read_text())
     return [*accuracy_figure(table, output), *generalization_figure(grid, output), *flops_figure(flops, output),
-            *attention, output / "accuracy.csv", output / "accuracy.md"]
+            *attention, *memory_figure(inference, summary, output), *training_memory_figure(training, summary, output),
+            output / "accuracy.csv", output / "accuracy.md"]

@@ -11,11 +11,13 @@ from typer.testing import CliRunner
 from rmt.cli import app
 from rmt.data.dataset import DataConfig, build_dataset
 from rmt.evaluate import ROW_FIELDS
-from rmt.pipeline import ATTENTION, EVALUATION, FLOPS, GRID
+from rmt.pipeline import ATTENTION, EVALUATION, FLOPS, GRID, MEMORY
 from rmt.profile.attention import attention_maps
+from rmt.profile.memory import Budget, profile_memory, write_profile
 from rmt.report import accuracy_table, build_report, markdown_table
 from rmt.settings import ModelSettings, TrainSettings
 from rmt.train import train_stage
+from test_memory_profile import fake_point
 
 TINY_BERT = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
 
@@ -72,13 +74,17 @@ def test_the_report_draws_every_figure_and_table_from_the_files(tmp_path, traine
     assert result.exit_code == 0, result.output
     attention = tmp_path / ATTENTION.format(task="reasoning")
     attention.write_text(json.dumps(attention_maps(checkpoint=checkpoint, data_dir=data, segments=4)))
+    costs = profile_memory(model=ModelSettings(pretrained=False), segment_length=64, tokens=[512, 2048, 8192, 32768],
+                           budget=Budget(memory_mb=1000, seconds=10.0), train_segments=[1, 2, 4], progress=False,
+                           measure_point=fake_point)
+    write_profile(costs, tmp_path / MEMORY)
 
     written = build_report(tasks=["reasoning"], seeds=[0, 1], curricula={"reasoning": [1, 2]},
                            output=tmp_path / "reports", root=tmp_path)
     names = sorted(path.name for path in written)
     assert names == sorted(["accuracy.png", "accuracy.svg", "generalization.png", "generalization.svg", "flops.png",
-                            "flops.svg", "attention-reasoning.png", "attention-reasoning.svg", "accuracy.csv",
-                            "accuracy.md"])
+                            "flops.svg", "attention-reasoning.png", "attention-reasoning.svg", "memory.png", "memory.svg",
+                            "training-memory.png", "training-memory.svg", "accuracy.csv", "accuracy.md"])
     assert all(path.stat().st_size > 0 for path in written)
     table = {row["evaluated_segments"]: row for row in csv.DictReader((tmp_path / "reports/accuracy.csv").open())}
     assert float(table["4096"]["accuracy"]) == pytest.approx(0.95)  # mean of the two seeds

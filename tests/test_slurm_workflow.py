@@ -15,8 +15,8 @@ from workflow_project import BIN, ROOT, TINY, make_project
 pytestmark = pytest.mark.slow
 
 # Jobs of the tiny pipeline that SLURM runs: data, 2 stages, 2 grid evaluations, the
-# evaluation, the FLOP study and the report (`all` is local).
-CLUSTER_JOBS = 8
+# evaluation, the FLOP study, the memory profile and the report (`all` is local).
+CLUSTER_JOBS = 9
 # Timing figures differ between runs; everything else must not.
 TIMING_COLUMNS = {"seconds", "examples_per_second", "peak_memory_mb"}
 

@@ -68,8 +68,9 @@ def test_the_whole_default_dag_builds_in_seconds():
     started = time.perf_counter()
     result = snakemake("-n", "--forceall", "--quiet", "rules")
     assert result.returncode == 0, result.stdout
-    # 3 tasks x (data, 7 stages, 7 grid evaluations, 1 evaluation), FLOPs, 2 attention maps, the report, `all`.
-    assert "total" in result.stdout and " 53" in result.stdout.split("total")[1].splitlines()[0]
+    # 3 tasks x (data, 7 stages, 7 grid evaluations, 1 evaluation), FLOPs, 2 attention maps, the memory
+    # profile, the report, `all`.
+    assert "total" in result.stdout and " 54" in result.stdout.split("total")[1].splitlines()[0]
     assert time.perf_counter() - started < 30
 
 
@@ -109,11 +110,12 @@ def test_the_tiny_pipeline_end_to_end(tmp_path):
     metrics = json.loads((project.root / "results/memorize/seed-0/stage-2/metrics.json").read_text())
     assert metrics["steps"] == 4
     for path in ("reports/accuracy.png", "reports/generalization.svg", "reports/accuracy.md", "reports/flops.png",
+                 "reports/memory.png", "reports/training-memory.svg", "results/profile/memory/summary.json",
                  "results/memorize/seed-0/evaluation.csv", "results/memorize/seed-0/grid/stage-1.csv",
                  "logs/train/memorize/seed-0/stage-2.log", "results/timings/train/memorize/seed-0/stage-2.tsv"):
         assert (project.root / path).is_file(), path
     runs = _mlflow_runs(project)
-    assert {run.data.tags["rmt.step"] for run in runs} == {"data", "train", "grid", "evaluate", "flops"}
+    assert {run.data.tags["rmt.step"] for run in runs} == {"data", "train", "grid", "evaluate", "flops", "memory"}
     assert len({run.data.tags["rmt.group"] for run in runs}) == 1  # one reproduction, one group
 
     # Done: nothing to do. One changed value reruns exactly what reads it.
@@ -126,7 +128,7 @@ def test_the_tiny_pipeline_end_to_end(tmp_path):
     project.snakemake()
     project.snakemake("--report", "reports/report.html")
     html = (project.root / "reports/report.html").read_text()
-    assert "accuracy.png" in html and "generalization.png" in html
+    assert all(name in html for name in ("accuracy.png", "generalization.png", "memory.png", "training-memory.png"))
 
 
 @pytest.mark.slow

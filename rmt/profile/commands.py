@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-profile_app = typer.Typer(no_args_is_help=True, help="Cost studies: analytic FLOPs of full attention and RMT.")
+profile_app = typer.Typer(no_args_is_help=True, help="Cost studies: analytic FLOPs, measured memory and time, attention maps.")
 
 
 @profile_app.callback()
@@ -126,3 +126,69 @@ def attention(
     typer.echo(f"{result['task']} example {result['example']}: facts {result['facts']}, question "
                f"{result['question']!r}, answer {result['answer']}, predicted {result['predicted']}")
     typer.echo(f"Wrote {path}")
+
+
+@profile_app.command("memory")
+def memory(
+    output: Path = typer.Option(Path("results/profile/memory"), help="Folder to write: inference.csv, "
+                                "training.csv, summary.json."),
+    configs: list[Path] = typer.Option([], "--config", help="Pipeline configuration (params.yaml; several are laid "
+                                       "over each other): the first task's model and its `profile:` section."),
+    task: str | None = typer.Option(None, help="Profile this task's model (default: the configuration's first)."),
+) -> None:
+    """Measured peak memory and time: RMT streaming against full attention over the same
+    backbone (512 to 2,048,000 tokens; full attention within a budget, projected beyond),
+    and one training step against segments, plain BPTT against memory-efficient backprop."""
+    from rmt.config import load_config
+    from rmt.profile.memory import Budget, profile_memory, write_profile
+    from rmt.tracking import pipeline_run
+
+    try:
+        config = load_config(*configs)
+    except (FileNotFoundError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="--config") from None
+    task = task or next(iter(config.tasks))
+    if task not in config.tasks:
+        raise typer.BadParameter(f"{task!r} is not a task of the configuration ({', '.join(config.tasks)})",
+                                 param_hint="--task")
+    settings, profile = config.for_task(task), config.profile
+    budget = Budget(memory_mb=profile.memory_budget_mb or Budget.default_memory_mb(), seconds=profile.max_seconds)
+    params = {"task": task, "model": settings.model.model_dump(), "segment_length": settings.data.segment_length,
+              "profile": profile.model_dump(), "budget": {"memory_mb": budget.memory_mb, "seconds": budget.seconds}}
+    with pipeline_run("memory", name="profile/memory", params=params, tags={"rmt.task": task}) as run:
+        result = profile_memory(
+            model=settings.model, segment_length=settings.data.segment_length, tokens=profile.tokens,
+            full_attention=profile.full_attention, budget=budget, batch_size=profile.batch_size,
+            train_segments=profile.train_segments, train_batch_size=profile.train_batch_size,
+            train_steps=profile.train_steps, device=profile.device)
+        paths = write_profile(result, output)
+        for row in result.inference:
+            if row["measured"]:
+                run.log_metrics({f"peak_memory_mb/{row['method']}": row["peak_memory_mb"],
+                                 f"us_per_token/{row['method']}": row["us_per_token"]}, step=row["tokens"])
+        for row in result.training:
+            run.log_metrics({f"train_peak_memory_mb/{row['backprop']}": row["peak_memory_mb"],
+                             f"train_step_seconds/{row['backprop']}": row["step_seconds"]}, step=row["segments"])
+        if result.summary["flat_memory_ratio"]:
+            run.log_metrics({"flat_memory_ratio": result.summary["flat_memory_ratio"]["ratio"]},
+                            step=result.summary["flat_memory_ratio"]["tokens"])
+        run.log_artifact(output)
+    _print_memory_summary(result)
+    typer.echo(f"Wrote {', '.join(map(str, paths))}")
+
+
+def _print_memory_summary(result) -> None:
+    typer.echo(f"{'method':>11} {'tokens':>10} {'peak MB':>9} {'seconds':>9} {'us/token':>9}")
+    for row in result.inference:
+        note = "" if row["measured"] else "  (projected)"
+        typer.echo(f"{row['method']:>11} {row['tokens']:>10,} {row['peak_memory_mb']:>9.1f} {row['seconds']:>9.3f} "
+                   f"{row['us_per_token']:>9.2f}{note}")
+    for method, crossover in result.summary["crossover"].items():
+        typer.echo(f"RMT cheaper than {method} from {crossover['memory_from_tokens']} tokens in memory, from "
+                   f"{crossover['time_from_tokens']} tokens in time (measured to {crossover['longest_measured_tokens']:,})")
+    flat = result.summary["flat_memory_ratio"]
+    if flat:
+        typer.echo(f"RMT peak memory at {flat['tokens']:,} tokens / at {flat['reference_tokens']:,}: {flat['ratio']:.3f}")
+    typer.echo(f"{'segments':>8} {'backprop':>16} {'peak MB':>9} {'step s':>8}")
+    for row in result.training:
+        typer.echo(f"{row['segments']:>8} {row['backprop']:>16} {row['peak_memory_mb']:>9.1f} {row['step_seconds']:>8.3f}")

@@ -15,6 +15,8 @@ from rmt.pipeline import (
     FLOPS,
     GRID,
     LOGS,
+    MEMORY,
+    MEMORY_FILES,
     REPORT,
     STAGE,
     config_arguments,
@@ -109,8 +111,15 @@ def last_stage_of_first_seed(wildcards):
                                         segments=curriculum(wildcards.task)[-1]))
 
 
+def memory_profile_settings(wildcards):
+    """What `rmt profile memory` reads: its section, and the first task's model and segments."""
+    settings = PIPELINE.for_task(next(iter(PIPELINE.tasks)))
+    return {"profile": PIPELINE.profile.model_dump(mode="json"), "model": settings.model.model_dump(mode="json"),
+            "segment_length": settings.data.segment_length}
+
+
 def report_inputs(wildcards):
-    return [*evaluations(), *grids(), FLOPS, *attention_maps()]
+    return [*evaluations(), *grids(), FLOPS, *attention_maps(), *MEMORY_FILES]
 
 
 def all_outputs():

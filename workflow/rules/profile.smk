@@ -1,5 +1,6 @@
 # Cost studies: analytic forward FLOPs of full attention and RMT on the OPT shapes (the
-# paper's Figure 3).
+# paper's Figure 3), attention maps (Figure 6), and measured memory and time of RMT against
+# full attention (its timings are wall time: alongside other jobs they run slower).
 
 
 rule flops:
@@ -29,3 +30,22 @@ rule attention:
         f"{TIMINGS}/profile/attention-{{task}}.tsv"
     shell:
         "rmt profile attention --checkpoint {input.checkpoint} --data {input.data} --output {output} > {log} 2>&1"
+
+
+rule memory:
+    output:
+        inference=f"{MEMORY}/inference.csv",
+        training=f"{MEMORY}/training.csv",
+        summary=f"{MEMORY}/summary.json",
+    params:
+        folder=lambda wildcards, output: os.path.dirname(output.summary),
+        config=CONFIG_ARGS,
+        settings=memory_profile_settings,
+    conda:
+        ENVIRONMENT
+    log:
+        f"{LOGS}/profile/memory.log",
+    benchmark:
+        f"{TIMINGS}/profile/memory.tsv"
+    shell:
+        "rmt profile memory --output {params.folder} {params.config} > {log} 2>&1"

@@ -9,6 +9,10 @@ REPORT_FILES = [
     f"{REPORT}/accuracy.md",
     f"{REPORT}/flops.png",
     f"{REPORT}/flops.svg",
+    f"{REPORT}/memory.png",
+    f"{REPORT}/memory.svg",
+    f"{REPORT}/training-memory.png",
+    f"{REPORT}/training-memory.svg",
     *(f"{REPORT}/attention-{task}.{fmt}" for task in PIPELINE.tasks if task in ATTENTION_TASKS for fmt in ("png", "svg")),
 ]
 
@@ -25,6 +29,10 @@ rule report:
         f"{REPORT}/accuracy.md",
         report(f"{REPORT}/flops.png", caption="../report/flops.rst", category="Cost"),
         f"{REPORT}/flops.svg",
+        report(f"{REPORT}/memory.png", caption="../report/memory.rst", category="Cost"),
+        f"{REPORT}/memory.svg",
+        report(f"{REPORT}/training-memory.png", caption="../report/training-memory.rst", category="Cost"),
+        f"{REPORT}/training-memory.svg",
         *(
             report(f"{REPORT}/attention-{task}.png", caption="../report/attention.rst", category="Attention")
             for task in PIPELINE.tasks

@@ -65,6 +65,12 @@ def _tracked(step: str, *, task: str, seed: int, params: dict, tags: dict | None
     return pipeline_run(step, name=name, params=params, tags={"rmt.task": task, "rmt.seed": seed, **(tags or {})})
 
 
+def _config_tags(settings, configs: list[Path]) -> dict:
+    """Which configuration a run belongs to: its hash (seeds of one configuration share it)
+    and the files it came from, for people reading the table."""
+    return {"rmt.config": settings.config_hash(), "rmt.config_files": " + ".join(map(str, configs)) or "defaults"}
+
+
 def _validation_message(error) -> str:
     lines = [f"  {'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors()]
     return "Invalid settings:\n" + "\n".join(lines)
@@ -110,7 +116,7 @@ def train(
         dataset = TaskDataset(data)
         params = {"data": dataset.config.model_dump(), "model": model_settings.model_dump(),
                   "train": train_settings.model_dump(), "segments": segments, "init": str(init) if init else None}
-        tags = {"rmt.stage": segments, "rmt.data_hash": dataset.card["config_hash"]}
+        tags = {"rmt.stage": segments, "rmt.data_hash": dataset.card["config_hash"], **_config_tags(settings, configs)}
         with _tracked("train", task=dataset.config.task, seed=train_settings.seed, params=params, tags=tags) as run:
             metrics = train_stage(data_dir=data, segments=segments, output=output, model=model_settings,
                                   train=train_settings, init=init, run=run)
@@ -148,7 +154,8 @@ def evaluate(
         dataset = TaskDataset(data)
     except FileNotFoundError as error:
         raise typer.BadParameter(str(error), param_hint="--data") from None
-    settings = _task_settings(configs, overrides, dataset.config.task).evaluate
+    task_settings = _task_settings(configs, overrides, dataset.config.task)
+    settings = task_settings.evaluate
     if grid:
         lengths, max_examples = lengths or settings.grid_segments, max_examples or settings.grid_examples
     lengths = lengths or settings.segments
@@ -157,7 +164,8 @@ def evaluate(
         stage = stage_settings(checkpoint)
         params = {"checkpoint": str(checkpoint), "data": str(data), "grid": grid, "segments": lengths,
                   "max_examples": max_examples, "batch_size": batch_size}
-        tags = {"rmt.data_hash": dataset.card["config_hash"], **({"rmt.stage": stage["segments"]} if stage else {})}
+        tags = {"rmt.data_hash": dataset.card["config_hash"], **({"rmt.stage": stage["segments"]} if stage else {}),
+                **_config_tags(task_settings, configs)}
         seed = stage["train"]["seed"] if stage else dataset.config.seed
         with _tracked("grid" if grid else "evaluate", task=dataset.config.task, seed=seed, params=params,
                       tags=tags) as run:
@@ -177,15 +185,18 @@ def report(
     results: Path = typer.Option(Path("."), help="Project root holding results/ (the pipeline's layout)."),
     configs: list[Path] = typer.Option([], "--config", help=CONFIG_HELP),
 ) -> None:
-    """Figures and tables of the reproduction, from its result files."""
+    """Figures and tables of the reproduction, from its result files; the seed summary of
+    every configuration from the tracking store (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
     from rmt.config import load_config
     from rmt.report import build_report
+    from rmt.tracking import EXPERIMENT, search_runs
 
     try:
         config = load_config(*configs)
         curricula = {task: config.for_task(task).curriculum for task in config.tasks}
+        runs = search_runs(experiment=EXPERIMENT, filter_string="tags.\"rmt.step\" = 'evaluate'", history=("accuracy",))
         written = build_report(tasks=list(config.tasks), seeds=config.seeds, curricula=curricula, output=output,
-                               root=results)
+                               root=results, runs=runs)
     except (ValueError, FileNotFoundError) as error:
         typer.echo(f"Error: {error}", err=True)
         raise typer.Exit(2) from None

@@ -156,6 +156,19 @@ class TaskSettings(BaseModel):
         """The training settings of the stage on `segments` segments."""
         return self.stage_train.get(segments, self.train)
 
+    def config_hash(self) -> str:
+        """What makes runs comparable: every setting but the training seed and the device,
+        hashed, so that the seeds of one configuration group together (MLflow tag
+        `rmt.config`, the report's seed summary)."""
+        import hashlib
+        import json
+
+        settings = self.model_dump(mode="json")
+        for train in (settings["train"], *settings["stage_train"].values()):
+            train.pop("seed"), train.pop("device")
+        text = json.dumps(settings, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
 
 def merge(base, overlay):
     """Lay `overlay` over `base` the way Snakemake merges --configfile files: mappings key

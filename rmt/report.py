@@ -6,6 +6,8 @@
     reports/accuracy.md                the same as a Markdown table
     reports/flops.{png,svg}            forward FLOPs against length, full attention and RMT
     reports/attention-<task>.{png,svg} attention of [CLS] and memory per segment (Figure 6)
+    reports/seeds.csv, seeds.md        every configuration in the tracking store: accuracy against
+                                       length, mean and spread over its seeds (read from MLflow)
     reports/memory.{png,svg}           measured peak memory and time per token against length
     reports/training-memory.{png,svg}  training step peak memory and time against segments
 """
@@ -60,6 +62,63 @@ def markdown_table(table: pd.DataFrame) -> str:
         lines.append(f"| {row.task} | {row.evaluated_segments} | {row.tokens:,} | {row.examples} | {row.seeds} | "
                      f"{100 * row.accuracy:.1f}{spread} | {100 * row.ci_low:.1f}-{100 * row.ci_high:.1f} | {paper} |")
     return "\n".join(lines) + "\n"
+
+
+SEED_SUMMARY_FIELDS = ("task", "config", "config_files", "trained_segments", "evaluated_segments", "seeds",
+                       "accuracy_mean", "accuracy_std", "accuracy_min", "accuracy_max")
+
+
+def seed_summary(runs: list[dict]) -> pd.DataFrame:
+    """The extrapolation runs of the tracking store (rmt.tracking.search_runs with the
+    accuracy history), one row per task, configuration (the `rmt.config` hash: every setting
+    but the seed), trained and evaluated segments: mean, spread and range over the seeds.
+    A configuration evaluated again keeps its newest run per seed."""
+    newest = {}
+    for run in sorted(runs, key=lambda r: r["start_time"] or 0, reverse=True):
+        tags = run["tags"]
+        if tags.get("rmt.step") != "evaluate" or run["status"] != "FINISHED" or "rmt.config" not in tags:
+            continue
+        newest.setdefault((tags["rmt.task"], tags["rmt.config"], tags.get("rmt.stage"), tags["rmt.seed"]), run)
+    rows = [{"task": task, "config": config, "config_files": run["tags"].get("rmt.config_files", ""),
+             "trained_segments": int(stage) if stage else None, "seed": int(seed), "evaluated_segments": int(step),
+             "accuracy": value}
+            for (task, config, stage, seed), run in newest.items()
+            for step, value in run.get("history", {}).get("accuracy", {}).items()]
+    if not rows:
+        return pd.DataFrame(columns=SEED_SUMMARY_FIELDS)
+    keys = ["task", "config", "config_files", "trained_segments", "evaluated_segments"]
+    table = pd.DataFrame(rows).groupby(keys, dropna=False).agg(
+        seeds=("seed", "nunique"), accuracy_mean=("accuracy", "mean"), accuracy_std=("accuracy", "std"),
+        accuracy_min=("accuracy", "min"), accuracy_max=("accuracy", "max")).reset_index()
+    table["accuracy_std"] = table["accuracy_std"].fillna(0.0)
+    return table[list(SEED_SUMMARY_FIELDS)]
+
+
+def seed_summary_markdown(table: pd.DataFrame) -> str:
+    """Configurations side by side: a column per (task's) configuration, a row per length."""
+    if table.empty:
+        return "No finished evaluation runs in the tracking store yet (rmt evaluate logs them).\n"
+    sections = []
+    for task, rows in table.groupby("task", sort=False):
+        configurations = list(dict.fromkeys(zip(rows["config"], rows["config_files"], rows["trained_segments"])))
+        header = ["segments"] + [f"{files} [{config}], trained on {trained}, "
+                                 f"{int(rows[rows['config'] == config]['seeds'].max())} seed(s)"
+                                 for config, files, trained in configurations]
+        lines = [f"### {task}", "", "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+        for segments, at in rows.groupby("evaluated_segments"):
+            cells = []
+            for config, _, trained in configurations:
+                match = at[(at["config"] == config) & (at["trained_segments"] == trained)]
+                if match.empty:
+                    cells.append("")
+                    continue
+                row = match.iloc[0]
+                spread = f" ± {100 * row.accuracy_std:.1f}" if row.seeds > 1 else ""
+                cells.append(f"{100 * row.accuracy_mean:.1f}{spread}")
+            lines.append(f"| {segments} | " + " | ".join(cells) + " |")
+        sections.append("\n".join(lines))
+    return ("Accuracy (%) against input length, mean ± standard deviation over seeds, for every configuration "
+            "in the tracking store.\n\n" + "\n\n".join(sections) + "\n")
 
 
 def _save(figure, output: Path, name: str) -> list[Path]:
@@ -180,8 +239,9 @@ def attention_figure(result: dict, output: Path) -> list[Path]:
 
 
 def build_report(*, tasks: list[str], seeds: list[int], curricula: dict[str, list[int]], output: str | Path,
-                 root: str | Path = ".") -> list[Path]:
-    """Every figure and table of the report, from the result files under `root`."""
+                 root: str | Path = ".", runs: list[dict] = ()) -> list[Path]:
+    """Every figure and table of the report, from the result files under `root`, and the
+    seed summary from `runs` (the tracking store's, rmt.tracking.search_runs)."""
     output, root = Path(output), Path(root)
     evaluations = _read({root / EVALUATION.format(task=t, seed=s): s for t in tasks for s in seeds}, "evaluation")
     grid = _read({root / GRID.format(task=t, seed=s, segments=n): s for t in tasks for s in seeds for n in curricula[t]},
@@ -191,6 +251,9 @@ def build_report(*, tasks: list[str], seeds: list[int], curricula: dict[str, lis
     table = accuracy_table(evaluations)
     table.to_csv(output / "accuracy.csv", index=False)
     (output / "accuracy.md").write_text(markdown_table(table))
+    seeds_table = seed_summary(list(runs))
+    seeds_table.to_csv(output / "seeds.csv", index=False)
+    (output / "seeds.md").write_text(seed_summary_markdown(seeds_table))
     flops = _read({root / FLOPS: 0}, "FLOP")
     attention = []
     for task in (t for t in tasks if t in ATTENTION_TASKS):
@@ -203,4 +266,4 @@ def build_report(*, tasks: list[str], seeds: list[int], curricula: dict[str, lis
     summary = json.loads((memory / "summary.json").read_text())
     return [*accuracy_figure(table, output), *generalization_figure(grid, output), *flops_figure(flops, output),
             *attention, *memory_figure(inference, summary, output), *training_memory_figure(training, summary, output),
-            output / "accuracy.csv", output / "accuracy.md"]
+            output / "accuracy.csv", output / "accuracy.md", output / "seeds.csv", output / "seeds.md"]

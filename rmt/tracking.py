@@ -402,10 +402,11 @@ class Run:
         _retry(self.uri, f"logging artifact {path} of run {self.name!r}", log, self.run_id, str(path), artifact_path)
 
 
-def search_runs(*, experiment: str, filter_string: str = "") -> list[dict]:
+def search_runs(*, experiment: str, filter_string: str = "", history: tuple[str, ...] = ()) -> list[dict]:
     """The runs of an experiment as plain dicts (run_id, name, status, start_time, end_time,
-    params, metrics at their latest step, tags), newest first. No experiment, or no
-    database yet, means no runs: reading never creates anything."""
+    params, metrics at their latest step, tags), newest first; with `history`, also those
+    metrics at every step: {"history": {key: {step: value}}} (the last value logged at a
+    step). No experiment, or no database yet, means no runs: reading never creates anything."""
     uri = _resolve(tracking_uri())
     path = _sqlite_path(uri)
     if path is not None and not path.exists():
@@ -424,6 +425,10 @@ def search_runs(*, experiment: str, filter_string: str = "") -> list[dict]:
         token = page.token
         if not token:
             break
+    def steps(run_id: str, key: str) -> dict[int, float]:
+        points = _retry(uri, f"reading {key} of run {run_id}", client.get_metric_history, run_id, key)
+        return {point.step: point.value for point in sorted(points, key=lambda p: p.timestamp)}
+
     return [
         {
             "run_id": run.info.run_id,
@@ -434,6 +439,8 @@ def search_runs(*, experiment: str, filter_string: str = "") -> list[dict]:
             "params": dict(run.data.params),
             "metrics": dict(run.data.metrics),
             "tags": dict(run.data.tags),
+            **({"history": {key: steps(run.info.run_id, key) for key in history if key in run.data.metrics}}
+               if history else {}),
         }
         for run in runs
     ]

@@ -98,3 +98,11 @@ def test_commands_resolve_a_tasks_settings_from_the_configuration():
         _task_settings([], ["learning_rate=1"], "memorize")
     with pytest.raises(typer.BadParameter, match="learning_rate"):
         _task_settings([], ["train.learning_rate=-1"], "memorize")
+
+
+def test_the_config_hash_ignores_the_seed_and_device_only():
+    base = load_config(ROOT / "params.yaml").for_task("memorize")
+    other_seed = base.model_copy(update={"train": base.train.model_copy(update={"seed": 3, "device": "cuda"})})
+    other_lr = base.model_copy(update={"train": base.train.model_copy(update={"learning_rate": 1e-5})})
+    assert base.config_hash() == other_seed.config_hash() != other_lr.config_hash()
+    assert len(base.config_hash()) == 12

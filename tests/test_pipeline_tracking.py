@@ -38,7 +38,7 @@ def test_data_train_and_evaluate_are_tracked_as_one_group(tmp_path, monkeypatch)
                                  "--config", str(config)])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["evaluate", "--checkpoint", str(stage / "best"), "--data", str(data),
-                                 "--output", str(tmp_path / "eval.csv")])
+                                 "--output", str(tmp_path / "eval.csv"), "--config", str(config)])
     assert result.exit_code == 0, result.output
 
     runs = {run["tags"]["rmt.step"]: run for run in search_runs(experiment=EXPERIMENT,
@@ -50,6 +50,9 @@ def test_data_train_and_evaluate_are_tracked_as_one_group(tmp_path, monkeypatch)
     assert train["tags"]["rmt.task"] == "memorize" and train["tags"]["rmt.stage"] == "1"
     assert train["tags"]["rmt.data_hash"] == runs["data"]["tags"]["rmt.data_hash"]
     assert len(train["tags"]["rmt.git_commit"]) >= 7
+    # One configuration: the seed summary groups the evaluation with the training that made it.
+    assert train["tags"]["rmt.config"] == runs["evaluate"]["tags"]["rmt.config"]
+    assert runs["evaluate"]["tags"]["rmt.config_files"] == str(config)
     assert train["params"]["train.max_steps"] == "4" and train["params"]["model.num_memory_tokens"] == "2"
     assert [step for step, _ in metric_history(train["run_id"], "train_loss")] == [1, 2, 3, 4]
     assert [step for step, _ in metric_history(train["run_id"], "valid_accuracy")] == [2, 4]

@@ -84,7 +84,8 @@ def test_the_report_draws_every_figure_and_table_from_the_files(tmp_path, traine
     names = sorted(path.name for path in written)
     assert names == sorted(["accuracy.png", "accuracy.svg", "generalization.png", "generalization.svg", "flops.png",
                             "flops.svg", "attention-reasoning.png", "attention-reasoning.svg", "memory.png", "memory.svg",
-                            "training-memory.png", "training-memory.svg", "accuracy.csv", "accuracy.md"])
+                            "training-memory.png", "training-memory.svg", "accuracy.csv", "accuracy.md",
+                            "seeds.csv", "seeds.md"])
     assert all(path.stat().st_size > 0 for path in written)
     table = {row["evaluated_segments"]: row for row in csv.DictReader((tmp_path / "reports/accuracy.csv").open())}
     assert float(table["4096"]["accuracy"]) == pytest.approx(0.95)  # mean of the two seeds
@@ -106,3 +107,47 @@ def test_accuracy_table_and_markdown_for_one_seed():
     table = accuracy_table(pd.DataFrame(_rows("memorize", 7, [4096], 0.97)).assign(seed=0))
     assert table["accuracy_std"].tolist() == [0.0] and table["paper_accuracy"].tolist() == [pytest.approx(0.906)]
     assert "± " not in markdown_table(table)
+
+
+def _log_evaluation(*, task, config, seed, accuracies, files="params.yaml", status_ok=True):
+    from rmt.tracking import pipeline_run
+
+    tags = {"rmt.task": task, "rmt.seed": seed, "rmt.stage": 7, "rmt.config": config, "rmt.config_files": files}
+    try:
+        with pipeline_run("evaluate", name=f"{task}/seed-{seed}/evaluate", params={}, tags=tags) as run:
+            for segments, accuracy in accuracies.items():
+                run.log_metrics({"accuracy": accuracy}, step=segments)
+            if not status_ok:
+                raise RuntimeError("crashed")
+    except RuntimeError:
+        pass
+
+
+def test_the_seed_summary_compares_configurations_across_seeds_from_mlflow(tmp_path, monkeypatch):
+    from rmt.report import seed_summary, seed_summary_markdown
+    from rmt.tracking import EXPERIMENT, search_runs
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _log_evaluation(task="memorize", config="aaa", seed=0, accuracies={4: 0.5, 4096: 0.2})  # superseded below
+    _log_evaluation(task="memorize", config="aaa", seed=0, accuracies={4: 1.0, 4096: 0.9})
+    _log_evaluation(task="memorize", config="aaa", seed=1, accuracies={4: 1.0, 4096: 0.8})
+    _log_evaluation(task="memorize", config="bbb", seed=0, accuracies={4: 0.6, 4096: 0.3}, files="params.yaml + x.yaml")
+    _log_evaluation(task="memorize", config="bbb", seed=1, accuracies={4: 0.1}, status_ok=False)  # FAILED: left out
+    runs = search_runs(experiment=EXPERIMENT, history=("accuracy",))
+    table = seed_summary(runs).set_index(["config", "evaluated_segments"])
+    assert table.loc[("aaa", 4096), "seeds"] == 2
+    assert table.loc[("aaa", 4096), "accuracy_mean"] == pytest.approx(0.85)
+    assert table.loc[("aaa", 4096), "accuracy_std"] == pytest.approx(0.0707, abs=1e-4)
+    assert (table.loc[("aaa", 4096), "accuracy_min"], table.loc[("aaa", 4096), "accuracy_max"]) == (0.8, 0.9)
+    assert table.loc[("bbb", 4), "seeds"] == 1 and table.loc[("bbb", 4), "accuracy_mean"] == pytest.approx(0.6)
+    markdown = seed_summary_markdown(seed_summary(runs))
+    assert "params.yaml [aaa], trained on 7, 2 seed(s)" in markdown and "params.yaml + x.yaml [bbb]" in markdown
+    assert "| 4096 | 85.0 ± 7.1 | 30.0 |" in markdown
+
+
+def test_an_empty_store_gives_an_empty_summary_that_says_so():
+    from rmt.report import SEED_SUMMARY_FIELDS, seed_summary, seed_summary_markdown
+
+    table = seed_summary([])
+    assert list(table.columns) == list(SEED_SUMMARY_FIELDS) and table.empty
+    assert "No finished evaluation runs" in seed_summary_markdown(table)

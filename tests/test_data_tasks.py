@@ -51,6 +51,25 @@ def test_reasoning_needs_exactly_one_of_its_two_facts():
         assert sorted(answering) == [False, True], sample
 
 
+def test_reasoning_asks_as_babi_qa4_does():
+    """bAbI's generator (IsDir) asks about the relation of the middle room to one end and
+    blanks either of its rooms, so half of the questions name the middle room (two facts
+    mention it; the direction decides) and half an end room (one fact mentions it). Facts
+    are worded from either side, as in bAbI's first example: "The office is north of the
+    kitchen. The garden is south of the kitchen." (the middle room is the object of both)."""
+    task = get_task("reasoning")
+    rng = np.random.default_rng(3)
+    names_middle, middle_slots = 0, Counter()
+    for _ in range(2000):
+        sample = task.sample(rng)
+        parsed = [re.fullmatch(r"The (\w+) is \w+ of the (\w+)\.", fact).groups() for fact in sample.facts]
+        (middle,) = set(parsed[0]) & set(parsed[1])
+        names_middle += re.search(rf"\b{middle}\b", sample.question) is not None
+        middle_slots[tuple(sorted("subject" if fact[0] == middle else "object" for fact in parsed))] += 1
+    assert abs(names_middle / 2000 - 0.5) < 0.04, names_middle
+    assert set(middle_slots) == {("object", "object"), ("object", "subject"), ("subject", "subject")}, middle_slots
+
+
 def test_the_papers_reasoning_example_is_solved():
     task = get_task("reasoning")
     facts = ("The hallway is east of the bathroom.", "The bedroom is west of the bathroom.")

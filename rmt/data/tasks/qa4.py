@@ -7,6 +7,12 @@ Three distinct rooms lie on one line along one axis (a - b - c, "a" west or nort
 the two facts state the relations a-b and b-c, each worded from either side; the question
 asks for a neighbour of one room through one of the facts, so one fact answers it and the
 other shares a room with it and distracts.
+
+This is the distribution of bAbI's own generator (task IsDir): its question relates the
+middle room to one end of the line and blanks either room, so half of the questions name
+the middle room, which both facts mention (only the directions tell which fact answers),
+and half name an end room, which one fact mentions; its facts come worded from either side
+("The office is north of the kitchen. The garden is south of the kitchen.").
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from rmt.hub import load_tokenizer, resolve
 from rmt.model import RMTConfig, RecurrentMemoryEncoder
 from rmt.model.config import CONFIG_NAME
 from rmt.settings import ModelSettings, TrainSettings
-from rmt.utils import atomic_directory
+from rmt.utils import atomic_directory, recover_directory, write_atomic
 
 if TYPE_CHECKING:
     from rmt.tracking import Run
@@ -135,6 +135,10 @@ def train_stage(
 
     torch.manual_seed(train.seed + parallel.rank)  # each process its own dropout masks
     last, best = output / "checkpoints" / "last", output / "checkpoints" / "best"
+    if parallel.is_main:
+        for folder in (last, best):
+            recover_directory(folder)
+    parallel.barrier()
     resume = (last / STATE_NAME).is_file()
     source = last if resume else init
     if source is not None:
@@ -166,6 +170,8 @@ def train_stage(
         if cuda_rng is not None and device.type == "cuda":
             torch.cuda.set_rng_state(cuda_rng, device)
         state = saved["counters"]
+        if parallel.is_main and state["stop_reason"] is None:
+            print(f"Resuming the stage at step {state['step']} from {last}", file=sys.stderr)
     history = output / "history.jsonl"
 
     def publish() -> dict:
@@ -178,9 +184,8 @@ def train_stage(
             if not (output / "best" / CONFIG_NAME).is_file():
                 with atomic_directory(output / "best") as staging:
                     shutil.copytree(best, staging, dirs_exist_ok=True)
-            staging = output / "metrics.json.tmp"
-            staging.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-            staging.replace(output / "metrics.json")  # last: its presence means the stage is complete
+            # Last: its presence means the stage is complete.
+            write_atomic(output / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         parallel.barrier()
         return metrics
 
@@ -310,6 +315,4 @@ def _token_tensor(tokens: np.ndarray, device) -> torch.Tensor:
 
 
 def _write_lines(path: Path, records: list[dict]) -> None:
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text("".join(json.dumps(record) + "\n" for record in records))
-    staging.replace(path)
+    write_atomic(path, "".join(json.dumps(record) + "\n" for record in records))

@@ -39,6 +39,17 @@ def resolve_device(device: "str | torch.device" = "auto") -> "torch.device":
     return device
 
 
+def write_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file all at once (a temporary sibling renamed onto `path`): a reader, or
+    a workflow manager after a crash, sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(text)
+    staging.replace(path)
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -60,10 +71,27 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if target.exists():
-        # Two renames keep the window without a complete `target` as short as possible.
+        # Two renames keep the window without a complete `target` as short as possible;
+        # `recover_directory` puts the retired copy back after a crash inside it.
         retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         os.replace(target, retired / target.name)
         os.replace(staging, target)
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, target)
+
+
+def recover_directory(target: str | os.PathLike) -> None:
+    """After a crash (kill -9) inside `atomic_directory`: put the complete copy that was being
+    replaced back when `target` is missing, and remove half-written staging folders. Only for
+    a directory with a single writer, before it writes again."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    if not target.exists():
+        retired = sorted(target.parent.glob(f".{target.name}.old-*/{target.name}"), key=lambda p: p.stat().st_mtime)
+        if retired:
+            os.replace(retired[-1], target)
+    for leftover in target.parent.glob(f".{target.name}.*-*"):
+        if leftover.name.startswith((f".{target.name}.tmp-", f".{target.name}.old-")):
+            shutil.rmtree(leftover, ignore_errors=True)

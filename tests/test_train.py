@@ -33,7 +33,7 @@ def outcome(folder):
     return metrics, history, weights
 
 
-def test_a_stage_killed_midway_resumes_to_the_same_result(data, tmp_path, monkeypatch):
+def test_a_stage_killed_midway_resumes_to_the_same_result(data, tmp_path, monkeypatch, capsys):
     train_stage(data_dir=data, segments=2, output=tmp_path / "whole", model=MODEL, train=TRAIN, progress=False)
 
     # Crash in the middle of step 15: after backward, before the optimizer step, between
@@ -52,9 +52,19 @@ def test_a_stage_killed_midway_resumes_to_the_same_result(data, tmp_path, monkey
     assert not (tmp_path / "resumed" / "metrics.json").exists()
     saved = torch.load(tmp_path / "resumed" / "checkpoints" / "last" / "training_state.pt", weights_only=False)
     assert saved["counters"]["step"] == 12
+    # Worse, kill -9 had struck the next save between its two renames: the complete last
+    # checkpoint is set aside and a half-written one lies beside it.
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    (checkpoints / ".last.old-x").mkdir()
+    (checkpoints / "last").rename(checkpoints / ".last.old-x" / "last")
+    (checkpoints / ".last.tmp-y").mkdir()
+    (checkpoints / ".last.tmp-y" / "model.safetensors").write_bytes(b"half")
     # The resumed run redoes steps 13..24 and must not repeat or lose a history line.
     monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", original)
+    capsys.readouterr()
     train_stage(data_dir=data, segments=2, output=tmp_path / "resumed", model=MODEL, train=TRAIN, progress=False)
+    assert "Resuming the stage at step 12" in capsys.readouterr().err
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["best", "last"]
 
     whole, resumed = outcome(tmp_path / "whole"), outcome(tmp_path / "resumed")
     assert resumed[0] == whole[0]

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from rmt.data.dataset import TaskDataset
+from rmt.utils import write_atomic
 
 
 def _pick_example(data: TaskDataset, segments: int, search: int = 500) -> int:
@@ -75,10 +76,4 @@ def attention_maps(*, checkpoint: str | Path, data_dir: str | Path, segments: in
 
 
 def write_attention_maps(output: str | Path, **kwargs) -> Path:
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    result = attention_maps(**kwargs)
-    staging = output.with_name(output.name + ".tmp")
-    staging.write_text(json.dumps(result) + "\n")
-    staging.replace(output)
-    return output
+    return write_atomic(output, json.dumps(attention_maps(**kwargs)) + "\n")

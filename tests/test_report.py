@@ -6,9 +6,11 @@ import csv
 import json
 
 import pytest
+from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from rmt.cli import app
+from rmt.tracking import EXPERIMENT
 from rmt.data.dataset import DataConfig, build_dataset
 from rmt.evaluate import ROW_FIELDS
 from rmt.pipeline import ATTENTION, EVALUATION, FLOPS, GRID, MEMORY
@@ -60,6 +62,21 @@ def test_attention_maps_cover_every_segment_and_mark_the_facts(trained):
     assert all(3 <= column < 35 for columns in result["fact_columns"] for column in columns)
 
 
+def _last_run(step: str):
+    experiment = MlflowClient().get_experiment_by_name(EXPERIMENT)
+    return MlflowClient().search_runs([experiment.experiment_id], f"tags.`rmt.step` = '{step}'",
+                                      order_by=["attributes.start_time DESC"], max_results=1)[0]
+
+
+def test_the_attention_command_refuses_what_is_not_a_checkpoint(tmp_path, trained):
+    data, _ = trained
+    result = CliRunner().invoke(app, ["profile", "attention", "--checkpoint", str(tmp_path), "--data", str(data),
+                                      "--output", str(tmp_path / "attention.json")])
+    message = " ".join(result.output.replace("│", " ").split())  # typer draws the error in a box
+    assert result.exit_code == 2 and "is not an RMT checkpoint (no rmt_config.json)" in message, result.output
+    assert not (tmp_path / "attention.json").exists()
+
+
 def test_the_report_draws_every_figure_and_table_from_the_files(tmp_path, trained):
     data, checkpoint = trained
     for seed, accuracy in ((0, 0.9), (1, 1.0)):
@@ -73,7 +90,14 @@ def test_the_report_draws_every_figure_and_table_from_the_files(tmp_path, traine
                                       "--tokens", "512,4096"])
     assert result.exit_code == 0, result.output
     attention = tmp_path / ATTENTION.format(task="reasoning")
-    attention.write_text(json.dumps(attention_maps(checkpoint=checkpoint, data_dir=data, segments=4)))
+    result = CliRunner().invoke(app, ["profile", "attention", "--checkpoint", str(checkpoint), "--data", str(data),
+                                      "--output", str(attention)])
+    assert result.exit_code == 0, result.output
+    maps = json.loads(attention.read_text())
+    assert maps["task"] == "reasoning" and len(maps["maps"]) == 4 and f"answer {maps['answer']}" in result.output
+    run = _last_run("attention")
+    assert run.info.status == "FINISHED" and run.data.params["segments"] == "4"
+    assert [artifact.path for artifact in MlflowClient().list_artifacts(run.info.run_id)] == [attention.name]
     costs = profile_memory(model=ModelSettings(pretrained=False), segment_length=64, tokens=[512, 2048, 8192, 32768],
                            budget=Budget(memory_mb=1000, seconds=10.0), train_segments=[1, 2, 4], progress=False,
                            measure_point=fake_point)
@@ -87,6 +111,24 @@ def test_the_report_draws_every_figure_and_table_from_the_files(tmp_path, traine
                             "training-memory.png", "training-memory.svg", "accuracy.csv", "accuracy.md",
                             "seeds.csv", "seeds.md"])
     assert all(path.stat().st_size > 0 for path in written)
+    # What each figure shows, read from its SVG (text is kept as text).
+    svg = {path.stem: path.read_text() for path in written if path.suffix == ".svg"}
+    for name, labels in {
+        "accuracy": ("input length (segments)", "input length (tokens)", "accuracy (%)", "ours", "paper",
+                     "trained on 2"),
+        "generalization": ("trained on (segments)", "evaluated on (segments)"),
+        "flops": ("forward FLOPs / one 512-token pass", "opt-125m", "rmt", "full"),
+        "attention-reasoning": ("segment 1", "memory (3) | tokens", "[CLS]"),
+        "memory": ("peak memory (MB)", "time per token (µs)", "rmt", "(projected)"),
+        "training-memory": ("segments per example", "memory-efficient", "optimizer step (s)"),
+    }.items():
+        for label in labels:
+            assert label in svg[name], (name, label)
+    # The same results give the same files.
+    again = build_report(tasks=["reasoning"], seeds=[0, 1], curricula={"reasoning": [1, 2]},
+                         output=tmp_path / "again", root=tmp_path)
+    for first, second in zip(written, again):
+        assert first.read_bytes() == second.read_bytes(), first.name
     table = {row["evaluated_segments"]: row for row in csv.DictReader((tmp_path / "reports/accuracy.csv").open())}
     assert float(table["4096"]["accuracy"]) == pytest.approx(0.95)  # mean of the two seeds
     assert float(table["4096"]["accuracy_std"]) > 0 and table["4096"]["seeds"] == "2"

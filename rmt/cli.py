@@ -132,6 +132,8 @@ def evaluate(
     checkpoint: Path = typer.Option(..., help="A stage's best/ checkpoint."),
     data: Path = typer.Option(..., help="Dataset directory (its test split is streamed)."),
     output: Path = typer.Option(..., help="CSV to write, one row per length."),
+    metrics: Path | None = typer.Option(None, help="Also a JSON of the accuracy at every length, for "
+                                         "`dvc metrics show`."),
     grid: bool = typer.Option(False, "--grid", help="The generalization grid: evaluate.grid_segments and "
                               "evaluate.grid_examples instead of the extrapolation lengths."),
     segments: str | None = typer.Option(None, help="Lengths, e.g. '1-15' or '16,32,4096' (default: evaluate.segments, "
@@ -169,8 +171,9 @@ def evaluate(
         seed = stage["train"]["seed"] if stage else dataset.config.seed
         with _tracked("grid" if grid else "evaluate", task=dataset.config.task, seed=seed, params=params,
                       tags=tags) as run:
-            rows = evaluate_checkpoint(checkpoint=checkpoint, data_dir=data, output=output, segments=lengths,
-                                       max_examples=max_examples, batch_size=batch_size, device=device, run=run)
+            rows = evaluate_checkpoint(checkpoint=checkpoint, data_dir=data, output=output, metrics=metrics,
+                                       segments=lengths, max_examples=max_examples, batch_size=batch_size,
+                                       device=device, run=run)
     except (ValueError, FileNotFoundError) as error:
         typer.echo(f"Error: {error}", err=True)
         raise typer.Exit(2) from None

@@ -9,6 +9,7 @@ stays inside [0, 1] and is honest at 100% accuracy on few examples.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -23,7 +24,7 @@ from rmt.data.dataset import TaskDataset, vocabulary_sha256
 from rmt.hub import load_tokenizer
 from rmt.memory import PeakMemory
 from rmt.model import RecurrentMemoryEncoder
-from rmt.utils import resolve_device
+from rmt.utils import resolve_device, write_atomic
 
 if TYPE_CHECKING:
     from rmt.tracking import Run
@@ -71,6 +72,7 @@ def evaluate_checkpoint(
     checkpoint: str | Path,
     data_dir: str | Path,
     output: str | Path,
+    metrics: str | Path | None = None,
     segments: Sequence[int] | None = None,
     max_examples: int | None = None,
     batch_size: int = 16,
@@ -78,7 +80,8 @@ def evaluate_checkpoint(
     progress: bool = True,
     run: "Run | None" = None,
 ) -> list[dict]:
-    """Accuracy at every length in `segments` (default: the dataset's test lengths). With an
+    """Accuracy at every length in `segments` (default: the dataset's test lengths): a CSV row
+    per length in `output`, and the accuracies as a JSON of metrics in `metrics`. With an
     MLflow `run`, each length's figures are logged with step = number of segments, so the
     UI draws accuracy against length."""
     checkpoint, output = Path(checkpoint), Path(output)
@@ -116,13 +119,23 @@ def evaluate_checkpoint(
         if run is not None:
             run.log_metrics({key: rows[-1][key] for key in ("accuracy", "ci_low", "ci_high", "examples_per_second",
                                                             "peak_memory_mb")}, step=length)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(output.name + ".tmp")
-    with open(staging, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=ROW_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    staging.replace(output)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=ROW_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    written = [write_atomic(output, table.getvalue())]
+    if metrics is not None:
+        written.append(write_atomic(metrics, json.dumps(accuracy_metrics(rows), indent=2) + "\n"))
     if run is not None:
-        run.log_artifact(output)
+        for path in written:
+            run.log_artifact(path)
     return rows
+
+
+def accuracy_metrics(rows: Sequence[dict]) -> dict:
+    """The accuracy of every length, keyed by number of segments, as `dvc metrics show` and
+    `dvc metrics diff` read it (accuracy.4096, ...)."""
+    first = rows[0]
+    return {"task": first["task"], "trained_segments": first["trained_segments"],
+            "accuracy": {str(row["evaluated_segments"]): row["accuracy"] for row in rows},
+            "examples": {str(row["evaluated_segments"]): row["examples"] for row in rows}}

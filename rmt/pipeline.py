@@ -6,16 +6,17 @@ commands, inputs and outputs:
     data/<task>/                                   rmt data generate
     results/<task>/seed-<s>/stage-<n>/             rmt train (curriculum: stage n starts
                                                    from stage n-1's best/)
-    results/<task>/seed-<s>/evaluation.csv         rmt evaluate, last stage, long inputs
+    results/<task>/seed-<s>/evaluation.csv|json    rmt evaluate, last stage, long inputs
     results/<task>/seed-<s>/grid/stage-<n>.csv     rmt evaluate --grid, every stage, 1..15
     results/profile/flops.csv                      rmt profile flops (the paper's Figure 3)
     results/profile/attention-<task>.json          rmt profile attention, first seed's last stage
     results/profile/memory/                        rmt profile memory (measured memory and time)
     reports/                                       rmt report
 
-The Snakemake rules are written by hand with wildcards (readable, native); `plan()` lists
-every job of the same DAG, and `dvc_yaml()` turns it into dvc.yaml. tests/test_workflow.py
-checks that Snakemake's dry run and this plan agree job by job.
+The Snakemake rules are written by hand with wildcards (readable, native) from this
+module's paths and CODE; `plan()` lists every job of the same DAG, and `dvc_yaml()` turns
+it into dvc.yaml. tests/test_workflow.py checks that Snakemake's dry run and this plan
+agree job by job: rule, command, inputs (code included) and outputs.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from pathlib import Path
 import yaml
 
 from rmt.config import PipelineConfig, load_config
+from rmt.utils import write_atomic
 
 # Paths of the pipeline's outputs, with Snakemake-style wildcards.
 DATA = "data/{task}"
 STAGE = "results/{task}/seed-{seed}/stage-{segments}"
 EVALUATION = "results/{task}/seed-{seed}/evaluation.csv"
+EVALUATION_METRICS = "results/{task}/seed-{seed}/evaluation.json"
 GRID = "results/{task}/seed-{seed}/grid/stage-{segments}.csv"
 FLOPS = "results/profile/flops.csv"
 ATTENTION = "results/profile/attention-{task}.json"
@@ -39,6 +42,31 @@ MEMORY = "results/profile/memory"
 MEMORY_FILES = tuple(f"{MEMORY}/{name}" for name in ("inference.csv", "training.csv", "summary.json"))
 REPORT = "reports"
 LOGS = "logs"
+# The source each rule runs: DVC deps, and Snakemake inputs file by file. Both tools compare
+# contents (DVC hashes, Snakemake checksums of small files), so an edit reruns exactly the
+# jobs that run the edited code.
+CODE = {
+    "data": ("rmt/data",),
+    "train": ("rmt/train.py", "rmt/model"),
+    "grid": ("rmt/evaluate.py",),
+    "evaluate": ("rmt/evaluate.py",),
+    "attention": ("rmt/profile",),
+    "flops": ("rmt/profile",),
+    "memory": ("rmt/profile", "rmt/model", "rmt/train.py"),
+    "report": ("rmt/report.py",),
+}
+
+
+def source_files(rule: str, root: str | Path = ".") -> list[str]:
+    """The Python files of a rule's CODE, relative to `root`, for Snakemake: a directory's
+    own time does not change when a file in it does, so each file is an input."""
+    root, files = Path(root), []
+    for path in CODE[rule]:
+        if (root / path).is_dir():
+            files += [str(file.relative_to(root)) for file in sorted((root / path).rglob("*.py"))]
+        else:
+            files.append(path)
+    return files
 
 
 @dataclass(frozen=True)
@@ -49,12 +77,16 @@ class Step:
     rule: str  # the Snakemake rule that runs it
     command: str  # without the log redirection Snakemake adds
     deps: tuple[str, ...]  # files the step reads: Snakemake inputs, DVC deps
-    code: tuple[str, ...] = ()  # source it runs: DVC deps (Snakemake's own code trigger covers it)
     outs: tuple[str, ...] = ()  # DVC-cached outputs
     persist: tuple[str, ...] = ()  # outputs DVC must not delete before a rerun (resumable work)
     metrics: tuple[str, ...] = ()  # read by `dvc metrics show`; cached like every output (results/ is not in git)
     plots: tuple[str, ...] = ()  # CSVs of accuracy against segments, for `dvc plots show`
     params: tuple[str, ...] = ()  # keys of params.yaml the step reads
+
+    @property
+    def code(self) -> tuple[str, ...]:
+        """Source the step runs: DVC deps (Snakemake takes its files, `source_files`)."""
+        return CODE[self.rule]
 
 
 def config_arguments(config_files: list[str]) -> str:
@@ -77,7 +109,7 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
         steps.append(Step(
             name=f"data-{task}", rule="data",
             command=f"rmt data generate {task} {data} {configs}",
-            deps=(), code=("rmt/data",), outs=(data,), params=keys("data", f"tasks.{task}"),
+            deps=(), outs=(data,), params=keys("data", f"tasks.{task}"),
         ))
         for seed in config.seeds:
             previous = None
@@ -88,7 +120,7 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
                     name=f"train-{task}-seed{seed}-stage{segments}", rule="train",
                     command=f"rmt train --data {data} --segments {segments} --seed {seed} --output {stage}{init} "
                             f"{configs}",
-                    deps=(data, *((f"{previous}/best",) if previous else ())), code=("rmt/train.py", "rmt/model"),
+                    deps=(data, *((f"{previous}/best",) if previous else ())),
                     outs=(f"{stage}/best", f"{stage}/history.jsonl"),
                     persist=(f"{stage}/checkpoints", f"{stage}/config.json"), metrics=(f"{stage}/metrics.json",),
                     params=keys("model", "train", "stage_train", f"tasks.{task}"),
@@ -97,7 +129,7 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
                 steps.append(Step(
                     name=f"grid-{task}-seed{seed}-stage{segments}", rule="grid",
                     command=f"rmt evaluate --grid --checkpoint {stage}/best --data {data} --output {grid} {configs}",
-                    deps=(f"{stage}/best", data), code=("rmt/evaluate.py",), plots=(grid,),
+                    deps=(f"{stage}/best", data), plots=(grid,),
                     params=keys("evaluate.grid_segments", "evaluate.grid_examples", "evaluate.batch_size",
                                 f"tasks.{task}"),
                 ))
@@ -107,25 +139,27 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
                 steps.append(Step(
                     name=f"attention-{task}", rule="attention",
                     command=f"rmt profile attention --checkpoint {previous}/best --data {data} --output {attention}",
-                    deps=(f"{previous}/best", data), code=("rmt/profile",), outs=(attention,),
+                    deps=(f"{previous}/best", data), outs=(attention,),
                 ))
             evaluation = EVALUATION.format(task=task, seed=seed)
+            evaluation_metrics = EVALUATION_METRICS.format(task=task, seed=seed)
             steps.append(Step(
                 name=f"evaluate-{task}-seed{seed}", rule="evaluate",
-                command=f"rmt evaluate --checkpoint {previous}/best --data {data} --output {evaluation} {configs}",
-                deps=(f"{previous}/best", data), code=("rmt/evaluate.py",), plots=(evaluation,),
+                command=f"rmt evaluate --checkpoint {previous}/best --data {data} --output {evaluation} "
+                        f"--metrics {evaluation_metrics} {configs}",
+                deps=(f"{previous}/best", data), plots=(evaluation,), metrics=(evaluation_metrics,),
                 params=keys("evaluate.segments", "evaluate.batch_size", f"tasks.{task}"),
             ))
     steps.append(Step(name="flops", rule="flops", command=f"rmt profile flops --output {FLOPS}", deps=(),
-                      code=("rmt/profile",), outs=(FLOPS,)))
+                      outs=(FLOPS,)))
     steps.append(Step(name="memory", rule="memory", command=f"rmt profile memory --output {MEMORY} {configs}",
-                      deps=(), code=("rmt/profile", "rmt/model", "rmt/train.py"), outs=MEMORY_FILES,
+                      deps=(), outs=MEMORY_FILES,
                       params=keys("profile", "model", "data.segment_length", f"tasks.{next(iter(config.tasks))}")))
     results = [path for step in steps if step.rule in ("evaluate", "grid") for path in step.plots] + [
         path for step in steps if step.rule in ("flops", "attention", "memory") for path in step.outs]
     steps.append(Step(
         name="report", rule="report", command=f"rmt report --output {REPORT} {configs}",
-        deps=tuple(results), code=("rmt/report.py",), outs=(REPORT,),
+        deps=tuple(results), outs=(REPORT,),
     ))
     return steps
 
@@ -162,7 +196,4 @@ def write_dvc_yaml(params: str | Path = "params.yaml", output: str | Path = "dvc
                           for key in values}
     steps = plan(load_config(params), [str(params)], defined=defined)
     text = HEADER + yaml.safe_dump(dvc_yaml(steps), sort_keys=False, width=200)
-    staging = output.with_name(output.name + ".tmp")
-    staging.write_text(text)
-    staging.replace(output)
-    return output
+    return write_atomic(output, text)

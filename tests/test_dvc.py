@@ -47,16 +47,23 @@ def test_dvc_reproduces_resumes_and_moves_the_pipeline(tmp_path):
     assert (project.root / STAGE_1 / "checkpoints/last/training_state.pt").is_file()
     assert not (project.root / STAGE_1 / "metrics.json").exists()  # killed mid-stage
     resumed = project.run(dvc, "repro", timeout=900).stdout
-    assert "starting the stage afresh" not in resumed
+    assert "starting the stage afresh" not in resumed and "Resuming the stage at step" in resumed
     assert json.loads((project.root / STAGE_1 / "metrics.json").read_text())["steps"] == 300
     assert len(history.read_text().splitlines()) == 150  # none lost, none repeated
     assert (project.root / "reports/accuracy.png").is_file()
 
     # Nothing changed: nothing runs. One value changed: only the stages that read it.
     assert "Data and pipelines are up to date" in project.run(dvc, "repro").stdout
-    assert "best_valid_accuracy" in project.run(dvc, "metrics", "show").stdout
+    # Validation accuracy of every stage, test accuracy at every length.
+    shown = json.loads(project.run(dvc, "metrics", "show", "--json").stdout)
+    (metrics,) = (revision["data"] for revision in shown.values())  # the workspace's (named "" without git)
+    assert "best_valid_accuracy" in metrics[f"{STAGE_1}/metrics.json"]["data"]
+    evaluation = metrics["results/memorize/seed-0/evaluation.json"]["data"]
+    assert set(evaluation["accuracy"]) == {"1", "2", "4"}
     project.run(dvc, "plots", "show", "-o", "plots")
-    assert (project.root / "plots/index.html").is_file()
+    page = (project.root / "plots/index.html").read_text()
+    assert "results/memorize/seed-0/evaluation.csv" in page
+    assert '"field": "evaluated_segments"' in page and '"field": "accuracy"' in page, page
     original = (project.root / "params.yaml").read_text()
     project.set_params(evaluate={"grid_examples": 4})
     changed = project.run(dvc, "status").stdout

@@ -1,6 +1,7 @@
 """Extrapolation evaluation: streamed accuracy equals in-memory accuracy; CSV; errors."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -64,8 +65,13 @@ def test_streamed_accuracy_equals_the_in_memory_forward_pass(trained, tmp_path):
 def test_chosen_lengths_and_example_cap(trained, tmp_path):
     data_dir, checkpoint = trained
     rows = evaluate_checkpoint(checkpoint=checkpoint, data_dir=data_dir, output=tmp_path / "grid.csv",
-                               segments=[3, 4], max_examples=4, device="cpu", progress=False)
+                               metrics=tmp_path / "grid.json", segments=[3, 4], max_examples=4, device="cpu",
+                               progress=False)
     assert [(r["evaluated_segments"], r["examples"]) for r in rows] == [(3, 4), (4, 4)]
+    # The metrics file says the same as the CSV, keyed by length for `dvc metrics show`.
+    metrics = json.loads((tmp_path / "grid.json").read_text())
+    assert metrics == {"task": "detect_and_memorize", "trained_segments": 2, "examples": {"3": 4, "4": 4},
+                       "accuracy": {"3": rows[0]["accuracy"], "4": rows[1]["accuracy"]}}
 
 
 def test_bad_input_is_refused_before_evaluating(trained, tmp_path):

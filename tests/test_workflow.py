@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from rmt.config import json_schema, load_config
-from rmt.pipeline import plan
+from rmt.pipeline import plan, source_files
 from workflow_project import BIN, ROOT, TINY, dry_run_jobs, environment, interruptible, make_project
 
 
@@ -54,7 +54,8 @@ def _agreement(project_root, config_files):
             assert all(path.startswith(f"{step.outs[0]}/") for path in job.outputs)
         else:
             job = by_output[frozenset(outputs)]
-            assert set(job.inputs) == set(step.deps), step.name
+        # DVC hashes the code folders; Snakemake compares the times of the files in them.
+        assert set(job.inputs) == {*step.deps, *source_files(step.rule, project_root)}, step.name
         command = job.command.split(" > logs/")[0]  # Snakemake adds the log redirection
         assert (job.rule, command) == (step.rule, step.command)
 
@@ -124,15 +125,29 @@ def test_the_tiny_pipeline_end_to_end(tmp_path):
     planned = {job.rule for job in dry_run_jobs(project.snakemake("-n", "-p").stdout)}
     assert planned == {"grid", "report", "all"}
 
-    # The report: self-contained HTML with the figures.
+    # The report: self-contained HTML with every registered figure and table and its caption.
     project.snakemake()
     project.snakemake("--report", "reports/report.html")
     html = (project.root / "reports/report.html").read_text()
-    assert all(name in html for name in ("accuracy.png", "generalization.png", "memory.png", "training-memory.png"))
+    for name in ("accuracy.png", "generalization.png", "accuracy.csv", "seeds.csv", "flops.png", "memory.png",
+                 "training-memory.png"):
+        assert name in html, name
+    for caption in ("Accuracy against input length (log scale", "Generalization (the paper's Figure 5)",
+                    "Forward FLOPs against input length", "Measured peak memory (left)",
+                    "One training step (forward, backward, AdamW)", "for every configuration in the MLflow"):
+        assert caption in html, caption
+
+    # A change to the library reruns the jobs that run that code, and only them. (Snakemake
+    # compares checksums of small inputs: a new modification time alone reruns nothing.)
+    with (project.root / "rmt/evaluate.py").open("a") as source:
+        source.write("# changed\n")
+    planned = {job.rule for job in dry_run_jobs(project.snakemake("-n", "-p").stdout)}
+    assert planned == {"evaluate", "grid", "report", "all"}
 
 
 @pytest.mark.slow
-def test_a_killed_workflow_resumes_its_training_stage(tmp_path):
+@pytest.mark.parametrize("kill", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_a_killed_workflow_resumes_its_training_stage(tmp_path, kill):
     config = json.loads(json.dumps(TINY))
     config["data"]["curriculum_segments"] = [1]
     config["train"].update(max_steps=400, eval_every=2, eval_examples=4, patience=1000)
@@ -148,19 +163,22 @@ def test_a_killed_workflow_resumes_its_training_stage(tmp_path):
     while not (history.is_file() and len(history.read_text().splitlines()) >= 3):
         assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "snakemake.out").read_text()
         time.sleep(0.1)
-    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the terminal signals Snakemake and its jobs
+    # Ctrl-C: the terminal signals Snakemake and its jobs. kill -9: all die where they stand.
+    os.killpg(process.pid, kill)
     process.wait(timeout=120)
     output.close()
     assert state.is_file()
     assert not (project.root / "results/memorize/seed-0/stage-1/metrics.json").exists()
     killed_at = len(history.read_text().splitlines())
+    if kill == signal.SIGKILL:  # Snakemake had no chance to remove its lock (README)
+        project.snakemake("--unlock")
 
     project.snakemake("--cores", "1")
     log = (project.root / "logs/train/memorize/seed-0/stage-1.log").read_text()
     metrics = json.loads((project.root / "results/memorize/seed-0/stage-1/metrics.json").read_text())
     assert metrics["steps"] == 400
     assert len(history.read_text().splitlines()) == 200  # none lost, none repeated
-    assert "starting the stage afresh" not in log
+    assert "starting the stage afresh" not in log and "Resuming the stage at step" in log
     assert 3 <= killed_at < 200
 
 
@@ -178,8 +196,9 @@ def test_a_failing_job_fails_the_workflow_and_its_run(tmp_path):
 
 
 def test_a_training_job_with_several_gpus_runs_under_torchrun():
+    # The GPU workflow profile gives every training stage 4 GPUs (the paper's recipe).
     several = snakemake("results/memorize/seed-0/stage-2/metrics.json", "-n", "-p", "--forceall",
-                        "--set-resources", "train:gpu=4")
+                        "--configfile", "config/paper.yaml", "--workflow-profile", "profiles/gpu")
     assert several.returncode == 0, several.stdout
     commands = [job.command for job in dry_run_jobs(several.stdout) if job.rule == "train"]
     assert commands and all(c.startswith("torchrun --standalone --nproc-per-node 4 -m rmt train ") for c in commands)

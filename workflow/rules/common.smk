@@ -12,6 +12,7 @@ from rmt.pipeline import (
     ATTENTION_TASKS,
     DATA,
     EVALUATION,
+    EVALUATION_METRICS,
     FLOPS,
     GRID,
     LOGS,
@@ -20,6 +21,7 @@ from rmt.pipeline import (
     REPORT,
     STAGE,
     config_arguments,
+    source_files,
 )
 
 

@@ -1,4 +1,6 @@
 rule data:
+    input:
+        code=source_files("data"),
     output:
         directory(DATA),
     params:

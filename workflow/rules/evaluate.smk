@@ -6,8 +6,10 @@ rule evaluate:
     input:
         checkpoint=last_stage_best,
         data=DATA,
+        code=source_files("evaluate"),
     output:
-        EVALUATION,
+        accuracy=EVALUATION,
+        metrics=EVALUATION_METRICS,
     params:
         config=CONFIG_ARGS,
         settings=lambda wildcards: evaluation_settings(wildcards, grid=False),
@@ -18,14 +20,15 @@ rule evaluate:
     benchmark:
         f"{TIMINGS}/evaluate/{{task}}/seed-{{seed}}.tsv"
     shell:
-        "rmt evaluate --checkpoint {input.checkpoint} --data {input.data} --output {output} {params.config}"
-        " > {log} 2>&1"
+        "rmt evaluate --checkpoint {input.checkpoint} --data {input.data} --output {output.accuracy}"
+        " --metrics {output.metrics} {params.config} > {log} 2>&1"
 
 
 rule grid:
     input:
         checkpoint=f"{STAGE}/best",
         data=DATA,
+        code=source_files("grid"),
     output:
         GRID,
     params:

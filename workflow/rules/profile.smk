@@ -4,6 +4,8 @@
 
 
 rule flops:
+    input:
+        code=source_files("flops"),
     output:
         FLOPS,
     conda:
@@ -20,6 +22,7 @@ rule attention:
     input:
         checkpoint=last_stage_of_first_seed,
         data=DATA,
+        code=source_files("attention"),
     output:
         ATTENTION,
     conda:
@@ -33,6 +36,8 @@ rule attention:
 
 
 rule memory:
+    input:
+        code=source_files("memory"),
     output:
         inference=f"{MEMORY}/inference.csv",
         training=f"{MEMORY}/training.csv",

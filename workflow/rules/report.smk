@@ -22,6 +22,7 @@ REPORT_FILES = [
 rule report:
     input:
         report_inputs,
+        code=source_files("report"),
     output:
         report(f"{REPORT}/accuracy.png", caption="../report/accuracy.rst", category="Accuracy"),
         f"{REPORT}/accuracy.svg",

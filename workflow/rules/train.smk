@@ -6,6 +6,7 @@ rule train:
     input:
         data=DATA,
         init=previous_best,
+        code=source_files("train"),
     output:
         best=directory(f"{STAGE}/best"),
         history=f"{STAGE}/history.jsonl",

@@ -92,6 +92,6 @@ def recover_directory(target: str | os.PathLike) -> None:
         retired = sorted(target.parent.glob(f".{target.name}.old-*/{target.name}"), key=lambda p: p.stat().st_mtime)
         if retired:
             os.replace(retired[-1], target)
-    for leftover in target.parent.glob(f".{target.name}.*-*"):
-        if leftover.name.startswith((f".{target.name}.tmp-", f".{target.name}.old-")):
+    for kind in ("tmp", "old"):  # the prefixes atomic_directory gives its temporary folders
+        for leftover in target.parent.glob(f".{target.name}.{kind}-*"):
             shutil.rmtree(leftover, ignore_errors=True)

@@ -10,7 +10,6 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from rmt.cli import app
-from rmt.tracking import EXPERIMENT
 from rmt.data.dataset import DataConfig, build_dataset
 from rmt.evaluate import ROW_FIELDS
 from rmt.pipeline import ATTENTION, EVALUATION, FLOPS, GRID, MEMORY
@@ -18,6 +17,7 @@ from rmt.profile.attention import attention_maps
 from rmt.profile.memory import Budget, profile_memory, write_profile
 from rmt.report import accuracy_table, build_report, markdown_table
 from rmt.settings import ModelSettings, TrainSettings
+from rmt.tracking import EXPERIMENT
 from rmt.train import train_stage
 from test_memory_profile import fake_point
 

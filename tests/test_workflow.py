@@ -54,7 +54,7 @@ def _agreement(project_root, config_files):
             assert all(path.startswith(f"{step.outs[0]}/") for path in job.outputs)
         else:
             job = by_output[frozenset(outputs)]
-        # DVC hashes the code folders; Snakemake compares the times of the files in them.
+        # DVC hashes the code folders; Snakemake takes the files in them as inputs.
         assert set(job.inputs) == {*step.deps, *source_files(step.rule, project_root)}, step.name
         command = job.command.split(" > logs/")[0]  # Snakemake adds the log redirection
         assert (job.rule, command) == (step.rule, step.command)

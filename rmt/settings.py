@@ -65,6 +65,11 @@ class TrainSettings(BaseModel):
     patience: int = Field(default=15, ge=1, description="Evaluations without improvement before stopping")
     target_accuracy: float | None = Field(default=None, gt=0, le=1, description="Stop once validation reaches it")
     min_steps: int = Field(default=0, ge=0, description="Neither the target nor patience stops a stage before this step")
+    # Validation at the trained length cannot tell a model that carries the fact forward from
+    # one that solved that length only: with a factor k > 1 the best checkpoint is chosen, and
+    # the stage stopped, on validation examples k times as long (generated, not stored).
+    valid_length_factor: int = Field(default=1, ge=1, description="Validate (choose the best checkpoint and stop) "
+                                     "on examples this many times as long as the stage's")
     seed: int = 0
     device: str = "auto"
 

@@ -98,7 +98,7 @@ def train_stage(
     output = Path(output)
     data = TaskDataset(data_dir)
     train_tokens, train_labels = data.arrays("train", segments)  # fails early if the length is missing
-    valid_tokens, valid_labels = data.arrays("valid", segments)
+    valid_tokens, valid_labels = validation_set(data, segments * train.valid_length_factor, train.eval_examples)
     num_labels, segment_length = len(data.card["classes"]), data.config.segment_length
     if init is not None:
         _check_init(Path(init), data, segments)
@@ -255,7 +255,8 @@ def train_stage(
                                                    device, parallel)
             rmt.train()
             record = {"step": state["step"], "train_loss": float(np.mean(losses)), "learning_rate": scheduler.get_last_lr()[0],
-                      "valid_accuracy": accuracy, "valid_loss": valid_loss}
+                      "valid_accuracy": accuracy, "valid_loss": valid_loss,
+                      "valid_segments": segments * train.valid_length_factor}
             losses = []
             state["history"].append(record)
             if run is not None:
@@ -289,6 +290,16 @@ def train_stage(
         for name in ("metrics.json", "history.jsonl", "config.json"):
             run.log_artifact(output / name)
     return metrics
+
+
+def validation_set(data: TaskDataset, segments: int, examples: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Validation token ids (examples, segments * segment_length) and labels: the stored
+    split at a curriculum length, else generated from the validation split's noise."""
+    if segments in data.config.curriculum_segments:
+        return data.arrays("valid", segments)
+    num_tokens = segments * data.config.segment_length
+    pairs = [data.generator.example("valid", index, num_tokens) for index in range(examples or data.config.valid_examples)]
+    return np.stack([tokens for _, tokens in pairs]), np.array([layout.sample.label for layout, _ in pairs])
 
 
 @torch.no_grad()

@@ -112,6 +112,35 @@ def test_accuracy_ties_keep_the_checkpoint_with_the_lower_validation_loss(data, 
     assert [record["valid_loss"] for record in history] == [0.5, 0.2, 0.3, 0.1]
 
 
+def test_a_longer_validation_length_chooses_and_stops_the_stage(data, tmp_path, monkeypatch):
+    seen = []
+
+    def record(model, tokens, labels, *args, **kwargs):
+        seen.append((tokens.shape, len(labels)))
+        return 0.5, 1.0
+
+    monkeypatch.setattr(train_module, "evaluate_arrays", record)
+    metrics = train_stage(data_dir=data, segments=2, output=tmp_path / "long", model=MODEL, progress=False,
+                          train=TRAIN.model_copy(update={"valid_length_factor": 3, "eval_examples": 10,
+                                                         "max_steps": 6}))
+    # 3 x 2 segments of 32 tokens, generated from the validation split (only 1 and 2 are stored).
+    assert seen == [((10, 6 * 32), 10)]
+    history = [json.loads(line) for line in (tmp_path / "long" / "history.jsonl").read_text().splitlines()]
+    assert history[0]["valid_segments"] == 6 and metrics["best_valid_accuracy"] == 0.5
+
+
+def test_the_generated_validation_set_is_the_validation_split(data):
+    dataset = train_module.TaskDataset(data)
+    tokens, labels = train_module.validation_set(dataset, 2, None)
+    stored_tokens, stored_labels = dataset.arrays("valid", 2)
+    assert (tokens == stored_tokens).all() and (labels == stored_labels).all()
+    longer, longer_labels = train_module.validation_set(dataset, 5, 7)
+    assert longer.shape == (7, 5 * 32) and len(longer_labels) == 7
+    # Lengths that are not stored come from the generator's validation split.
+    expected = [dataset.generator.example("valid", i, 5 * 32)[1] for i in range(7)]
+    assert (longer == expected).all()
+
+
 def test_other_settings_start_the_stage_afresh(data, tmp_path, capsys):
     short = TRAIN.model_copy(update={"max_steps": 6})
     train_stage(data_dir=data, segments=1, output=tmp_path / "d", model=MODEL, train=short, progress=False)

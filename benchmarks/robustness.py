@@ -1,0 +1,212 @@
+"""Does the recipe's extrapolation hold on seeds and settings it was not tuned on?
+
+    .venv/bin/python benchmarks/robustness.py --label before
+    .venv/bin/python benchmarks/robustness.py --label mixed --config my-recipe.yaml
+
+For every task x setting x seed: generate the task's data with that seed and setting, train
+the curriculum (params.yaml's recipe, overlaid by --config files) with that training seed,
+and score the last stage at 16, 64, 512 and 4096 segments (100 test examples each). Prints
+one row per run and the mean and spread over seeds per task and setting; every finished run
+is kept in <workdir>/<label>/<task>/<setting>/seed-<s>/run.json, so a killed benchmark
+continues where it stopped, and the table goes to results/benchmarks/robustness-<label>.md.
+
+The settings change what the recipe was never tuned on (params.yaml was tuned on
+64-token segments of pydoc noise, data seed 0):
+
+    segment-48     48 text tokens per segment (the same noise)
+    stdlib-noise   noise from the docstrings of the standard library's modules (the same
+                   segment length), a local .txt file written by this script
+
+`--skip-below 0.5` stops scoring a run at longer lengths once it falls below 50% at a
+shorter one (accuracy only decays with length here); such cells print as "skip".
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import typer
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results" / "benchmarks"
+PAPER_AT_4096 = {"memorize": 0.906, "detect_and_memorize": 0.961, "reasoning": 0.819}
+# Modules whose docstrings make the held-out noise: prose about APIs, far from pydoc's
+# language reference topics, and present in every CPython.
+STDLIB_MODULES = (
+    "abc", "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "cmd", "codecs", "collections",
+    "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal",
+    "difflib", "email.message", "enum", "fractions", "ftplib", "functools", "glob", "gzip", "hashlib", "heapq",
+    "hmac", "http.client", "imaplib", "inspect", "io", "ipaddress", "itertools", "json", "locale", "logging",
+    "mailbox", "mimetypes", "multiprocessing", "numbers", "operator", "optparse", "os", "pathlib", "pdb",
+    "pickle", "platform", "pprint", "queue", "random", "sched", "secrets", "selectors", "shelve", "shutil",
+    "signal", "smtplib", "socket", "sqlite3", "ssl", "statistics", "string", "struct", "subprocess", "tarfile",
+    "tempfile", "textwrap", "threading", "timeit", "tokenize", "trace", "traceback", "typing", "unittest",
+    "unittest.mock", "urllib.request", "uuid", "warnings", "weakref", "xml.dom.minidom", "zipfile", "zoneinfo",
+)
+
+
+def stdlib_noise(path: Path) -> Path:
+    """A .txt file of standard-library docstrings (modules, their classes and functions)."""
+    if not path.is_file():
+        texts = []
+        for name in STDLIB_MODULES:
+            module = importlib.import_module(name)
+            texts.append(inspect.getdoc(module) or "")
+            for attribute in sorted(vars(module)):
+                value = getattr(module, attribute)
+                if not attribute.startswith("_") and (inspect.isclass(value) or inspect.isfunction(value)):
+                    texts.append(inspect.getdoc(value) or "")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n\n".join(text for text in texts if text) + "\n")
+    return path
+
+
+def setting_overlay(setting: str, workdir: Path) -> dict:
+    overlays = {
+        "default": {},
+        "segment-48": {"data": {"segment_length": 48}},
+        "stdlib-noise": {"data": {"noise": str(stdlib_noise(workdir / "stdlib-noise.txt"))}},
+    }
+    if setting not in overlays:
+        raise typer.BadParameter(f"unknown setting {setting!r}: choose from {', '.join(overlays)}")
+    return overlays[setting]
+
+
+def run_one(job: dict) -> dict:
+    """One task x setting x seed: data, curriculum, extrapolation; results kept in run.json."""
+    import torch
+
+    from rmt.config import PipelineConfig, merge, read_config_files
+    from rmt.data.dataset import build_dataset
+    from rmt.evaluate import evaluate_checkpoint
+    from rmt.train import train_stage
+
+    folder = Path(job["folder"])
+    done = folder / "run.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if job["reuse"] and not folder.exists():
+        reuse_stages(Path(job["reuse"]), folder)
+    torch.set_num_threads(job["threads"])
+    seed, lengths = job["seed"], job["segments"]
+    overlay = merge(job["overlay"], {"tasks": {job["task"]: {}}, "seeds": [seed],
+                                     "data": {"seed": seed, "test_segments": lengths, "long_test_examples": job["examples"]},
+                                     "train": {"seed": seed}})
+    settings = PipelineConfig(**merge(read_config_files(*job["configs"]), overlay)).for_task(job["task"])
+    started = time.perf_counter()
+    data = build_dataset(settings.data, folder / "data", progress=False)
+    stages, init = [], None
+    for segments in settings.curriculum:
+        metrics = train_stage(data_dir=data, segments=segments, output=folder / f"stage-{segments}",
+                              model=settings.model, train=settings.train_for(segments), init=init, progress=False)
+        stages.append({key: metrics[key] for key in ("segments", "steps", "best_step", "best_valid_accuracy",
+                                                    "stop_reason", "seconds")})
+        init = folder / f"stage-{segments}" / "best"
+    train_seconds = time.perf_counter() - started
+    accuracy = {}
+    for length in lengths:
+        if job["skip_below"] is not None and any(a is None or a["accuracy"] < job["skip_below"]
+                                                 for a in accuracy.values()):
+            accuracy[str(length)] = None
+            continue
+        row, = evaluate_checkpoint(checkpoint=init, data_dir=data, output=folder / f"evaluation-{length}.csv",
+                                   segments=[length], max_examples=job["examples"], batch_size=job["examples"],
+                                   progress=False)
+        accuracy[str(length)] = {k: row[k] for k in ("accuracy", "ci_low", "ci_high", "examples", "seconds")}
+    result = {"task": job["task"], "setting": job["setting"], "seed": seed, "stages": stages,
+              "train_seconds": round(train_seconds, 1), "accuracy": accuracy,
+              "seconds": round(time.perf_counter() - started, 1)}
+    done.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"done {job['task']} {job['setting']} seed {seed}: " + ", ".join(
+        f"{n}: {'skip' if a is None else format(a['accuracy'], '.2f')}" for n, a in accuracy.items()), flush=True)
+    return result
+
+
+def reuse_stages(source: Path, folder: Path) -> None:
+    """Start from another benchmark's finished stages of the same run (hard links: nothing of
+    theirs is changed). Each stage whose settings are the same is only published again;
+    the first that differs, and every stage after it, trains afresh (rmt.train)."""
+    if not (source / "run.json").is_file():
+        raise FileNotFoundError(f"{source} holds no finished run to reuse")
+    shutil.copytree(source, folder, copy_function=os.link, ignore=shutil.ignore_patterns("run.json", "evaluation-*"))
+    for config in folder.glob("stage-*/config.json"):
+        text = config.read_text().replace(str(source), str(folder))  # `init` names the previous stage
+        config.unlink()  # a new file, not the linked one
+        config.write_text(text)
+
+
+def _cell(entry: dict | None) -> str:
+    return "skip" if entry is None else f"{100 * entry['accuracy']:.0f}"
+
+
+def table(results: list[dict], lengths: list[int]) -> str:
+    """One row per run, then the mean and range over seeds per task and setting."""
+    head = ["task", "setting", "seed", *[f"{n}" for n in lengths], "steps", "train min"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        steps = "+".join(str(s["steps"]) for s in r["stages"])
+        lines.append(f"| {r['task']} | {r['setting']} | {r['seed']} | "
+                     + " | ".join(_cell(r["accuracy"][str(n)]) for n in lengths)
+                     + f" | {steps} | {r['train_seconds'] / 60:.1f} |")
+    lines += ["", "Over seeds (mean, min-max; a skipped length counts as chance, 1/6):", "",
+              "| task | setting | seeds | " + " | ".join(map(str, lengths)) + " | runs >= paper at 4096 |",
+              "|" + "---|" * (len(lengths) + 4)]
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["task"], r["setting"]), []).append(r)
+    for (task, setting), runs in groups.items():
+        cells = []
+        for n in lengths:
+            values = [100 * (r["accuracy"][str(n)] or {"accuracy": 1 / 6})["accuracy"] for r in runs]
+            cells.append(f"{statistics.mean(values):.0f} ({min(values):.0f}-{max(values):.0f})")
+        at_4096 = [r["accuracy"].get("4096") for r in runs]
+        passed = sum(a is not None and a["accuracy"] >= PAPER_AT_4096[task] for a in at_4096)
+        lines.append(f"| {task} | {setting} | {len(runs)} | " + " | ".join(cells) + f" | {passed}/{len(runs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(
+    label: str = typer.Option("latest", help="Name of this benchmark's results (a recipe, 'before', ...)."),
+    tasks: list[str] = typer.Option(["detect_and_memorize", "memorize"], help="Tasks (repeat the option)."),
+    settings: list[str] = typer.Option(["segment-48", "stdlib-noise"], help="Held-out settings (repeat)."),
+    seeds: list[int] = typer.Option([1, 2, 3], help="Seeds: data and training seed of a run (repeat)."),
+    configs: list[Path] = typer.Option([], "--config", help="Recipe files laid over params.yaml, in order."),
+    segments: list[int] = typer.Option([16, 64, 512, 4096], help="Evaluated lengths (repeat)."),
+    examples: int = typer.Option(100, min=1, help="Test examples per length."),
+    skip_below: float = typer.Option(0.5, help="Skip longer lengths once a run scores below this (0: never)."),
+    workers: int = typer.Option(2, min=1, help="Runs at once, one thread each."),
+    reuse_from: str = typer.Option(None, help="Label of an earlier benchmark whose stages to reuse where this "
+                                   "recipe trains them the same way (e.g. a recipe that changes only the last stage)."),
+    workdir: Path = typer.Option(ROOT / "results" / "benchmarks" / "robustness-work"),
+):
+    reuse = workdir / reuse_from if reuse_from else None
+    overlays = {setting: setting_overlay(setting, workdir) for setting in settings}  # shared by every label
+    workdir = workdir / label
+    configs = [str(ROOT / "params.yaml"), *map(str, configs)]
+    jobs = [{"task": task, "setting": setting, "seed": seed, "configs": configs, "segments": sorted(segments),
+             "examples": examples, "skip_below": skip_below or None, "threads": 1,
+             "overlay": overlays[setting], "folder": str(workdir / task / setting / f"seed-{seed}"),
+             "reuse": str(reuse / task / setting / f"seed-{seed}") if reuse else None}
+            for seed in seeds for task in tasks for setting in settings]  # a first seed of every cell first
+    print(f"{len(jobs)} runs, {workers} at a time; results in {workdir}", flush=True)
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        results = pool.map(run_one, jobs, chunksize=1)
+    text = (f"# Robustness: {label}\n\nRecipe: {' + '.join(Path(c).name for c in configs)}; accuracy % at each "
+            f"number of segments, {examples} test examples per length.\n\n" + table(results, sorted(segments)))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"robustness-{label}.md").write_text(text)
+    (RESULTS / f"robustness-{label}.json").write_text(json.dumps(results, indent=2) + "\n")
+    print("\n" + text)
+    print(f"written {(RESULTS / f'robustness-{label}.md').relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

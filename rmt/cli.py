@@ -2,14 +2,51 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from rmt import __version__
+from rmt.utils import UserError
+
+# Bad values (ValueError) and files, folders, disks and permissions (OSError) are the user's
+# or the machine's to fix: a message naming the problem, never a traceback. Anything else is
+# a bug in rmt and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, UserError)
+_OS_ADVICE = {
+    errno.ENOSPC: "free disk space there, or write the output elsewhere",
+    errno.EDQUOT: "free space within your quota, or write the output elsewhere",
+    errno.EACCES: "choose a location you may write to, or fix its permissions",
+    errno.EPERM: "choose a location you may write to, or fix its permissions",
+    errno.EROFS: "the file system is read-only: write the output elsewhere",
+}
+
+
+def describe_error(error: BaseException) -> str:
+    """One line (or a few) for the user: what failed, on which path, and what to do."""
+    if isinstance(error, OSError) and error.errno in _OS_ADVICE:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror}{where}: {_OS_ADVICE[error.errno]}"
+    return str(error)
+
+
+class _UserErrors(TyperGroup):
+    """Every command's user and environment errors become `Error: ...` and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as error:
+            typer.echo(f"Error: {describe_error(error)}", err=True)
+            raise typer.Exit(2) from None
+
 
 app = typer.Typer(
+    cls=_UserErrors,
     add_completion=False,
     no_args_is_help=True,
     help="Recurrent Memory Transformer: a reproducibility pipeline (Bulatov et al. 2023).",
@@ -243,27 +280,26 @@ def pipeline_schema(
 @data_app.command("generate")
 def data_generate(
     task: str = typer.Argument(..., help="memorize, detect_and_memorize or reasoning (see `rmt data tasks`)."),
-    output: Path = typer.Argument(..., help="Dataset directory to write (replaced whole on success)."),
+    output: Path = typer.Argument(..., help="Dataset directory to write; an earlier dataset there is replaced whole "
+                                "on success, anything else is refused."),
     configs: list[Path] = typer.Option([], "--config", help=CONFIG_HELP),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Generate a task's dataset: curriculum lengths on disk, the test split as a manifest."""
-    from rmt.data.dataset import build_dataset
+    from rmt.data.dataset import CARD_NAME, build_dataset
+    from rmt.utils import claim_output, has_marker
     from rmt.data.tasks import TASKS
 
     if task not in TASKS:
         raise typer.BadParameter(f"unknown task {task!r}: choose one of {', '.join(sorted(TASKS))}", param_hint="TASK")
     settings = _task_settings(configs, overrides, task).data
-    try:
-        with _tracked("data", task=task, seed=settings.seed, params=settings.model_dump()) as run:
-            build_dataset(settings, output)
-            card = json.loads((output / "card.json").read_text())
-            run.set_tags({"rmt.data_hash": card["config_hash"]})
-            run.log_artifact(output / "card.json")
-            run.log_artifact(output / "samples.jsonl")
-    except (ValueError, FileNotFoundError) as error:
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(2) from None
+    claim_output(output, kind="a dataset", ours=has_marker(CARD_NAME))  # before the run opens
+    with _tracked("data", task=task, seed=settings.seed, params=settings.model_dump()) as run:
+        build_dataset(settings, output)
+        card = json.loads((output / CARD_NAME).read_text())
+        run.set_tags({"rmt.data_hash": card["config_hash"]})
+        run.log_artifact(output / CARD_NAME)
+        run.log_artifact(output / "samples.jsonl")
     typer.echo(f"Wrote {output}")
 
 

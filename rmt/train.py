@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from filelock import SoftFileLock, Timeout
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModel, get_linear_schedule_with_warmup
 
@@ -40,12 +41,14 @@ from rmt.hub import load_tokenizer, resolve
 from rmt.model import RMTConfig, RecurrentMemoryEncoder
 from rmt.model.config import CONFIG_NAME
 from rmt.settings import ModelSettings, TrainSettings
-from rmt.utils import atomic_directory, recover_directory, write_atomic
+from rmt.model.base import read_checkpoint_config
+from rmt.utils import UserError, atomic_directory, claim_output, recover_directory, write_atomic
 
 if TYPE_CHECKING:
     from rmt.tracking import Run
 
 STATE_NAME = "training_state.pt"
+LOCK_NAME = ".lock"
 
 
 class TrainingDiverged(RuntimeError):
@@ -70,10 +73,12 @@ def build_model(settings: ModelSettings, *, segment_length: int, num_labels: int
     return RecurrentMemoryEncoder(backbone=backbone, config=config)
 
 
+class StageBusy(UserError):
+    """Another process trains the same stage folder."""
+
+
 def _check_init(init: Path, data: TaskDataset, segments: int) -> None:
-    if not (init / "rmt_config.json").is_file():
-        raise FileNotFoundError(f"--init {init} is not an RMT checkpoint (no rmt_config.json): give a stage's best/ folder")
-    saved = RMTConfig.load(init)
+    saved = read_checkpoint_config(init)
     if saved.num_labels != len(data.card["classes"]):
         raise ValueError(f"--init {init} classifies {saved.num_labels} classes, the data has {len(data.card['classes'])}")
     tokenizer = load_tokenizer(str(init))
@@ -99,7 +104,6 @@ def train_stage(
     data = TaskDataset(data_dir)
     train_tokens, train_labels = data.arrays("train", segments)  # fails early if the length is missing
     valid_tokens, valid_labels = validation_set(data, segments * train.valid_length_factor, train.eval_examples)
-    num_labels, segment_length = len(data.card["classes"]), data.config.segment_length
     if init is not None:
         _check_init(Path(init), data, segments)
     else:
@@ -117,6 +121,18 @@ def train_stage(
             f"micro_batch_size {micro}"
         )
     device = parallel.device(train.device)
+    claim_output(output, kind="a curriculum stage", ours=_is_stage_folder)
+    with stage_lock(output, hold=parallel.is_main):
+        return _train_locked(data=data, data_dir=data_dir, segments=segments, output=output, model=model, train=train,
+                             init=init, progress=progress, run=run, parallel=parallel, device=device,
+                             train_tokens=train_tokens, train_labels=train_labels, valid_tokens=valid_tokens,
+                             valid_labels=valid_labels, micro=micro)
+
+
+def _train_locked(*, data, data_dir, segments, output, model, train, init, progress, run, parallel, device,
+                  train_tokens, train_labels, valid_tokens, valid_labels, micro) -> dict:
+    """The stage itself, once its inputs are checked and its folder is this process's."""
+    num_labels, segment_length = len(data.card["classes"]), data.config.segment_length
     resolved = {"data": str(data_dir), "segments": segments, "init": None if init is None else str(init),
                 "model": model.model_dump(), "train": train.model_dump(), "data_config_hash": data.card["config_hash"]}
     config_file = output / "config.json"
@@ -157,7 +173,7 @@ def train_stage(
     state = {"step": 0, "best_accuracy": -1.0, "evaluations_without_gain": 0, "stop_reason": None, "seconds": 0.0,
              "history": []}
     if resume:
-        saved = torch.load(last / STATE_NAME, map_location="cpu", weights_only=False)
+        saved = _load_training_state(last / STATE_NAME)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if len(saved["rng"]) != parallel.world_size:
@@ -182,7 +198,7 @@ def train_stage(
         if parallel.is_main:
             _write_lines(history, state["history"])
             if not (output / "best" / CONFIG_NAME).is_file():
-                with atomic_directory(output / "best") as staging:
+                with atomic_directory(output / "best", marker=CONFIG_NAME, kind="an RMT checkpoint") as staging:
                     shutil.copytree(best, staging, dirs_exist_ok=True)
             # Last: its presence means the stage is complete.
             write_atomic(output / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
@@ -197,7 +213,7 @@ def train_stage(
         rng = parallel.gather((torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
         if not parallel.is_main:
             return
-        with atomic_directory(folder) as staging:
+        with atomic_directory(folder, marker=CONFIG_NAME, kind="an RMT checkpoint") as staging:
             rmt.save_into(staging)
             tokenizer.save_pretrained(staging)
             if with_state:
@@ -300,6 +316,59 @@ def validation_set(data: TaskDataset, segments: int, examples: int | None) -> tu
     num_tokens = segments * data.config.segment_length
     pairs = [data.generator.example("valid", index, num_tokens) for index in range(examples or data.config.valid_examples)]
     return np.stack([tokens for _, tokens in pairs]), np.array([layout.sample.label for layout, _ in pairs])
+
+
+def _load_training_state(path: Path) -> dict:
+    """The optimizer, scheduler, RNG and counters saved with a checkpoint. Tensors and plain
+    values only (weights_only): a state file can travel through `dvc pull`, and unpickling
+    arbitrary objects from it would run whatever code it names."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - unreadable, truncated or not ours: the same problem
+        raise ValueError(
+            f"{path} is not a training state rmt can resume from ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'unreadable'}). It is never unpickled beyond tensors "
+            f"and plain values: if you did not put it there, delete {path.parent.parent} to train the stage afresh"
+        ) from None
+
+
+def _is_stage_folder(path: Path) -> bool:
+    """A stage folder rmt may reuse: empty, or holding the stage settings rmt writes."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    names = {child.name for child in path.iterdir()}
+    if names <= {LOCK_NAME}:
+        return True
+    try:
+        settings = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(settings, dict) and {"data", "segments", "model", "train"} <= set(settings)
+
+
+@contextlib.contextmanager
+def stage_lock(output: Path, *, hold: bool = True):
+    """One trainer per stage folder: a second `rmt train` on the same output refuses at
+    once, naming the process that holds it. filelock's soft lock records the holder's PID
+    and host, and takes over a lock whose process is gone (kill -9), on this host; it works
+    on the shared file systems of clusters, where OS locks may not."""
+    if not hold:  # the other processes of a torchrun job: their main process holds it
+        yield
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    lock = SoftFileLock(output / LOCK_NAME, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise StageBusy(
+            f"{output} is being trained by another process (PID {lock.pid or 'unknown'}; lock {lock.lock_file}): "
+            "wait for it to finish, or stop it. If that process is on another machine and no longer runs, delete "
+            "the lock file"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @torch.no_grad()

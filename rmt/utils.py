@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -39,10 +39,41 @@ def resolve_device(device: "str | torch.device" = "auto") -> "torch.device":
     return device
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file all at once (a temporary sibling renamed onto `path`): a reader, or
-    a workflow manager after a crash, sees the old file or the new one, never half of one."""
+class UserError(Exception):
+    """A problem the user fixes (the message says how), besides bad values (ValueError) and
+    files, disks and permissions (OSError): the CLI prints it without a traceback."""
+
+
+class OutputConflict(FileExistsError):
+    """An output path holds something rmt did not write there: it is never replaced."""
+
+
+def claim_output(path: str | os.PathLike, *, kind: str, ours: Callable[[Path], bool]) -> Path:
+    """Refuse, before any work, an output `path` that exists and is not rmt's own earlier
+    output of this `kind` (`ours` recognises it, by a marker file or its contents): a
+    command replaces only what it wrote itself, never a user's file or folder."""
     path = Path(path)
+    if (path.exists() or path.is_symlink()) and not ours(path):
+        what = "folder" if path.is_dir() else "file"
+        raise OutputConflict(
+            f"{path} is an existing {what} that is not {kind} written by rmt, and rmt replaces only its own "
+            "output: move it away, or choose another output path"
+        )
+    return path
+
+
+def has_marker(marker: str) -> Callable[[Path], bool]:
+    """`ours` for a folder that rmt recognises by a file it always writes into it."""
+    return lambda path: path.is_dir() and not path.is_symlink() and (path / marker).is_file()
+
+
+def write_atomic(path: str | os.PathLike, text: str, *, kind: str = "a file",
+                 ours: Callable[[Path], bool] = lambda path: path.is_file()) -> Path:
+    """Write a text file all at once (a temporary sibling renamed onto `path`): a reader, or
+    a workflow manager after a crash, sees the old file or the new one, never half of one.
+    An existing `path` is replaced only when `ours` recognises it (by default: any file,
+    for the files inside rmt's own folders; never a folder)."""
+    path = claim_output(path, kind=kind, ours=ours)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(path.name + ".tmp")
     staging.write_text(text)
@@ -57,16 +88,18 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike, *, marker: str, kind: str = "a folder") -> Iterator[Path]:
     """Write a directory all at once: yields a temporary sibling, renamed onto `target` on
     success. A crash leaves either the old directory or the new one, never a mix; on error
-    the temporary directory is removed and `target` is untouched."""
-    target = Path(target)
+    the temporary directory is removed and `target` is untouched. An existing `target` is
+    replaced only if it holds `marker`, a file every such folder of rmt's holds."""
+    target = claim_output(target, kind=kind, ours=has_marker(marker))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide results from a cluster group
     try:
         yield staging
+        claim_output(target, kind=kind, ours=has_marker(marker))  # nothing else appeared there meanwhile
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

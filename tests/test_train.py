@@ -50,7 +50,7 @@ def test_a_stage_killed_midway_resumes_to_the_same_result(data, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         train_stage(data_dir=data, segments=2, output=tmp_path / "resumed", model=MODEL, train=TRAIN, progress=False)
     assert not (tmp_path / "resumed" / "metrics.json").exists()
-    saved = torch.load(tmp_path / "resumed" / "checkpoints" / "last" / "training_state.pt", weights_only=False)
+    saved = torch.load(tmp_path / "resumed" / "checkpoints" / "last" / "training_state.pt", weights_only=True)
     assert saved["counters"]["step"] == 12
     # Worse, kill -9 had struck the next save between its two renames: the complete last
     # checkpoint is set aside and a half-written one lies beside it.
@@ -196,7 +196,7 @@ def test_a_nan_loss_stops_with_the_last_good_checkpoint(data, tmp_path, monkeypa
     monkeypatch.setattr(train_module.RecurrentMemoryEncoder, "forward", poisoned)
     with pytest.raises(TrainingDiverged, match="step 9"):
         train_stage(data_dir=data, segments=1, output=tmp_path / "nan", model=MODEL, train=TRAIN, progress=False)
-    saved = torch.load(tmp_path / "nan" / "checkpoints" / "last" / "training_state.pt", weights_only=False)
+    saved = torch.load(tmp_path / "nan" / "checkpoints" / "last" / "training_state.pt", weights_only=True)
     assert saved["counters"]["step"] == 6
     assert not (tmp_path / "nan" / "metrics.json").exists()
 
@@ -251,5 +251,5 @@ def test_two_processes_under_torchrun_train_like_one(data, tmp_path):
     assert [record["step"] for record in history] == [3, 6]
     for key, tensor in single[2]["checkpoints/last"].items():
         torch.testing.assert_close(parallel[2]["checkpoints/last"][key], tensor, atol=1e-5, rtol=1e-4, msg=key)
-    state = torch.load(tmp_path / "ddp" / "checkpoints" / "last" / "training_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "ddp" / "checkpoints" / "last" / "training_state.pt", weights_only=True)
     assert len(state["rng"]) == 2  # both processes' RNG states, for an exact resume

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -24,6 +25,25 @@ from rmt.model.segments import Alignment, SegmentStep, num_segments_for, stream_
 from rmt.utils import atomic_directory, exists
 
 WEIGHTS_NAME = "model.safetensors"
+
+
+def read_checkpoint_config(path: str | Path) -> RMTConfig:
+    """The RMTConfig of the checkpoint folder `path`, once its files are known to be whole:
+    the RMT config, the backbone's config and the weights' header all parse. A missing,
+    truncated or garbled file is one problem for the user, whatever the parser says."""
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{path} is not an RMT checkpoint (no {CONFIG_NAME}): give a stage's best/ folder")
+    try:
+        config = RMTConfig.load(path)
+        AutoConfig.from_pretrained(path)
+        with safe_open(path / WEIGHTS_NAME, framework="pt") as weights:
+            weights.keys()
+    except Exception as error:  # noqa: BLE001 - see the docstring
+        raise ValueError(f"The checkpoint {path} is damaged or incomplete ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'unreadable'}): train its stage again, "
+                         "or give another checkpoint") from None
+    return config
 # Loading a backbone never silently downcasts: the paper trains in full precision, and
 # transformers 5 otherwise keeps a checkpoint's own dtype (often bf16).
 DEFAULT_BACKBONE_KWARGS = {"dtype": torch.float32}
@@ -205,7 +225,7 @@ class RecurrentMemoryModel(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """Backbone config (config.json), RMT config (rmt_config.json) and every weight
         (model.safetensors) in one directory, written atomically."""
-        with atomic_directory(directory) as staging:
+        with atomic_directory(directory, marker=CONFIG_NAME, kind="an RMT checkpoint") as staging:
             self.save_into(staging)
 
     def save_into(self, directory: Path) -> None:
@@ -257,7 +277,7 @@ class RecurrentMemoryModel(nn.Module):
 
     @classmethod
     def _from_checkpoint(cls, path: Path, settings: dict) -> "RecurrentMemoryModel":
-        saved = RMTConfig.load(path)
+        saved = read_checkpoint_config(path)
         if saved.architecture != cls.architecture:
             other = "RecurrentMemoryEncoder" if saved.architecture == "encoder" else "RecurrentMemoryDecoder"
             raise ValueError(f"{path} holds a {saved.architecture} RMT: load it with {other}.from_pretrained")

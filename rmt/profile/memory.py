@@ -432,7 +432,7 @@ def write_profile(profile: MemoryProfile, folder: str | Path) -> list[Path]:
     from rmt.utils import atomic_directory
 
     folder = Path(folder)
-    with atomic_directory(folder) as staging:
+    with atomic_directory(folder, marker="summary.json", kind="a memory profile") as staging:
         pd.DataFrame(profile.inference, columns=INFERENCE_FIELDS).to_csv(staging / "inference.csv", index=False)
         pd.DataFrame(profile.training, columns=TRAINING_FIELDS).to_csv(staging / "training.csv", index=False)
         (staging / "summary.json").write_text(json.dumps(profile.summary, indent=2) + "\n")

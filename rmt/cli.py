@@ -88,7 +88,8 @@ def _task_settings(configs: list[Path], overrides: list[str], task: str):
         raise typer.BadParameter(_validation_message(error)) from None
 
 
-def _tracked(step: str, *, task: str, seed: int, params: dict, tags: dict | None = None):
+def _tracked(step: str, *, task: str, seed: int, params: dict, tags: dict | None = None,
+             resume_run_id: str | None = None):
     """The MLflow run of one pipeline step; none in the other processes of a torchrun job.
     RMT_GROUP names the reproduction it belongs to (the workflow sets it)."""
     import contextlib
@@ -99,7 +100,8 @@ def _tracked(step: str, *, task: str, seed: int, params: dict, tags: dict | None
     if int(os.environ.get("RANK", "0")) != 0:
         return contextlib.nullcontext(None)
     name = "/".join([task, f"seed-{seed}", *([f"stage-{tags['rmt.stage']}"] if tags and "rmt.stage" in tags else []), step])
-    return pipeline_run(step, name=name, params=params, tags={"rmt.task": task, "rmt.seed": seed, **(tags or {})})
+    return pipeline_run(step, name=name, params=params, tags={"rmt.task": task, "rmt.seed": seed, **(tags or {})},
+                        resume_run_id=resume_run_id)
 
 
 def _config_tags(settings, configs: list[Path]) -> dict:
@@ -141,7 +143,7 @@ def train(
     if seed is not None:
         overrides = [*overrides, f"train.seed={seed}"]
     from rmt.data.dataset import TaskDataset
-    from rmt.train import TrainingDiverged, train_stage
+    from rmt.train import train_stage
 
     try:
         task = TaskDataset(data).config.task
@@ -149,17 +151,17 @@ def train(
         raise typer.BadParameter(str(error), param_hint="--data") from None
     settings = _task_settings(configs, overrides, task)
     model_settings, train_settings = settings.model, settings.train_for(segments)
-    try:
-        dataset = TaskDataset(data)
-        params = {"data": dataset.config.model_dump(), "model": model_settings.model_dump(),
-                  "train": train_settings.model_dump(), "segments": segments, "init": str(init) if init else None}
-        tags = {"rmt.stage": segments, "rmt.data_hash": dataset.card["config_hash"], **_config_tags(settings, configs)}
-        with _tracked("train", task=dataset.config.task, seed=train_settings.seed, params=params, tags=tags) as run:
-            metrics = train_stage(data_dir=data, segments=segments, output=output, model=model_settings,
-                                  train=train_settings, init=init, run=run)
-    except (ValueError, FileNotFoundError, TrainingDiverged) as error:
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(2) from None
+    dataset = TaskDataset(data)
+    params = {"data": dataset.config.model_dump(), "model": model_settings.model_dump(),
+              "train": train_settings.model_dump(), "segments": segments, "init": str(init) if init else None}
+    tags = {"rmt.stage": segments, "rmt.data_hash": dataset.card["config_hash"], **_config_tags(settings, configs)}
+
+    def tracking(previous_run_id: str | None):
+        return _tracked("train", task=dataset.config.task, seed=train_settings.seed, params=params, tags=tags,
+                        resume_run_id=previous_run_id)
+
+    metrics = train_stage(data_dir=data, segments=segments, output=output, model=model_settings,
+                          train=train_settings, init=init, tracking=tracking)
     typer.echo(f"Stage {segments}: best validation accuracy {metrics['best_valid_accuracy']:.4f} at step "
                f"{metrics['best_step']} ({metrics['stop_reason']}, {metrics['steps']} steps, {metrics['seconds']} s)")
 

@@ -59,6 +59,7 @@ ARTIFACTS_DIRECTORY = "mlartifacts"
 GROUP_TAG = "rmt.group"
 GIT_COMMIT_TAG = "rmt.git_commit"
 HOSTNAME_TAG = "rmt.hostname"
+PID_TAG = "rmt.pid"  # with the hostname: whether the process of a RUNNING run is still alive
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the run under this one
 
 # MLflow 3.x limits (mlflow.utils.validation): longer values are rejected, not truncated.
@@ -269,8 +270,10 @@ class Run:
         tags: Mapping[str, Any] | None = None,
         group: str | None = None,
         system_metrics: bool = True,
+        resume_run_id: str | None = None,
     ):
         self.experiment = experiment
+        self.resume_run_id = resume_run_id
         self.name = name
         self.params = flatten_params(params) if params is not None else {}
         self.tags = dict(tags or {})
@@ -289,7 +292,7 @@ class Run:
         return self._run_id
 
     def _automatic_tags(self) -> dict[str, str]:
-        tags = {GIT_COMMIT_TAG: _git_commit(), HOSTNAME_TAG: socket.gethostname()}
+        tags = {GIT_COMMIT_TAG: _git_commit(), HOSTNAME_TAG: socket.gethostname(), PID_TAG: os.getpid()}
         if self.group is not None:
             tags[GROUP_TAG] = self.group
         if os.environ.get(PARENT_RUN_ENV):
@@ -302,22 +305,46 @@ class Run:
         self.uri = _resolve(tracking_uri())
         self._client = _client(self.uri)
         experiment_id = _experiment_id(self._client, self.uri, self.experiment)
+        end_orphaned_runs(self._client, self.uri, experiment_id)
         tags = {**self._automatic_tags(), **self.tags}
         tags = {key: _truncate(str(value), MAX_TAG_LENGTH) for key, value in tags.items()}
-        run = _retry(
-            self.uri, f"creating run {self.name!r}", self._client.create_run,
-            experiment_id, run_name=self.name, tags=tags,
-        )
-        self._run_id = run.info.run_id
+        resumed = self._reopen(experiment_id, tags)
+        if not resumed:
+            run = _retry(
+                self.uri, f"creating run {self.name!r}", self._client.create_run,
+                experiment_id, run_name=self.name, tags=tags,
+            )
+            self._run_id = run.info.run_id
         self._install_sigterm_handler()
         try:
-            self._log_params(self.params)
+            if not resumed:  # a resumed run has its params already
+                self._log_params(self.params)
             if self.system_metrics:
                 self._start_system_metrics()
         except BaseException:
             self._end("FAILED")
             raise
         return self
+
+    def _reopen(self, experiment_id: str, tags: dict[str, str]) -> bool:
+        """Continue the run `resume_run_id` (an interrupted attempt of the same step) when
+        this store has it in this experiment: the same run id, so one curve per stage."""
+        from mlflow.entities import RunTag
+        from mlflow.exceptions import MlflowException
+
+        if self.resume_run_id is None:
+            return False
+        try:
+            run = _retry(self.uri, f"reading run {self.resume_run_id}", self._client.get_run, self.resume_run_id)
+        except MlflowException:
+            return False  # another store, or the run was deleted: start a new one
+        if run.info.experiment_id != experiment_id or run.info.lifecycle_stage != "active":
+            return False
+        self._run_id = run.info.run_id
+        _retry(self.uri, f"reopening run {self.name!r}", self._client.update_run, self._run_id, status="RUNNING")
+        entries = [RunTag(key, value) for key, value in tags.items()]  # this process's pid and commit
+        _retry(self.uri, f"tagging run {self.name!r}", self._client.log_batch, self._run_id, tags=entries)
+        return True
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         self._end("FINISHED" if exc_type is None else "FAILED")
@@ -402,6 +429,35 @@ class Run:
         _retry(self.uri, f"logging artifact {path} of run {self.name!r}", log, self.run_id, str(path), artifact_path)
 
 
+def _process_is_gone(pid: int, run_start_ms: int) -> bool:
+    """No process with this id, or one started after the run did (the id was reused)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time() * 1000 > run_start_ms + 1000
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False  # not ours to inspect: assume it lives
+
+
+def end_orphaned_runs(client, uri: str, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose process is gone (kill -9, a lost
+    node, a killed snakemake): a run never stays RUNNING after its process. Runs of other
+    hosts cannot be checked from here and are left as they are."""
+    host = socket.gethostname().replace("'", "")
+    running = _retry(uri, "searching running runs", client.search_runs, [experiment_id],
+                     f"attributes.status = 'RUNNING' and tags.`{HOSTNAME_TAG}` = '{host}'", max_results=1000)
+    ended = []
+    for run in running:
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and _process_is_gone(int(pid), run.info.start_time):
+            _retry(uri, f"ending orphaned run {run.info.run_id}", client.set_terminated, run.info.run_id,
+                   status="KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
 def search_runs(*, experiment: str, filter_string: str = "", history: tuple[str, ...] = ()) -> list[dict]:
     """The runs of an experiment as plain dicts (run_id, name, status, start_time, end_time,
     params, metrics at their latest step, tags), newest first; with `history`, also those
@@ -449,8 +505,10 @@ def search_runs(*, experiment: str, filter_string: str = "", history: tuple[str,
 EXPERIMENT = "rmt"  # the pipeline's experiment
 
 
-def pipeline_run(step: str, *, name: str, params: dict, tags: dict | None = None) -> Run:
+def pipeline_run(step: str, *, name: str, params: dict, tags: dict | None = None,
+                 resume_run_id: str | None = None) -> Run:
     """The run of one pipeline step in the pipeline's experiment, in the reproduction that
-    RMT_GROUP names (the workflow sets it for all its jobs)."""
+    RMT_GROUP names (the workflow sets it for all its jobs); `resume_run_id` continues the
+    run of an interrupted attempt of the same step."""
     return Run(experiment=EXPERIMENT, name=name, params=params, group=os.environ.get("RMT_GROUP"),
-               tags={"rmt.step": step, **(tags or {})})
+               tags={"rmt.step": step, **(tags or {})}, resume_run_id=resume_run_id)

@@ -23,11 +23,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from dataclasses import asdict, dataclass, field
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ STATE_NAME = "training_state.pt"
 LOCK_NAME = ".lock"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
 
@@ -95,24 +96,16 @@ def train_stage(
     train: TrainSettings,
     init: str | Path | None = None,
     progress: bool = True,
-    run: "Run | None" = None,
+    tracking: "Callable[[str | None], ContextManager[Run | None]] | None" = None,
 ) -> dict:
-    """Run (or resume) one stage; returns the contents of metrics.json. With an MLflow `run`
-    (rmt.tracking), every step's loss and learning rate, every validation accuracy and the
-    stage's files are logged to it."""
+    """Run (or resume) one stage; returns the contents of metrics.json.
+
+    tracking: opens the stage's MLflow run (rmt.tracking) given the id of the run an
+    interrupted attempt of this stage had opened, so that a resumed stage continues its own
+    run; every step's loss and learning rate, every validation and the stage's files go to it.
+    """
     output = Path(output)
-    data = TaskDataset(data_dir)
-    train_tokens, train_labels = data.arrays("train", segments)  # fails early if the length is missing
-    valid_tokens, valid_labels = validation_set(data, segments * train.valid_length_factor, train.eval_examples)
-    if init is not None:
-        _check_init(Path(init), data, segments)
-    else:
-        tokenizer = load_tokenizer(model.backbone)
-        if vocabulary_sha256(tokenizer) != data.card["tokenizer"]["vocabulary_sha256"]:
-            raise ValueError(
-                f"The data in {data_dir} was tokenized with '{data.config.tokenizer}', whose vocabulary differs from "
-                f"the backbone's ('{model.backbone}'): regenerate the data with the backbone's tokenizer"
-            )
+    inputs = _StageInputs.check(data_dir, segments, model=model, train=train, init=init)
     parallel = Distributed.from_environment()
     micro = train.micro_batch_size or train.batch_size
     if train.batch_size % (parallel.world_size * micro):
@@ -123,189 +116,308 @@ def train_stage(
     device = parallel.device(train.device)
     claim_output(output, kind="a curriculum stage", ours=_is_stage_folder)
     with stage_lock(output, hold=parallel.is_main):
-        return _train_locked(data=data, data_dir=data_dir, segments=segments, output=output, model=model, train=train,
-                             init=init, progress=progress, run=run, parallel=parallel, device=device,
-                             train_tokens=train_tokens, train_labels=train_labels, valid_tokens=valid_tokens,
-                             valid_labels=valid_labels, micro=micro)
+        folder = _StageFolder(output, parallel)
+        folder.prepare(inputs.resolved_settings(segments, model=model, train=train, init=init))
+        torch.manual_seed(train.seed + parallel.rank)  # each process its own dropout masks
+        trainer = _Trainer.start(inputs, folder, segments=segments, model=model, train=train, init=init,
+                                 parallel=parallel, device=device)
+        with (tracking or _untracked)(trainer.progress.run_id) as run:
+            trainer.progress.run_id = run.run_id if run is not None else None
+            if trainer.progress.stop_reason is None:
+                trainer.run(run, show_progress=progress)
+            metrics = folder.publish(trainer.progress, segments)
+            if run is not None:
+                _log_outcome(run, metrics, folder)
+    return metrics
 
 
-def _train_locked(*, data, data_dir, segments, output, model, train, init, progress, run, parallel, device,
-                  train_tokens, train_labels, valid_tokens, valid_labels, micro) -> dict:
-    """The stage itself, once its inputs are checked and its folder is this process's."""
-    num_labels, segment_length = len(data.card["classes"]), data.config.segment_length
-    resolved = {"data": str(data_dir), "segments": segments, "init": None if init is None else str(init),
-                "model": model.model_dump(), "train": train.model_dump(), "data_config_hash": data.card["config_hash"]}
-    config_file = output / "config.json"
-    changed = config_file.exists() and json.loads(config_file.read_text()) != resolved
-    parallel.barrier()  # every process has checked the folder before the first one writes to it
-    if parallel.is_main:
-        if changed:
-            print(f"{output} holds a stage run with other settings: starting the stage afresh", file=sys.stderr)
-            for name in ("checkpoints", "best"):
-                shutil.rmtree(output / name, ignore_errors=True)
-            for name in ("metrics.json", "history.jsonl"):
-                (output / name).unlink(missing_ok=True)
-        output.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
-    parallel.barrier()
+@contextlib.contextmanager
+def _untracked(_previous_run_id):
+    yield None
 
-    torch.manual_seed(train.seed + parallel.rank)  # each process its own dropout masks
-    last, best = output / "checkpoints" / "last", output / "checkpoints" / "best"
-    if parallel.is_main:
-        for folder in (last, best):
-            recover_directory(folder)
-    parallel.barrier()
-    resume = (last / STATE_NAME).is_file()
-    source = last if resume else init
-    if source is not None:
-        rmt = RecurrentMemoryEncoder.from_pretrained(
-            source, segment_length=segment_length, bptt_depth=model.bptt_depth,
-            memory_efficient_backprop=model.memory_efficient_backprop, loss_on_all_segments=model.loss_on_all_segments,
-        )
-        tokenizer = load_tokenizer(str(source))
-    else:
-        rmt = build_model(model, segment_length=segment_length, num_labels=num_labels)
-        tokenizer = load_tokenizer(model.backbone)
-    rmt.to(device).train()
-    network = parallel.wrap(rmt, device)  # what the training step calls: DDP with several processes
-    optimizer = torch.optim.AdamW(rmt.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, train.warmup_steps, train.max_steps)
-    state = {"step": 0, "best_accuracy": -1.0, "evaluations_without_gain": 0, "stop_reason": None, "seconds": 0.0,
-             "history": []}
-    if resume:
-        saved = _load_training_state(last / STATE_NAME)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if len(saved["rng"]) != parallel.world_size:
+
+def _log_outcome(run: "Run", metrics: dict, folder: "_StageFolder") -> None:
+    run.log_metrics({"best_valid_accuracy": metrics["best_valid_accuracy"]}, step=metrics["steps"])
+    run.set_tags({"rmt.stop_reason": metrics["stop_reason"]})
+    for path in (folder.metrics, folder.history, folder.settings):
+        run.log_artifact(path)
+
+
+@dataclass
+class _StageInputs:
+    """The data of a stage, checked against its settings and starting checkpoint before
+    anything is written."""
+
+    data: TaskDataset
+    train_tokens: np.ndarray
+    train_labels: np.ndarray
+    valid_tokens: np.ndarray
+    valid_labels: np.ndarray
+
+    @classmethod
+    def check(cls, data_dir, segments: int, *, model: ModelSettings, train: TrainSettings, init) -> "_StageInputs":
+        data = TaskDataset(data_dir)
+        train_tokens, train_labels = data.arrays("train", segments)  # fails early if the length is missing
+        valid_tokens, valid_labels = validation_set(data, segments * train.valid_length_factor, train.eval_examples)
+        if init is not None:
+            _check_init(Path(init), data, segments)
+        elif vocabulary_sha256(load_tokenizer(model.backbone)) != data.card["tokenizer"]["vocabulary_sha256"]:
             raise ValueError(
-                f"{last} was saved by {len(saved['rng'])} process(es), this run has {parallel.world_size}: "
-                "resume with the same number of processes"
+                f"The data in {data_dir} was tokenized with '{data.config.tokenizer}', whose vocabulary differs from "
+                f"the backbone's ('{model.backbone}'): regenerate the data with the backbone's tokenizer"
             )
-        torch_rng, cuda_rng = saved["rng"][parallel.rank]
-        torch.set_rng_state(torch_rng)
-        if cuda_rng is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(cuda_rng, device)
-        state = saved["counters"]
-        if parallel.is_main and state["stop_reason"] is None:
-            print(f"Resuming the stage at step {state['step']} from {last}", file=sys.stderr)
-    history = output / "history.jsonl"
+        return cls(data, train_tokens, train_labels, valid_tokens, valid_labels)
 
-    def publish() -> dict:
-        """The stage's final outputs, from its saved state: idempotent."""
-        metrics = {"segments": segments, "best_valid_accuracy": state["best_accuracy"],
-                   "best_valid_loss": state["best_loss"], "best_step": state["best_step"], "steps": state["step"],
-                   "stop_reason": state["stop_reason"], "seconds": round(state["seconds"], 1)}
-        if parallel.is_main:
-            _write_lines(history, state["history"])
-            if not (output / "best" / CONFIG_NAME).is_file():
-                with atomic_directory(output / "best", marker=CONFIG_NAME, kind="an RMT checkpoint") as staging:
-                    shutil.copytree(best, staging, dirs_exist_ok=True)
-            # Last: its presence means the stage is complete.
-            write_atomic(output / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        parallel.barrier()
-        return metrics
+    def resolved_settings(self, segments: int, *, model: ModelSettings, train: TrainSettings, init) -> dict:
+        """What the stage's config.json records: a rerun with other values starts afresh."""
+        return {"data": str(self.data.directory), "segments": segments, "init": None if init is None else str(init),
+                "model": model.model_dump(), "train": train.model_dump(),
+                "data_config_hash": self.data.card["config_hash"]}
 
-    if state["stop_reason"] is not None:  # already finished: publish its outputs again if they are gone
-        return publish()
 
-    def save(folder: Path, *, with_state: bool) -> None:
-        # Every process's RNG state, so that a resumed run draws the same dropout masks.
-        rng = parallel.gather((torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
-        if not parallel.is_main:
+@dataclass
+class _Progress:
+    """The counters of a stage, saved with every checkpoint, and its stopping policy."""
+
+    step: int = 0
+    best_accuracy: float = -1.0
+    best_loss: float = math.inf
+    best_step: int = 0
+    evaluations_without_gain: int = 0
+    stop_reason: str | None = None
+    seconds: float = 0.0
+    history: list = field(default_factory=list)
+    run_id: str | None = None  # the MLflow run the stage logs to, continued on resume
+
+    def record(self, record: dict) -> bool:
+        """Add a validation; True when it is the best so far. Ties in accuracy (common at
+        100%) go to the lower validation loss: a model that keeps training past the first
+        perfect score is kept, and it extrapolates further."""
+        self.history.append(record)
+        accuracy, loss = record["valid_accuracy"], record["valid_loss"]
+        if (accuracy, -loss) > (self.best_accuracy, -self.best_loss):
+            self.best_accuracy, self.best_loss, self.best_step = accuracy, loss, self.step
+            self.evaluations_without_gain = 0
+            return True
+        self.evaluations_without_gain += 1
+        return False
+
+    def decide(self, train: TrainSettings, accuracy: float) -> None:
+        """Stop on the target accuracy or patience (never before min_steps), or at max_steps."""
+        may_stop = self.step >= train.min_steps
+        if may_stop and train.target_accuracy is not None and accuracy >= train.target_accuracy:
+            self.stop_reason = "target_accuracy"
+        elif may_stop and self.evaluations_without_gain >= train.patience:
+            self.stop_reason = "early_stopping"
+        elif self.step >= train.max_steps:
+            self.stop_reason = "max_steps"
+
+
+class _StageFolder:
+    """The stage's files: its settings, working checkpoints, history and published outputs.
+    Only the main process writes; the others wait for it at the barriers."""
+
+    def __init__(self, output: Path, parallel: Distributed):
+        self.output, self.parallel = output, parallel
+        self.settings, self.history = output / "config.json", output / "history.jsonl"
+        self.metrics, self.best = output / "metrics.json", output / "best"
+        self.last, self.best_so_far = output / "checkpoints" / "last", output / "checkpoints" / "best"
+
+    def prepare(self, resolved: dict) -> None:
+        """Start afresh when the folder holds a run of other settings; repair a checkpoint
+        swap that a kill -9 interrupted."""
+        changed = self.settings.exists() and json.loads(self.settings.read_text()) != resolved
+        self.parallel.barrier()  # every process has checked the folder before the first one writes to it
+        if self.parallel.is_main:
+            if changed:
+                print(f"{self.output} holds a stage run with other settings: starting the stage afresh", file=sys.stderr)
+                for folder in (self.output / "checkpoints", self.best):
+                    shutil.rmtree(folder, ignore_errors=True)
+                for path in (self.metrics, self.history):
+                    path.unlink(missing_ok=True)
+            write_atomic(self.settings, json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+            for folder in (self.last, self.best_so_far):
+                recover_directory(folder)
+        self.parallel.barrier()
+
+    @property
+    def resumable(self) -> bool:
+        return (self.last / STATE_NAME).is_file()
+
+    def save(self, folder: Path, model, tokenizer, state: dict | None = None) -> None:
+        if not self.parallel.is_main:
             return
         with atomic_directory(folder, marker=CONFIG_NAME, kind="an RMT checkpoint") as staging:
-            rmt.save_into(staging)
+            model.save_into(staging)
             tokenizer.save_pretrained(staging)
-            if with_state:
-                torch.save({
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
-                    "counters": state,
-                }, staging / STATE_NAME)
+            if state is not None:
+                torch.save(state, staging / STATE_NAME)
 
-    started = time.perf_counter() - state["seconds"]
-    bar = tqdm(total=train.max_steps, initial=state["step"], desc=f"stage {segments}", unit="step",
-               disable=not (progress and parallel.is_main))
-    share = train.batch_size // parallel.world_size  # examples per process and step
-    accumulation = share // micro
-    losses = []
-    while state["stop_reason"] is None:
-        step = state["step"]
+    def write_history(self, progress: _Progress) -> None:
+        if self.parallel.is_main:
+            _write_lines(self.history, progress.history)
+
+    def publish(self, progress: _Progress, segments: int) -> dict:
+        """The stage's final outputs, from its saved state: idempotent."""
+        metrics = {"segments": segments, "best_valid_accuracy": progress.best_accuracy,
+                   "best_valid_loss": progress.best_loss, "best_step": progress.best_step, "steps": progress.step,
+                   "stop_reason": progress.stop_reason, "seconds": round(progress.seconds, 1)}
+        if self.parallel.is_main:
+            self.write_history(progress)
+            if not (self.best / CONFIG_NAME).is_file():
+                with atomic_directory(self.best, marker=CONFIG_NAME, kind="an RMT checkpoint") as staging:
+                    shutil.copytree(self.best_so_far, staging, dirs_exist_ok=True)
+            # Last: its presence means the stage is complete.
+            write_atomic(self.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        self.parallel.barrier()
+        return metrics
+
+
+class _Trainer:
+    """The model, optimizer and schedule of a stage, and its loop: one step, validation,
+    the stopping decision, a checkpoint at every validation."""
+
+    def __init__(self, *, inputs, folder, segments, train, parallel, device, model, tokenizer, progress):
+        self.inputs, self.folder, self.segments, self.train = inputs, folder, segments, train
+        self.parallel, self.device, self.model, self.tokenizer = parallel, device, model, tokenizer
+        self.progress = progress
+        self.micro = train.micro_batch_size or train.batch_size
+        self.network = parallel.wrap(model, device)  # what the step calls: DDP with several processes
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, train.warmup_steps, train.max_steps)
+        self.pending_metrics: list[tuple[dict, int]] = []
+
+    @classmethod
+    def start(cls, inputs: _StageInputs, folder: _StageFolder, *, segments, model, train, init, parallel,
+              device) -> "_Trainer":
+        """From the stage's last checkpoint when it has one, else from `init`, else new."""
+        resume = folder.resumable
+        source = folder.last if resume else init
+        segment_length = inputs.data.config.segment_length
+        if source is not None:
+            network = RecurrentMemoryEncoder.from_pretrained(
+                source, segment_length=segment_length, bptt_depth=model.bptt_depth,
+                memory_efficient_backprop=model.memory_efficient_backprop,
+                loss_on_all_segments=model.loss_on_all_segments,
+            )
+            tokenizer = load_tokenizer(str(source))
+        else:
+            network = build_model(model, segment_length=segment_length, num_labels=len(inputs.data.card["classes"]))
+            tokenizer = load_tokenizer(model.backbone)
+        network.to(device).train()
+        trainer = cls(inputs=inputs, folder=folder, segments=segments, train=train, parallel=parallel, device=device,
+                      model=network, tokenizer=tokenizer, progress=_Progress())
+        if resume:
+            trainer.restore(_load_training_state(folder.last / STATE_NAME))
+        return trainer
+
+    def restore(self, saved: dict) -> None:
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if len(saved["rng"]) != self.parallel.world_size:
+            raise ValueError(
+                f"{self.folder.last} was saved by {len(saved['rng'])} process(es), this run has "
+                f"{self.parallel.world_size}: resume with the same number of processes"
+            )
+        torch_rng, cuda_rng = saved["rng"][self.parallel.rank]
+        torch.set_rng_state(torch_rng)
+        if cuda_rng is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng, self.device)
+        self.progress = _Progress(**saved["counters"])
+        if self.parallel.is_main and self.progress.stop_reason is None:
+            print(f"Resuming the stage at step {self.progress.step} from {self.folder.last}", file=sys.stderr)
+
+    def run(self, run: "Run | None", *, show_progress: bool) -> None:
+        progress, train = self.progress, self.train
+        started = time.perf_counter() - progress.seconds
+        bar = tqdm(total=train.max_steps, initial=progress.step, desc=f"stage {self.segments}", unit="step",
+                   disable=not (show_progress and self.parallel.is_main))
+        losses = []
+        while progress.stop_reason is None:
+            losses.append(self.step(progress.step))
+            progress.step += 1
+            self.pending_metrics.append(({"train_loss": losses[-1], "learning_rate": self.learning_rate},
+                                         progress.step))
+            bar.update(1)
+            if progress.step % train.eval_every == 0 or progress.step == train.max_steps:
+                record = self.validate(losses)
+                losses = []
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}", accuracy=f"{record['valid_accuracy']:.3f}")
+                progress.seconds = time.perf_counter() - started
+                self.checkpoint(run)
+        bar.close()
+
+    @property
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def step(self, step: int) -> float:
+        """One optimizer step; the mean training loss over the processes."""
+        train, parallel, device = self.train, self.parallel, self.device
+        share = train.batch_size // parallel.world_size  # examples per process and step
+        accumulation = share // self.micro
         # The batch of step s depends on (seed, s) only: a resumed run sees the same data.
         # Every process draws the same indices and takes its own share of them.
-        indices = np.random.default_rng([train.seed, step]).choice(len(train_labels), size=train.batch_size)
+        indices = np.random.default_rng([train.seed, step]).choice(len(self.inputs.train_labels), size=train.batch_size)
         indices = indices[parallel.rank :: parallel.world_size]
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for start in range(0, share, micro):
-            rows = np.sort(indices[start : start + micro])
-            inputs = _token_tensor(train_tokens[rows], device)
-            labels = torch.as_tensor(train_labels[rows], device=device)
-            last_micro_batch = start + micro >= share
+        for start in range(0, share, self.micro):
+            rows = np.sort(indices[start : start + self.micro])
+            inputs = _token_tensor(self.inputs.train_tokens[rows], device)
+            labels = torch.as_tensor(self.inputs.train_labels[rows], device=device)
+            last_micro_batch = start + self.micro >= share
             # Gradients are averaged across processes once per step, on the last micro-batch.
-            with contextlib.nullcontext() if last_micro_batch or parallel.world_size == 1 else network.no_sync():
-                loss = network(inputs, labels=labels).loss / accumulation
+            with contextlib.nullcontext() if last_micro_batch or parallel.world_size == 1 else self.network.no_sync():
+                loss = self.network(inputs, labels=labels).loss / accumulation
                 finite = parallel.sum(float(torch.isfinite(loss)), device) == parallel.world_size
                 if finite:
                     loss.backward()
             if not finite:
-                state["stop_reason"] = "diverged"
-                bar.close()
                 raise TrainingDiverged(
-                    f"The loss became {loss.item()} at step {step + 1}: stopped; the last good checkpoint is in {last}. "
-                    "Lower the learning rate or clip gradients harder."
+                    f"The loss became {loss.item()} at step {step + 1}: stopped; the last good checkpoint is in "
+                    f"{self.folder.last}. Lower the learning rate or clip gradients harder."
                 )
             step_loss += loss.item()
         if train.clip_value is not None:
-            torch.nn.utils.clip_grad_value_(rmt.parameters(), train.clip_value)
+            torch.nn.utils.clip_grad_value_(self.model.parameters(), train.clip_value)
         if train.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(rmt.parameters(), train.clip_norm)
-        optimizer.step()
-        scheduler.step()
-        losses.append(parallel.sum(step_loss, device) / parallel.world_size)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return parallel.sum(step_loss, device) / parallel.world_size
+
+    def validate(self, losses: list[float]) -> dict:
+        """Score the validation set, keep the best checkpoint, decide whether to stop."""
+        inputs, progress = self.inputs, self.progress
+        accuracy, valid_loss = evaluate_arrays(self.model, inputs.valid_tokens, inputs.valid_labels,
+                                               self.train.eval_examples, self.micro, self.device, self.parallel)
+        self.model.train()
+        record = {"step": progress.step, "train_loss": float(np.mean(losses)), "learning_rate": self.learning_rate,
+                  "valid_accuracy": accuracy, "valid_loss": valid_loss,
+                  "valid_segments": self.segments * self.train.valid_length_factor}
+        self.pending_metrics.append(({"valid_accuracy": accuracy, "valid_loss": valid_loss}, progress.step))
+        if progress.record(record):
+            self.folder.save(self.folder.best_so_far, self.model, self.tokenizer)
+        progress.decide(self.train, accuracy)
+        return record
+
+    def checkpoint(self, run: "Run | None") -> None:
+        """Save everything a resumed run needs, then log the metrics since the last
+        checkpoint: a run killed between the two loses those points, but a resumed run
+        never logs a step twice."""
+        # Every process's RNG state, so that a resumed run draws the same dropout masks.
+        rng = self.parallel.gather((torch.get_rng_state(),
+                                    torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None))
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng,
+                 "counters": asdict(self.progress)}
+        self.folder.save(self.folder.last, self.model, self.tokenizer, state)
+        # The history is part of the saved state, so a crash never loses or repeats a line.
+        self.folder.write_history(self.progress)
         if run is not None:
-            run.log_metrics({"train_loss": losses[-1], "learning_rate": scheduler.get_last_lr()[0]}, step=step + 1)
-        state["step"] = step + 1
-        bar.update(1)
-        if state["step"] % train.eval_every == 0 or state["step"] == train.max_steps:
-            accuracy, valid_loss = evaluate_arrays(rmt, valid_tokens, valid_labels, train.eval_examples, micro,
-                                                   device, parallel)
-            rmt.train()
-            record = {"step": state["step"], "train_loss": float(np.mean(losses)), "learning_rate": scheduler.get_last_lr()[0],
-                      "valid_accuracy": accuracy, "valid_loss": valid_loss,
-                      "valid_segments": segments * train.valid_length_factor}
-            losses = []
-            state["history"].append(record)
-            if run is not None:
-                run.log_metrics({"valid_accuracy": accuracy, "valid_loss": valid_loss}, step=state["step"])
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", accuracy=f"{accuracy:.3f}")
-            # Ties in accuracy (common at 100%) go to the lower validation loss: a model that
-            # keeps training past the first perfect score is kept, and it extrapolates further.
-            if (accuracy, -valid_loss) > (state["best_accuracy"], -state.get("best_loss", math.inf)):
-                state.update(best_accuracy=accuracy, best_loss=valid_loss, evaluations_without_gain=0,
-                             best_step=state["step"])
-                save(best, with_state=False)
-            else:
-                state["evaluations_without_gain"] += 1
-            may_stop = state["step"] >= train.min_steps
-            if may_stop and train.target_accuracy is not None and accuracy >= train.target_accuracy:
-                state["stop_reason"] = "target_accuracy"
-            elif may_stop and state["evaluations_without_gain"] >= train.patience:
-                state["stop_reason"] = "early_stopping"
-            elif state["step"] >= train.max_steps:
-                state["stop_reason"] = "max_steps"
-            state["seconds"] = time.perf_counter() - started
-            save(last, with_state=True)
-            # The history is part of the saved state, so a crash never loses or repeats a line.
-            if parallel.is_main:
-                _write_lines(history, state["history"])
-    bar.close()
-    metrics = publish()
-    if run is not None:
-        run.log_metrics({"best_valid_accuracy": metrics["best_valid_accuracy"]}, step=metrics["steps"])
-        run.set_tags({"rmt.stop_reason": metrics["stop_reason"]})
-        for name in ("metrics.json", "history.jsonl", "config.json"):
-            run.log_artifact(output / name)
-    return metrics
+            for metrics, step in self.pending_metrics:
+                run.log_metrics(metrics, step=step)
+        self.pending_metrics = []
 
 
 def validation_set(data: TaskDataset, segments: int, examples: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -62,18 +62,89 @@ def test_data_train_and_evaluate_are_tracked_as_one_group(tmp_path, monkeypatch)
     assert [step for step, _ in evaluate] == [1, 3]  # step = number of segments
 
 
-def test_a_failing_step_is_marked_failed(tmp_path, monkeypatch):
+def _memorize_data(runner, data):
+    result = runner.invoke(app, ["data", "generate", "memorize", str(data), "--set", "data.train_examples=16",
+                                 "--set", "data.valid_examples=8", "--set", "data.curriculum_segments=[1]",
+                                 "--set", "data.test_segments=[1]", "--set", "data.samples=0",
+                                 "--set", "data.segment_length=24"])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_failing_step_is_marked_failed_and_bad_input_opens_no_run(tmp_path, monkeypatch):
     group = f"test-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("RMT_GROUP", group)
     runner = CliRunner()
     data = tmp_path / "data"
-    result = runner.invoke(app, ["data", "generate", "memorize", str(data), "--set", "data.train_examples=16",
-                                 "--set", "data.valid_examples=8", "--set", "data.curriculum_segments=[1]",
-                                 "--set", "data.test_segments=[1]", "--set", "data.samples=0"])
-    assert result.exit_code == 0, result.output
+    _memorize_data(runner, data)
     result = runner.invoke(app, ["train", "--data", str(data), "--segments", "1", "--output", str(tmp_path / "s"),
                                  "--init", str(tmp_path)])
     assert result.exit_code == 2 and "not an RMT checkpoint" in result.output
+    assert not (tmp_path / "s").exists()  # refused before anything was written
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": {"pretrained": False, "backbone_overrides": TINY_BERT},
+                                      "train": {"max_steps": 8, "eval_every": 4, "batch_size": 4,
+                                                "learning_rate": 1e30, "warmup_steps": 0, "clip_value": None}}))
+    result = runner.invoke(app, ["train", "--data", str(data), "--segments", "1", "--output", str(tmp_path / "d"),
+                                 "--config", str(config)])
+    assert result.exit_code == 2 and "The loss became" in result.output, result.output
     runs = search_runs(experiment=EXPERIMENT, filter_string=f"tags.\"rmt.group\" = '{group}'")
     statuses = {run["tags"]["rmt.step"]: run["status"] for run in runs}
     assert statuses == {"data": "FINISHED", "train": "FAILED"}
+
+
+def test_a_resumed_stage_continues_its_run_and_logs_no_step_twice(tmp_path, monkeypatch):
+    import torch
+
+    group = f"test-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("RMT_GROUP", group)
+    runner = CliRunner()
+    data, stage = tmp_path / "data", tmp_path / "stage-1"
+    _memorize_data(runner, data)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": {"pretrained": False, "backbone_overrides": TINY_BERT},
+                                      "train": {"max_steps": 9, "eval_every": 3, "batch_size": 4,
+                                                "warmup_steps": 0}}))
+    command = ["train", "--data", str(data), "--segments", "1", "--output", str(stage), "--config", str(config)]
+    original, calls = torch.nn.utils.clip_grad_value_, {"count": 0}
+
+    def crash_at_step_5(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 5:  # after the checkpoint of step 3, with step 4 done but not saved
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", crash_at_step_5)
+    assert runner.invoke(app, command).exit_code != 0
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", original)
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    runs = search_runs(experiment=EXPERIMENT, filter_string=f"tags.\"rmt.group\" = '{group}' and "
+                                                           "tags.\"rmt.step\" = 'train'")
+    assert len(runs) == 1 and runs[0]["status"] == "FINISHED"
+    assert [step for step, _ in metric_history(runs[0]["run_id"], "train_loss")] == list(range(1, 10))
+    assert [step for step, _ in metric_history(runs[0]["run_id"], "valid_accuracy")] == [3, 6, 9]
+
+
+def test_runs_of_dead_processes_are_ended_when_a_step_starts(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from rmt.tracking import HOSTNAME_TAG, PID_TAG, Run, tracking_uri
+
+    group = f"test-{uuid.uuid4().hex[:8]}"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    client = MlflowClient(tracking_uri())
+    with Run(experiment=EXPERIMENT, name="alive", group=group, system_metrics=False):
+        pass  # makes sure the experiment exists
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    orphan = client.create_run(experiment, run_name="killed -9", tags={
+        HOSTNAME_TAG: socket.gethostname(), PID_TAG: dead.stdout.strip(), "rmt.group": group})
+    elsewhere = client.create_run(experiment, run_name="other host", tags={
+        HOSTNAME_TAG: "another-node", PID_TAG: dead.stdout.strip(), "rmt.group": group})
+    with Run(experiment=EXPERIMENT, name="next step", group=group, system_metrics=False):
+        assert client.get_run(orphan.info.run_id).info.status == "KILLED"
+        assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"  # cannot be checked from here
+    client.set_terminated(elsewhere.info.run_id)

@@ -185,7 +185,8 @@ def evaluate(
 ) -> None:
     """Accuracy of a checkpoint at many input lengths (streamed, flat memory)."""
     from rmt.data.dataset import TaskDataset
-    from rmt.evaluate import evaluate_checkpoint, parse_segments, stage_settings
+    from rmt.checkpoint import stage_settings
+    from rmt.evaluate import evaluate_checkpoint, parse_segments
 
     try:
         lengths = parse_segments(segments) if segments else None

@@ -9,9 +9,11 @@ stays inside [0, 1] and is honest at 100% accuracy on few examples.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -20,18 +22,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rmt.data.dataset import TaskDataset, vocabulary_sha256
-from rmt.hub import load_tokenizer
+from rmt.checkpoint import check_fits, trained_segments
+from rmt.data.dataset import TaskDataset
 from rmt.memory import PeakMemory
 from rmt.model import RecurrentMemoryEncoder
-from rmt.utils import resolve_device, write_atomic
+from rmt.model.base import WEIGHTS_NAME
+from rmt.utils import claim_output, resolve_device, write_atomic
 
 if TYPE_CHECKING:
     from rmt.tracking import Run
 
 ROW_FIELDS = (
-    "task", "trained_segments", "evaluated_segments", "tokens", "examples", "accuracy", "ci_low", "ci_high",
-    "seconds", "examples_per_second", "peak_memory_mb",
+    "task", "segment_length", "trained_segments", "evaluated_segments", "tokens", "examples", "accuracy", "ci_low",
+    "ci_high", "seconds", "examples_per_second", "peak_memory_mb",
 )
 
 
@@ -55,18 +58,6 @@ def parse_segments(text: str) -> list[int]:
     return sorted(set(values))
 
 
-def stage_settings(checkpoint: Path) -> dict | None:
-    """The resolved settings of the stage a checkpoint (stage/best) comes from, if any."""
-    config = Path(checkpoint).parent / "config.json"
-    return json.loads(config.read_text()) if config.is_file() else None
-
-
-def trained_segments(checkpoint: Path) -> int | None:
-    """A stage's checkpoint (stage/best) knows how many segments it was trained on."""
-    stage = stage_settings(checkpoint)
-    return stage["segments"] if stage else None
-
-
 def evaluate_checkpoint(
     *,
     checkpoint: str | Path,
@@ -83,53 +74,119 @@ def evaluate_checkpoint(
     """Accuracy at every length in `segments` (default: the dataset's test lengths): a CSV row
     per length in `output`, and the accuracies as a JSON of metrics in `metrics`. With an
     MLflow `run`, each length's figures are logged with step = number of segments, so the
-    UI draws accuracy against length."""
+    UI draws accuracy against length.
+
+    A long evaluation keeps what it finished: each length's row goes to `<output>.partial`
+    as it completes, and a rerun of the same checkpoint on the same data continues from the
+    first length it lacks."""
     checkpoint, output = Path(checkpoint), Path(output)
     data = TaskDataset(data_dir)
-    if not (checkpoint / "rmt_config.json").is_file():
-        raise FileNotFoundError(f"{checkpoint} is not an RMT checkpoint (no rmt_config.json): give a stage's best/ folder")
-    if vocabulary_sha256(load_tokenizer(str(checkpoint))) != data.card["tokenizer"]["vocabulary_sha256"]:
-        raise ValueError(f"{checkpoint} uses another vocabulary than the data in {data_dir} was tokenized with")
+    check_fits(checkpoint, data, option="--checkpoint", same_segment_length=True)
+    claim_output(output, kind="an evaluation table", ours=_is_evaluation_table)
+    if metrics is not None:
+        claim_output(metrics, kind="an evaluation metrics file", ours=_is_metrics_file)
     counts = {entry["segments"]: entry["examples"] for entry in data.test_lengths}
     lengths = sorted(segments) if segments else sorted(counts)
     device_ = resolve_device(device)
     model = RecurrentMemoryEncoder.from_pretrained(checkpoint, segment_length=data.config.segment_length).to(device_)
-    trained = trained_segments(checkpoint)
+    partial = _Partial(output, checkpoint, data)
+    rows = partial.load()
     _ = data.generator  # built now (noise tokenized) so that no length's timing includes it
-    rows = []
     for length in tqdm(lengths, desc="lengths", unit="length", disable=not progress):
         examples = counts.get(length, data.config.test_examples_at(length))
         examples = examples if max_examples is None else min(examples, max_examples)
-        correct, started = 0, time.perf_counter()
-        num_tokens = length * data.config.segment_length
-        with PeakMemory(device_) as meter:
-            for start in range(0, examples, batch_size):
-                indices = range(start, min(start + batch_size, examples))
-                labels, chunks = data.stream(length, indices)
-                logits = model.stream((np.asarray(c, dtype=np.int64) for c in chunks), num_tokens=num_tokens).logits
-                correct += int((logits.argmax(-1).cpu() == torch.as_tensor(labels)).sum())
-        seconds = time.perf_counter() - started
-        low, high = wilson_interval(correct, examples)
-        rows.append({
-            "task": data.config.task, "trained_segments": trained, "evaluated_segments": length, "tokens": num_tokens,
-            "examples": examples, "accuracy": correct / examples, "ci_low": low, "ci_high": high,
-            "seconds": round(seconds, 3), "examples_per_second": round(examples / seconds, 3),
-            "peak_memory_mb": round(meter.growth_mb, 1),
-        })
-        if run is not None:
-            run.log_metrics({key: rows[-1][key] for key in ("accuracy", "ci_low", "ci_high", "examples_per_second",
-                                                            "peak_memory_mb")}, step=length)
-    table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=ROW_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    written = [write_atomic(output, table.getvalue())]
+        if (length, examples) not in {(row["evaluated_segments"], row["examples"]) for row in rows}:
+            rows.append(_evaluate_length(model, data, checkpoint, length, examples, batch_size, device_))
+            partial.save(rows)
+            if run is not None:
+                run.log_metrics({key: rows[-1][key] for key in LOGGED_FIELDS}, step=length)
+    rows = sorted((row for row in rows if row["evaluated_segments"] in lengths), key=lambda r: r["evaluated_segments"])
+    written = [write_atomic(output, _csv(rows), kind="an evaluation table", ours=_is_evaluation_table)]
     if metrics is not None:
-        written.append(write_atomic(metrics, json.dumps(accuracy_metrics(rows), indent=2) + "\n"))
+        written.append(write_atomic(metrics, json.dumps(accuracy_metrics(rows), indent=2) + "\n",
+                                    kind="an evaluation metrics file", ours=_is_metrics_file))
+    partial.remove()
     if run is not None:
         for path in written:
             run.log_artifact(path)
     return rows
+
+
+LOGGED_FIELDS = ("accuracy", "ci_low", "ci_high", "examples_per_second", "peak_memory_mb")
+
+
+@torch.inference_mode()
+def _evaluate_length(model, data: TaskDataset, checkpoint: Path, length: int, examples: int, batch_size: int,
+                     device) -> dict:
+    """One CSV row: accuracy of `examples` test examples of `length` segments, streamed."""
+    correct, started = 0, time.perf_counter()
+    num_tokens = length * data.config.segment_length
+    with PeakMemory(device) as meter:
+        for start in range(0, examples, batch_size):
+            indices = range(start, min(start + batch_size, examples))
+            labels, chunks = data.stream(length, indices)
+            logits = model.stream((np.asarray(c, dtype=np.int64) for c in chunks), num_tokens=num_tokens).logits
+            correct += int((logits.argmax(-1).cpu() == torch.as_tensor(labels)).sum())
+    seconds = time.perf_counter() - started
+    low, high = wilson_interval(correct, examples)
+    return {
+        "task": data.config.task, "segment_length": data.config.segment_length,
+        "trained_segments": trained_segments(checkpoint), "evaluated_segments": length, "tokens": num_tokens,
+        "examples": examples, "accuracy": correct / examples, "ci_low": low, "ci_high": high,
+        "seconds": round(seconds, 3), "examples_per_second": round(examples / seconds, 3),
+        "peak_memory_mb": round(meter.growth_mb, 1),
+    }
+
+
+def _csv(rows: Sequence[dict]) -> str:
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=ROW_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return table.getvalue()
+
+
+def _is_evaluation_table(path: Path) -> bool:
+    """A file this module wrote: its header names the first columns of ROW_FIELDS."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return path.is_file() and handle.readline().startswith("task,")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _is_metrics_file(path: Path) -> bool:
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and {"task", "accuracy"} <= set(values)
+
+
+class _Partial:
+    """The rows an unfinished evaluation has completed, with what they were measured on (the
+    checkpoint's weights and the dataset), so a rerun reuses them only for the same pair."""
+
+    def __init__(self, output: Path, checkpoint: Path, data: TaskDataset):
+        self.path = output.with_name(output.name + ".partial")
+        weights = hashlib.sha256((checkpoint / WEIGHTS_NAME).read_bytes()).hexdigest()
+        self.key = {"weights_sha256": weights, "data_config_hash": data.card["config_hash"]}
+
+    def load(self) -> list[dict]:
+        try:
+            saved = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return []
+        if not isinstance(saved, dict) or saved.get("key") != self.key:
+            return []
+        print(f"Continuing the evaluation in {self.path}: {len(saved['rows'])} length(s) done", file=sys.stderr)
+        return saved["rows"]
+
+    def save(self, rows: list[dict]) -> None:
+        write_atomic(self.path, json.dumps({"key": self.key, "rows": rows}) + "\n")
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def accuracy_metrics(rows: Sequence[dict]) -> dict:

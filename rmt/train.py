@@ -23,10 +23,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
 import shutil
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ContextManager
 
@@ -36,13 +36,13 @@ from filelock import SoftFileLock, Timeout
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModel, get_linear_schedule_with_warmup
 
-from rmt.data.dataset import TaskDataset, vocabulary_sha256
+from rmt.checkpoint import check_fits
+from rmt.data.dataset import TaskDataset
 from rmt.distributed import Distributed
 from rmt.hub import load_tokenizer, resolve
 from rmt.model import RMTConfig, RecurrentMemoryEncoder
 from rmt.model.config import CONFIG_NAME
 from rmt.settings import ModelSettings, TrainSettings
-from rmt.model.base import read_checkpoint_config
 from rmt.utils import UserError, atomic_directory, claim_output, recover_directory, write_atomic
 
 if TYPE_CHECKING:
@@ -76,15 +76,6 @@ def build_model(settings: ModelSettings, *, segment_length: int, num_labels: int
 
 class StageBusy(UserError):
     """Another process trains the same stage folder."""
-
-
-def _check_init(init: Path, data: TaskDataset, segments: int) -> None:
-    saved = read_checkpoint_config(init)
-    if saved.num_labels != len(data.card["classes"]):
-        raise ValueError(f"--init {init} classifies {saved.num_labels} classes, the data has {len(data.card['classes'])}")
-    tokenizer = load_tokenizer(str(init))
-    if vocabulary_sha256(tokenizer) != data.card["tokenizer"]["vocabulary_sha256"]:
-        raise ValueError(f"The data in {data.directory} was tokenized with another vocabulary than --init {init} uses")
 
 
 def train_stage(
@@ -160,12 +151,9 @@ class _StageInputs:
         train_tokens, train_labels = data.arrays("train", segments)  # fails early if the length is missing
         valid_tokens, valid_labels = validation_set(data, segments * train.valid_length_factor, train.eval_examples)
         if init is not None:
-            _check_init(Path(init), data, segments)
-        elif vocabulary_sha256(load_tokenizer(model.backbone)) != data.card["tokenizer"]["vocabulary_sha256"]:
-            raise ValueError(
-                f"The data in {data_dir} was tokenized with '{data.config.tokenizer}', whose vocabulary differs from "
-                f"the backbone's ('{model.backbone}'): regenerate the data with the backbone's tokenizer"
-            )
+            check_fits(init, data, option="--init", same_segment_length=False)
+        else:
+            data.check_vocabulary(load_tokenizer(model.backbone), f"the backbone '{model.backbone}'")
         return cls(data, train_tokens, train_labels, valid_tokens, valid_labels)
 
     def resolved_settings(self, segments: int, *, model: ModelSettings, train: TrainSettings, init) -> dict:

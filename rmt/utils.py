@@ -76,8 +76,12 @@ def write_atomic(path: str | os.PathLike, text: str, *, kind: str = "a file",
     path = claim_output(path, kind=kind, ours=ours)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(path.name + ".tmp")
-    staging.write_text(text)
-    staging.replace(path)
+    try:
+        staging.write_text(text)
+        staging.replace(path)
+    except BaseException:
+        staging.unlink(missing_ok=True)  # a full disk, say: leave nothing half-written behind
+        raise
     return path
 
 

@@ -81,3 +81,55 @@ def test_bad_input_is_refused_before_evaluating(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a dataset"):
         evaluate_checkpoint(checkpoint=checkpoint, data_dir=tmp_path, output=tmp_path / "x.csv", progress=False)
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_a_checkpoint_that_does_not_fit_the_data_is_refused(trained, tmp_path):
+    data_dir, checkpoint = trained
+    other_length = build_dataset(DataConfig(task="detect_and_memorize", segment_length=48, train_examples=4,
+                                            valid_examples=4, curriculum_segments=[1], test_segments=[1], samples=0),
+                                 tmp_path / "d48", progress=False)
+    with pytest.raises(ValueError, match="trained on segments of 32 tokens.*has 48.*data.segment_length=32"):
+        evaluate_checkpoint(checkpoint=checkpoint, data_dir=other_length, output=tmp_path / "x.csv", progress=False)
+    other_task = build_dataset(DataConfig(task="memorize", segment_length=32, train_examples=4, valid_examples=4,
+                                          curriculum_segments=[1], test_segments=[1], samples=0),
+                               tmp_path / "memorize", progress=False)
+    with pytest.raises(ValueError, match="was trained on detect_and_memorize.*is memorize"):
+        evaluate_checkpoint(checkpoint=checkpoint, data_dir=other_task, output=tmp_path / "x.csv", progress=False)
+    (tmp_path / "notes.csv").write_text("my,own\n1,2\n")
+    with pytest.raises(FileExistsError, match="not an evaluation table written by rmt"):
+        evaluate_checkpoint(checkpoint=checkpoint, data_dir=data_dir, output=tmp_path / "notes.csv", progress=False)
+    assert (tmp_path / "notes.csv").read_text() == "my,own\n1,2\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d48", "memorize", "notes.csv"]
+
+
+def test_an_interrupted_evaluation_continues_from_the_first_missing_length(trained, tmp_path, monkeypatch, capsys):
+    import rmt.evaluate as evaluate_module
+
+    data_dir, checkpoint = trained
+    output = tmp_path / "eval.csv"
+    whole = evaluate_checkpoint(checkpoint=checkpoint, data_dir=data_dir, output=tmp_path / "whole.csv",
+                                segments=[1, 2, 5], progress=False)
+    original, done = evaluate_module._evaluate_length, []
+
+    def interrupted_at_the_third_length(model, data, checkpoint, length, *args):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        done.append(length)
+        return original(model, data, checkpoint, length, *args)
+
+    monkeypatch.setattr(evaluate_module, "_evaluate_length", interrupted_at_the_third_length)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_checkpoint(checkpoint=checkpoint, data_dir=data_dir, output=output, segments=[1, 2, 5],
+                            progress=False)
+    assert not output.exists() and (tmp_path / "eval.csv.partial").is_file()
+    done.clear()
+    monkeypatch.setattr(evaluate_module, "_evaluate_length", lambda *a: (done.append(a[3]), original(*a))[1])
+    rows = evaluate_checkpoint(checkpoint=checkpoint, data_dir=data_dir, output=output, segments=[1, 2, 5],
+                               progress=False)
+    assert done == [5] and "2 length(s) done" in capsys.readouterr().err
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "examples_per_second",
+                                                                     "peak_memory_mb")} for r in rows]
+    assert strip(rows) == strip(whole)
+    assert not (tmp_path / "eval.csv.partial").exists()
+    with open(output) as handle:
+        assert [row["segment_length"] for row in csv.DictReader(handle)] == ["32", "32", "32"]

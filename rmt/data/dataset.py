@@ -228,6 +228,15 @@ class TaskDataset:
         self.test_lengths = json.loads((self.directory / "test.json").read_text())["lengths"]
         self._generator: TaskGenerator | None = None
 
+    def check_vocabulary(self, tokenizer, who: str) -> None:
+        """Refuse a tokenizer (a backbone's, a checkpoint's) whose vocabulary is not the one
+        these token ids were written with."""
+        if vocabulary_sha256(tokenizer) != self.card["tokenizer"]["vocabulary_sha256"]:
+            raise ValueError(
+                f"The data in {self.directory} was tokenized with '{self.config.tokenizer}', whose vocabulary differs "
+                f"from that of {who}: generate the data with the same tokenizer"
+            )
+
     def arrays(self, split: str, segments: int) -> tuple[np.ndarray, np.ndarray]:
         """(examples, tokens) token ids, memory-mapped, and (examples,) labels."""
         folder = self.directory / split / f"segments-{segments}"
@@ -241,11 +250,7 @@ class TaskDataset:
         """The generator, rebuilt from the stored noise and the tokenizer named in the card."""
         if self._generator is None:
             tokenizer = load_tokenizer(self.config.tokenizer)
-            if vocabulary_sha256(tokenizer) != self.card["tokenizer"]["vocabulary_sha256"]:
-                raise ValueError(
-                    f"The tokenizer '{self.config.tokenizer}' loaded here has another vocabulary than the one "
-                    f"{self.directory} was built with: rebuild the dataset"
-                )
+            self.check_vocabulary(tokenizer, f"'{self.config.tokenizer}' as loaded on this machine")
             sentences = (self.directory / "noise.txt").read_text().splitlines()
             self._generator = TaskGenerator(
                 task=get_task(self.config.task), noise_sentences=sentences, tokenizer=tokenizer,

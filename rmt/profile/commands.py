@@ -113,11 +113,12 @@ def attention(
                                      "segments, none in the last)."),
 ) -> None:
     """Attention of [CLS] and memory over [memory, tokens] per segment (the paper's Figure 6)."""
+    from rmt.checkpoint import check_fits
+    from rmt.data.dataset import TaskDataset
     from rmt.profile.attention import write_attention_maps
     from rmt.tracking import pipeline_run
 
-    if not (checkpoint / "rmt_config.json").is_file():
-        raise typer.BadParameter(f"{checkpoint} is not an RMT checkpoint (no rmt_config.json)", param_hint="--checkpoint")
+    check_fits(checkpoint, TaskDataset(data), option="--checkpoint", same_segment_length=True)
     params = {"checkpoint": str(checkpoint), "data": str(data), "segments": segments, "index": index}
     with pipeline_run("attention", name="profile/attention", params=params) as run:
         path = write_attention_maps(output, checkpoint=checkpoint, data_dir=data, segments=segments, index=index)

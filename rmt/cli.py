@@ -64,10 +64,10 @@ def _task_settings(configs: list[Path], overrides: list[str], task: str):
     import yaml
     from pydantic import ValidationError
 
-    from rmt.config import PipelineConfig, load_config
+    from rmt.config import PipelineConfig, read_config_files
 
     try:
-        merged = load_config(*configs).model_dump() if configs else {}
+        merged = read_config_files(*configs)
     except (FileNotFoundError, ValueError) as error:
         raise typer.BadParameter(str(error), param_hint="--config") from None
     for item in overrides:
@@ -78,14 +78,20 @@ def _task_settings(configs: list[Path], overrides: list[str], task: str):
         target = merged
         for part in path[:-1]:
             target = target.setdefault(part, {})
-        target[path[-1]] = yaml.safe_load(value)
+        try:
+            target[path[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise typer.BadParameter(f"{item!r}: the value is not valid YAML (quote strings, e.g. "
+                                     f"{key}='\"text\"')", param_hint="--set") from None
+    # A command runs one task: the settings of the others are not its business.
+    tasks = merged.get("tasks") or {}
+    own = (tasks.get(task) or {}) if isinstance(tasks, dict) else {}
     try:
-        config = PipelineConfig(**merged)
-        if task not in config.tasks:
-            config = PipelineConfig(**{**merged, "tasks": {**merged.get("tasks", {}), task: {}}})
-        return config.for_task(task)
+        return PipelineConfig(**{**merged, "tasks": {task: own}}).for_task(task)
     except ValidationError as error:
         raise typer.BadParameter(_validation_message(error)) from None
+    except ValueError as error:
+        raise typer.BadParameter("Invalid settings:\n  " + str(error).replace("\n", "\n  ")) from None
 
 
 def _tracked(step: str, *, task: str, seed: int, params: dict, tags: dict | None = None,
@@ -111,8 +117,9 @@ def _config_tags(settings, configs: list[Path]) -> dict:
 
 
 def _validation_message(error) -> str:
-    lines = [f"  {'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors()]
-    return "Invalid settings:\n" + "\n".join(lines)
+    from rmt.config import problem_lines
+
+    return "Invalid settings:\n" + "\n".join(f"  {line}" for line in problem_lines(error))
 
 
 def _version(value: bool) -> None:

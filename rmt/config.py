@@ -120,21 +120,22 @@ class PipelineConfig(BaseModel):
 
     def for_task(self, task: str) -> "TaskSettings":
         overrides = self.tasks[task]
-        data = DataConfig(**{**self.data, **overrides.data, "task": task})
+        data = _section(f"{task}: data", DataConfig, {**self.data, **overrides.data, "task": task})
         train = {**self.train, **overrides.train}
         stages = sorted(set(self.stage_train) | set(overrides.stage_train))
         unknown = [n for n in stages if n not in data.curriculum_segments]
         if unknown:
             raise ValueError(f"{task}: stage_train names stages {unknown} that are not in the curriculum "
                              f"{data.curriculum_segments}: use numbers of segments from data.curriculum_segments")
+        stage_train = {n: {**train, **self.stage_train.get(n, {}), **overrides.stage_train.get(n, {})} for n in stages}
         return TaskSettings(
             task=task,
             data=data,
-            model=ModelSettings(**{**self.model, **overrides.model}),
-            train=TrainSettings(**train),
-            stage_train={n: TrainSettings(**{**train, **self.stage_train.get(n, {}), **overrides.stage_train.get(n, {})})
-                         for n in stages},
-            evaluate=EvaluateSettings(**{**self.evaluate, **overrides.evaluate}),
+            model=_section(f"{task}: model", ModelSettings, {**self.model, **overrides.model}),
+            train=_section(f"{task}: train", TrainSettings, train),
+            stage_train={n: _section(f"{task}: stage_train.{n}", TrainSettings, values)
+                         for n, values in stage_train.items()},
+            evaluate=_section(f"{task}: evaluate", EvaluateSettings, {**self.evaluate, **overrides.evaluate}),
         )
 
 
@@ -170,6 +171,27 @@ class TaskSettings(BaseModel):
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _section(name: str, model: type[BaseModel], values: dict):
+    """One section's settings, its problems named by full key ("memorize: train.learning_rate")."""
+    try:
+        return model(**values)
+    except ValidationError as error:
+        raise ValueError("\n".join(problem_lines(error, prefix=name.split(": ")[-1], task=name.split(": ")[0])))
+
+
+def problem_lines(error: ValidationError, *, prefix: str = "", task: str = "") -> list[str]:
+    """pydantic's errors as one line each: the full key, the value given and what is wrong."""
+    lines = []
+    for problem in error.errors():
+        if not problem["loc"] and problem["type"] == "value_error":  # already named by for_task
+            lines += str(problem["ctx"]["error"]).splitlines()
+            continue
+        key = ".".join(str(part) for part in (prefix, *problem["loc"]) if part != "")
+        given = f" (given {problem['input']!r})" if problem["type"] != "missing" and "input" in problem else ""
+        lines.append(f"{task + ': ' if task else ''}{key or 'config'}: {problem['msg']}{given}")
+    return lines
+
+
 def merge(base, overlay):
     """Lay `overlay` over `base` the way Snakemake merges --configfile files: mappings key
     by key at every depth; any other value (a list, null) replaces the base's whole. So
@@ -186,7 +208,13 @@ def read_config_files(*paths: str | Path) -> dict:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Config file {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            where = getattr(error, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ValueError(f"{path} is not valid YAML{at}: {problem}. Fix the file's syntax") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a mapping of settings")
         merged = merge(merged, values)  # a list of tasks replaces the tasks below, as in Snakemake
@@ -256,7 +284,8 @@ def validate_config(config: dict, config_files: list[str]) -> PipelineConfig:
     """The whole configuration validated, every problem named with its key."""
     try:
         return PipelineConfig(**config)
-    except ValidationError as error:
-        problems = "\n".join(f"  {'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+    except (ValidationError, ValueError) as error:
+        lines = problem_lines(error) if isinstance(error, ValidationError) else str(error).splitlines()
+        problems = "\n".join(f"  {line}" for line in lines)
         raise ValueError(f"The configuration ({', '.join(config_files)}) is invalid:\n{problems}\n"
                          "Fix these values; every setting is described in rmt/config.py.") from None

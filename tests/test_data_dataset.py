@@ -131,6 +131,7 @@ def test_invalid_settings_are_named(settings, message):
 def test_bad_input_fails_before_any_file_and_keeps_what_was_there(tmp_path, settings, message):
     target = tmp_path / "dataset"
     target.mkdir()
+    (target / "card.json").write_text("{}")  # an earlier dataset, which a successful build would replace
     (target / "keep.txt").write_text("earlier work")
     with pytest.raises(ValueError, match=message):
         build_dataset(DataConfig(**{**SMALL, **settings}), target, progress=False)

@@ -325,13 +325,17 @@ def data_tasks() -> None:
 @data_app.command("show")
 def data_show(
     dataset: Path = typer.Argument(..., help="A dataset directory."),
-    split: str = typer.Option("train"),
-    segments: int = typer.Option(1, min=1),
-    index: int = typer.Option(0, min=0),
+    split: str = typer.Option("train", help="train, valid or test."),
+    segments: int = typer.Option(1, min=1, help="Length of the example in segments (any length: "
+                                 "examples are generated, not read from the stored arrays)."),
+    index: int = typer.Option(0, min=0, help="Which example of the split."),
 ) -> None:
     """Print one example as text, with its facts and answer."""
     from rmt.data.dataset import TaskDataset
+    from rmt.data.generator import SPLITS
 
+    if split not in SPLITS:
+        raise typer.BadParameter(f"{split!r}: choose one of {', '.join(SPLITS)}", param_hint="--split")
     data = TaskDataset(dataset)
     layout, tokens = data.generator.example(split, index, segments * data.config.segment_length)
     typer.echo(f"facts: {list(layout.sample.facts)} at tokens {list(layout.fact_positions)}")

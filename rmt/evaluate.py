@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -51,10 +52,12 @@ def parse_segments(text: str) -> list[int]:
     """'1-15,16,32' -> [1, ..., 15, 16, 32]."""
     values = []
     for part in text.split(","):
-        low, dash, high = part.strip().partition("-")
-        values += list(range(int(low), int(high) + 1)) if dash else [int(low)]
-    if not values or min(values) < 1:
-        raise ValueError(f"{text!r}: give segment counts >= 1, e.g. '1-15,16,32'")
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match or int(match[1]) < 1 or (match[2] and int(match[2]) < int(match[1])):
+            raise ValueError(f"{text!r}: {part.strip()!r} is not a segment count >= 1 or a range LOW-HIGH; "
+                             "give e.g. '1-15,16,32'")
+        low, high = int(match[1]), int(match[2] or match[1])
+        values += range(low, high + 1)
     return sorted(set(values))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -117,6 +118,7 @@ def build_dataset(config: DataConfig, output: str | Path, *, progress: bool = Tr
         task=task, noise_sentences=noise.sentences, tokenizer=tokenizer,
         segment_length=config.segment_length, placement=config.placement, seed=config.seed,
     )
+    _check_room(config, output, np.dtype(generator.dtype).itemsize)
     shortest = min(config.curriculum_segments + config.test_segments) * config.segment_length
     if shortest < generator.min_tokens:
         raise ValueError(
@@ -190,6 +192,21 @@ def build_dataset(config: DataConfig, output: str | Path, *, progress: bool = Tr
     return output
 
 
+def _check_room(config: DataConfig, output: Path, bytes_per_token: int) -> None:
+    """Refuse, before writing, a dataset larger than the free space where it goes."""
+    tokens = (config.train_examples + config.valid_examples) * sum(config.curriculum_segments) * config.segment_length
+    needed = tokens * bytes_per_token
+    folder = next(parent for parent in (output.absolute(), *output.absolute().parents) if parent.exists())
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise ValueError(
+            f"The dataset would take {needed / 2**30:,.1f} GiB ({config.train_examples + config.valid_examples} "
+            f"examples at each of {config.curriculum_segments} segments of {config.segment_length} tokens), and "
+            f"{folder} has {free / 2**30:,.1f} GiB free: store fewer or shorter curriculum lengths (longer inputs "
+            "belong in test_segments, which are streamed, not stored)"
+        )
+
+
 def _length_card(tokens: np.ndarray, labels: np.ndarray, fact_positions: list[int], classes) -> dict:
     counts = Counter(labels.tolist())
     positions = np.asarray(fact_positions) / tokens.shape[1]
@@ -223,9 +240,15 @@ class TaskDataset:
         self.directory = Path(directory)
         if not (self.directory / CARD_NAME).is_file():
             raise FileNotFoundError(f"{self.directory} is not a dataset (no card.json): build it with `rmt data generate`")
-        self.config = DataConfig(**json.loads((self.directory / "config.json").read_text()))
-        self.card = json.loads((self.directory / CARD_NAME).read_text())
-        self.test_lengths = json.loads((self.directory / "test.json").read_text())["lengths"]
+        try:
+            self.config = DataConfig(**json.loads((self.directory / "config.json").read_text()))
+            self.card = json.loads((self.directory / CARD_NAME).read_text())
+            self.test_lengths = json.loads((self.directory / "test.json").read_text())["lengths"]
+            self.card["classes"], self.card["tokenizer"]["vocabulary_sha256"], self.card["config_hash"]
+        except Exception as error:  # noqa: BLE001 - a missing, truncated or edited file: one problem
+            raise ValueError(f"The dataset {self.directory} is damaged or incomplete ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else 'unreadable'}): generate it again with "
+                             "`rmt data generate`") from None
         self._generator: TaskGenerator | None = None
 
     def check_vocabulary(self, tokenizer, who: str) -> None:
@@ -243,7 +266,15 @@ class TaskDataset:
         if not folder.is_dir():
             stored = sorted(int(p.name.split("-")[1]) for p in (self.directory / split).glob("segments-*"))
             raise FileNotFoundError(f"No {split} data with {segments} segments in {self.directory}: it has {stored}")
-        return np.load(folder / "tokens.npy", mmap_mode="r"), np.load(folder / "labels.npy")
+        try:
+            tokens, labels = np.load(folder / "tokens.npy", mmap_mode="r"), np.load(folder / "labels.npy")
+        except (OSError, ValueError) as error:  # e.g. "mmap length is greater than file size": truncated
+            raise ValueError(f"{folder} is damaged ({error}): generate the dataset {self.directory} again with "
+                             "`rmt data generate`") from None
+        if tokens.ndim != 2 or len(tokens) != len(labels):
+            raise ValueError(f"{folder} holds {tokens.shape} tokens for {labels.shape} labels: generate the dataset "
+                             f"{self.directory} again with `rmt data generate`")
+        return tokens, labels
 
     @property
     def generator(self) -> TaskGenerator:

@@ -23,6 +23,7 @@ _OS_ADVICE = {
     errno.EACCES: "choose a location you may write to, or fix its permissions",
     errno.EPERM: "choose a location you may write to, or fix its permissions",
     errno.EROFS: "the file system is read-only: write the output elsewhere",
+    errno.ENOENT: "check the path",
 }
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from rmt.config import PipelineConfig, load_config
+from rmt.config import PipelineConfig, load_config, read_config_files
 from rmt.utils import write_atomic
 
 # Paths of the pipeline's outputs, with Snakemake-style wildcards.
@@ -191,7 +191,7 @@ HEADER = """\
 def write_dvc_yaml(params: str | Path = "params.yaml", output: str | Path = "dvc.yaml") -> Path:
     """dvc.yaml for the pipeline that params.yaml describes."""
     params, output = Path(params), Path(output)
-    raw = yaml.safe_load(params.read_text()) or {}
+    raw = read_config_files(params)
     defined = set(raw) | {f"{section}.{key}" for section, values in raw.items() if isinstance(values, dict)
                           for key in values}
     steps = plan(load_config(params), [str(params)], defined=defined)

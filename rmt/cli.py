@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from pathlib import Path
 
 import click
@@ -100,7 +101,6 @@ def _tracked(step: str, *, task: str, seed: int, params: dict, tags: dict | None
     """The MLflow run of one pipeline step; none in the other processes of a torchrun job.
     RMT_GROUP names the reproduction it belongs to (the workflow sets it)."""
     import contextlib
-    import os
 
     from rmt.tracking import pipeline_run
 
@@ -151,6 +151,7 @@ def train(
     if seed is not None:
         overrides = [*overrides, f"train.seed={seed}"]
     from rmt.data.dataset import TaskDataset
+    from rmt.tracking import check_store
     from rmt.train import train_stage
 
     try:
@@ -163,6 +164,9 @@ def train(
     params = {"data": dataset.config.model_dump(), "model": model_settings.model_dump(),
               "train": train_settings.model_dump(), "segments": segments, "init": str(init) if init else None}
     tags = {"rmt.stage": segments, "rmt.data_hash": dataset.card["config_hash"], **_config_tags(settings, configs)}
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_store()  # a broken store fails the stage before its folder is written
 
     def tracking(previous_run_id: str | None):
         return _tracked("train", task=dataset.config.task, seed=train_settings.seed, params=params, tags=tags,

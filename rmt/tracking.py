@@ -50,6 +50,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from rmt.utils import UserError
+
 T = TypeVar("T")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -78,7 +80,7 @@ RETRY_MAX_DELAY = 10.0
 STORE_LOCK_TIMEOUT = 600.0
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError):
     """The tracking store could not be used; the message says why and what to do."""
 
 
@@ -197,8 +199,36 @@ def _client(uri: str):
     """An MlflowClient; constructing it opens the store, which creates a new database."""
     from mlflow import MlflowClient
 
+    _check_writable(uri)
     with _store_lock(uri):
-        return _retry(uri, "opening the tracking store", MlflowClient, tracking_uri=uri)
+        try:
+            return _retry(uri, "opening the tracking store", MlflowClient, tracking_uri=uri)
+        except TrackingError:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever the store's layers raise, the user's fix is the same
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise TrackingError(
+                f"The tracking store {uri} could not be opened ({first}). If that file is not an MLflow database, "
+                "move it away; or point MLFLOW_TRACKING_URI at another store"
+            ) from None
+
+
+def check_store() -> None:
+    """Open the tracking store now, so that a broken one fails a step before its work."""
+    _client(_resolve(tracking_uri()))
+
+
+def _check_writable(uri: str) -> None:
+    """A SQLite store in a folder or file this user cannot write fails at once, not after
+    the retries meant for a database another job has locked."""
+    path = _sqlite_path(uri)
+    if path is None:
+        return
+    folder = next(parent for parent in (path.absolute().parent, *path.absolute().parents) if parent.exists())
+    target = path if path.exists() else folder
+    if not os.access(target, os.W_OK):
+        raise TrackingError(f"The tracking store {path} cannot be written here (no write permission on {target}): "
+                            "run from a folder you may write to, or point MLFLOW_TRACKING_URI at another store")
 
 
 def _artifact_location(uri: str, experiment: str) -> str | None:

@@ -48,6 +48,7 @@ class Case:
     names: str  # what the message must mention: the bad value
     fix: str  # ... and words of the fix (a regular expression, case-insensitive)
     prepare: str | None = None  # a function below that damages or adds files first
+    store: str | None = None  # MLFLOW_TRACKING_URI for the case ({work} is formatted)
 
 
 def _damage_truncated_weights(work: Path, root: Path) -> None:
@@ -113,6 +114,10 @@ def _locked_stage(work: Path, root: Path) -> None:
 
     _LOCKS.append(SoftFileLock(work / "stage-1" / LOCK_NAME))
     _LOCKS[-1].acquire()
+
+
+def _garbage_store(work: Path, root: Path) -> None:
+    (work / "mlflow.db").write_text("not an MLflow database\n")
 
 
 def _bad_yaml(work: Path, root: Path) -> None:
@@ -275,6 +280,11 @@ CASES = [
     # rmt report
     Case("report: missing config", ["report", "--output", "{work}/r", "--config", "{work}/no.yaml"], "no.yaml",
          "does not exist"),
+    # the tracking store
+    Case("generate: the tracking store is not a database", ["data", "generate", "memorize", "{work}/d"], "mlflow.db",
+         "move it away", "_garbage_store", store="sqlite:///{work}/mlflow.db"),
+    Case("train: the tracking store is not a database", [*TRAIN, "--output", "{work}/s"], "mlflow.db", "move it away",
+         "_garbage_store", store="sqlite:///{work}/mlflow.db"),
     # rmt pipeline
     Case("pipeline dvc: missing params", ["pipeline", "dvc", "--params", "{work}/no.yaml", "--output",
                                           "{work}/dvc.yaml"], "no.yaml", "does not exist"),
@@ -282,8 +292,10 @@ CASES = [
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
+    # The tracking store's lock file stays beside the store, as every run leaves it (an OS
+    # lock: removing it while another process waits on it would break the lock).
     return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-            for path in sorted(folder.rglob("*"))}
+            for path in sorted(folder.rglob("*")) if path.name != "mlflow.db.lock"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
@@ -295,6 +307,8 @@ def test_bad_input_gets_one_clear_message_and_changes_nothing(case, built, tmp_p
         globals()[case.prepare](work, built)
     before, built_before = _snapshot(work), _snapshot(built)
     args = [arg.format(root=built, work=work) for arg in case.args]
+    if case.store:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", case.store.format(work=work))
     try:
         _check(case, CliRunner().invoke(app, args), work=work, built=built, before=before, built_before=built_before)
     finally:

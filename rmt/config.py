@@ -280,6 +280,20 @@ def check_config_files(config: dict, config_files: list[str]) -> None:
         )
 
 
+def schema_problems(config: dict, schema: dict) -> list[str]:
+    """The configuration against its JSON schema (what Snakemake workflows validate up
+    front), one line per problem with its full key, not jsonschema's dump of the schema."""
+    from jsonschema import Draft202012Validator
+
+    problems = []
+    for error in Draft202012Validator(schema).iter_errors(config):
+        while error.context:  # oneOf/anyOf: the alternative that got deepest says what is wrong
+            error = max(error.context, key=lambda sub: len(sub.absolute_path))
+        key = ".".join(map(str, error.absolute_path)) or "config"
+        problems.append(f"{key}: {error.message}")
+    return sorted(problems)
+
+
 def validate_config(config: dict, config_files: list[str]) -> PipelineConfig:
     """The whole configuration validated, every problem named with its key."""
     try:

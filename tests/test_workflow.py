@@ -81,6 +81,9 @@ def test_the_whole_default_dag_builds_in_seconds():
         ({"train": {"learning_rate": -1}}, "learning_rate"),
         ({"tasks": {"memorise": {}}}, "memorise"),
         ({"train": {"min_steps": 10, "max_steps": 5}}, "min_steps 10 exceeds max_steps 5"),
+        ({"trian": {"learning_rate": 0.1}}, "'trian' was unexpected"),
+        ({"train": {"max_steps": "zero"}}, "train.max_steps: 'zero' is not of type 'integer'"),
+        ({"tasks": {"memorize": {"data": {"segment_length": 0}}}}, "tasks.memorize.data.segment_length: 0 is less than the minimum of 1"),
     ],
 )
 def test_a_bad_configuration_fails_before_any_job(tmp_path, overlay, message):

@@ -1,12 +1,13 @@
 # Helpers shared by the rules: the validated configuration, paths and curriculum links.
 
+import json
 import os
 import time
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
-from rmt.config import check_config_files, validate_config
+from rmt.config import check_config_files, schema_problems, validate_config
 from rmt.pipeline import (
     ATTENTION,
     ATTENTION_TASKS,
@@ -31,9 +32,12 @@ from rmt.pipeline import (
 CONFIG_FILES = ["params.yaml", *(os.path.relpath(path) for path in workflow.overwrite_configfiles)]
 try:
     check_config_files(config, CONFIG_FILES)
-    validate(config, "../schemas/config.schema.json", set_default=False)
+    schema = Path(workflow.current_basedir, "../schemas/config.schema.json")
+    problems = schema_problems(config, json.loads(schema.read_text()))
+    if problems:
+        raise ValueError(f"The configuration ({', '.join(CONFIG_FILES)}) is invalid:\n  " + "\n  ".join(problems))
     PIPELINE = validate_config(config, CONFIG_FILES)
-except (ValueError, WorkflowError) as error:
+except (ValueError, FileNotFoundError) as error:
     raise WorkflowError(str(error)) from None
 CONFIG_ARGS = config_arguments(CONFIG_FILES)
 

@@ -14,13 +14,14 @@ commands, inputs and outputs:
     reports/                                       rmt report
 
 The Snakemake rules are written by hand with wildcards (readable, native) from this
-module's paths and CODE; `plan()` lists every job of the same DAG, and `dvc_yaml()` turns
+module's paths and code dependencies; `plan()` lists every job of the same DAG, and `dvc_yaml()` turns
 it into dvc.yaml. tests/test_workflow.py checks that Snakemake's dry run and this plan
 agree job by job: rule, command, inputs (code included) and outputs.
 """
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,31 +43,87 @@ MEMORY = "results/profile/memory"
 MEMORY_FILES = tuple(f"{MEMORY}/{name}" for name in ("inference.csv", "training.csv", "summary.json"))
 REPORT = "reports"
 LOGS = "logs"
-# The source each rule runs: DVC deps, and Snakemake inputs file by file. Both tools compare
-# contents (DVC hashes, Snakemake checksums of small files), so an edit reruns exactly the
-# jobs that run the edited code.
-CODE = {
-    "data": ("rmt/data",),
-    "train": ("rmt/train.py", "rmt/model"),
-    "grid": ("rmt/evaluate.py",),
-    "evaluate": ("rmt/evaluate.py",),
-    "attention": ("rmt/profile",),
-    "flops": ("rmt/profile",),
-    "memory": ("rmt/profile", "rmt/model", "rmt/train.py"),
-    "report": ("rmt/report.py",),
+# The library module each rule's command calls. The code a rule depends on is every rmt
+# module that one imports, directly or through others, read from the import graph
+# (`code_dependencies`): the DVC deps and, file by file, the Snakemake inputs. Both tools
+# compare contents (DVC hashes, Snakemake checksums of small files), so an edit reruns
+# exactly the jobs whose code it touches. The command layer (rmt/cli.py,
+# rmt/profile/commands.py) only passes arguments to these modules and is left out.
+ENTRY_MODULES = {
+    "data": "rmt.data.dataset",
+    "train": "rmt.train",
+    "grid": "rmt.evaluate",
+    "evaluate": "rmt.evaluate",
+    "attention": "rmt.profile.attention",
+    "flops": "rmt.profile.flops",
+    "memory": "rmt.profile.memory",
+    "report": "rmt.report",
 }
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder that holds rmt/
 
 
-def source_files(rule: str, root: str | Path = ".") -> list[str]:
-    """The Python files of a rule's CODE, relative to `root`, for Snakemake: a directory's
-    own time does not change when a file in it does, so each file is an input."""
-    root, files = Path(root), []
-    for path in CODE[rule]:
-        if (root / path).is_dir():
-            files += [str(file.relative_to(root)) for file in sorted((root / path).rglob("*.py"))]
-        else:
-            files.append(path)
-    return files
+def _module_file(module: str, root: Path) -> Path | None:
+    base = root.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """The rmt modules a file imports when it runs: at module level and inside functions
+    (lazy imports run when the function does), not under `if TYPE_CHECKING:` and not in a
+    package's lazy `__getattr__` re-exports."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return
+        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "rmt")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "rmt":
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # submodules, where they are
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return found
+
+
+def code_dependencies(module: str, root: str | Path = PACKAGE_ROOT) -> list[str]:
+    """Every file of rmt that importing and running `module` executes: the module, the
+    modules it imports (transitively) and the packages' __init__ files on the way."""
+    root = Path(root)
+    files: set[Path] = set()
+    pending = [module]
+    while pending:
+        name = pending.pop()
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ first
+            path = _module_file(".".join(parts[:depth]), root)
+            if path is not None and path not in files:
+                files.add(path)
+                pending.extend(_imported_modules(path))
+    return sorted(str(path.relative_to(root)) for path in files)
+
+
+def noise_files(data) -> tuple[str, ...]:
+    """The local noise text a dataset reads (a .txt file, or a folder's .txt files), so that
+    editing it regenerates the dataset; none for the named sources (pydoc, quality, pg19)."""
+    from rmt.data.noise import SOURCES
+
+    if data.noise in SOURCES:
+        return ()
+    path = Path(data.noise)
+    return tuple(sorted(map(str, path.rglob("*.txt")))) if path.is_dir() else (str(path),)
+
+
+def source_files(rule: str, root: str | Path = PACKAGE_ROOT) -> list[str]:
+    """The Python files a rule's command runs, relative to `root` (Snakemake inputs)."""
+    return code_dependencies(ENTRY_MODULES[rule], root)
 
 
 @dataclass(frozen=True)
@@ -85,8 +142,8 @@ class Step:
 
     @property
     def code(self) -> tuple[str, ...]:
-        """Source the step runs: DVC deps (Snakemake takes its files, `source_files`)."""
-        return CODE[self.rule]
+        """Source the step runs: DVC deps, the same files Snakemake takes (`source_files`)."""
+        return tuple(source_files(self.rule))
 
 
 def config_arguments(config_files: list[str]) -> str:
@@ -109,7 +166,7 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
         steps.append(Step(
             name=f"data-{task}", rule="data",
             command=f"rmt data generate {task} {data} {configs}",
-            deps=(), outs=(data,), params=keys("data", f"tasks.{task}"),
+            deps=noise_files(settings.data), outs=(data,), params=keys("data", f"tasks.{task}"),
         ))
         for seed in config.seeds:
             previous = None

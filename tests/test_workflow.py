@@ -207,3 +207,43 @@ def test_a_training_job_with_several_gpus_runs_under_torchrun():
     assert commands and all(c.startswith("torchrun --standalone --nproc-per-node 4 -m rmt train ") for c in commands)
     one = snakemake("-n", "-p", "--forceall", "results/memorize/seed-0/stage-2/metrics.json")
     assert all(job.command.startswith("rmt train ") for job in dry_run_jobs(one.stdout) if job.rule == "train")
+
+
+def test_code_dependencies_follow_the_import_graph(tmp_path):
+    from rmt.pipeline import ENTRY_MODULES, code_dependencies
+
+    package = tmp_path / "rmt"
+    (package / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": "def __getattr__(name):\n    import rmt.heavy\n",  # a lazy re-export runs nothing
+        "entry.py": "from typing import TYPE_CHECKING\nfrom rmt.sub import helper\nif TYPE_CHECKING:\n"
+                    "    from rmt import typed_only\n\ndef later():\n    from rmt.lazy import thing\n",
+        "sub/__init__.py": "", "sub/helper.py": "import rmt.deep\n", "deep.py": "", "lazy.py": "",
+        "heavy.py": "", "typed_only.py": "", "unrelated.py": "",
+    }
+    for name, text in files.items():
+        (package / name).write_text(text)
+    assert code_dependencies("rmt.entry", tmp_path) == [
+        "rmt/__init__.py", "rmt/deep.py", "rmt/entry.py", "rmt/lazy.py", "rmt/sub/__init__.py", "rmt/sub/helper.py"]
+    # The project's own map: evaluation runs the model and the generator (the test split is
+    # generated at evaluation); no step's results depend on the tracking module.
+    evaluate = code_dependencies(ENTRY_MODULES["evaluate"])
+    assert {"rmt/model/encoder.py", "rmt/data/generator.py", "rmt/checkpoint.py"} <= set(evaluate)
+    assert "rmt/paper.py" in code_dependencies(ENTRY_MODULES["report"])
+    assert all("rmt/tracking.py" not in code_dependencies(module) for module in ENTRY_MODULES.values())
+    assert "rmt/train.py" not in code_dependencies(ENTRY_MODULES["data"])
+
+
+def test_a_local_noise_file_is_an_input_of_the_data_step(tmp_path):
+    from rmt.pipeline import noise_files
+
+    noise = tmp_path / "noise"
+    (noise / "more").mkdir(parents=True)
+    (noise / "a.txt").write_text("x")
+    (noise / "more" / "b.txt").write_text("y")
+    (noise / "notes.md").write_text("z")
+    data = load_config(ROOT / "params.yaml").for_task("memorize").data
+    assert noise_files(data) == ()  # pydoc ships with Python
+    assert noise_files(data.model_copy(update={"noise": str(noise)})) == (str(noise / "a.txt"),
+                                                                        str(noise / "more" / "b.txt"))
+    assert noise_files(data.model_copy(update={"noise": str(noise / "a.txt")})) == (str(noise / "a.txt"),)

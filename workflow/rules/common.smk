@@ -22,6 +22,7 @@ from rmt.pipeline import (
     REPORT,
     STAGE,
     config_arguments,
+    noise_files,
     source_files,
 )
 

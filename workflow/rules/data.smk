@@ -1,6 +1,7 @@
 rule data:
     input:
         code=source_files("data"),
+        noise=lambda wildcards: noise_files(PIPELINE.for_task(wildcards.task).data),
     output:
         directory(DATA),
     params:

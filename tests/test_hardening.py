@@ -139,3 +139,34 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(stage, tmp_path, damage):
         (checkpoint / "config.json").write_text('{"model_type": "bert", "hidden_size":')
     with pytest.raises(ValueError, match=f"The checkpoint {checkpoint} is damaged or incomplete.*train its stage again"):
         read_checkpoint_config(checkpoint)
+
+
+def test_a_full_disk_is_named_with_the_fix_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import errno
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from rmt.cli import app
+
+    def full_disk(handle, array, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "data"))
+
+    monkeypatch.setattr(np.lib.format, "write_array", full_disk)
+    result = CliRunner().invoke(app, ["data", "generate", "memorize", str(tmp_path / "data"), "--set",
+                                      "data.train_examples=4", "--set", "data.valid_examples=4", "--set",
+                                      "data.curriculum_segments=[1]", "--set", "data.samples=0"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "No space left on device" in result.output and "free disk space" in result.output
+    assert list(tmp_path.iterdir()) == []  # the half-written dataset is gone, no staging folder left
+
+
+def test_a_read_only_location_is_named_with_the_fix():
+    import errno
+
+    from rmt.cli import describe_error
+
+    message = describe_error(OSError(errno.EROFS, "Read-only file system", "/mnt/results/x.csv"))
+    assert "/mnt/results/x.csv" in message and "write the output elsewhere" in message
+    message = describe_error(PermissionError(errno.EACCES, "Permission denied", "/data/memorize"))
+    assert "/data/memorize" in message and "fix its permissions" in message

@@ -16,6 +16,8 @@ stage N-1's best checkpoint. Validated as a whole before any job runs.
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -192,33 +194,74 @@ def problem_lines(error: ValidationError, *, prefix: str = "", task: str = "") -
     return lines
 
 
-def merge(base, overlay):
-    """Lay `overlay` over `base` the way Snakemake merges --configfile files: mappings key
-    by key at every depth; any other value (a list, null) replaces the base's whole. So
-    `backbone_overrides: null` clears the overrides of the file below."""
+class _YAMLLoader(yaml.SafeLoader):
+    """YAML as users write numbers: `1e-4` is a float (YAML 1.1, which PyYAML and Snakemake
+    follow, reads it as a string because it lacks a dot)."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?\.?\d*(?:[eE][-+]?\d+)$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$"),
+    list("-+0123456789."),
+)
+
+
+def merge(base, overlay, *, key: str = "", notes: list[str] | None = None):
+    """Lay `overlay` over `base`: mappings key by key at every depth; null replaces (so
+    `backbone_overrides: null` clears the overrides of the file below); a list of task names
+    under `tasks` selects those tasks and keeps their settings from below. Any other value
+    replaces the base's whole, which for a mapping is noted in `notes` (settings lost)."""
+    if key == "tasks" and isinstance(base, dict) and isinstance(overlay, list):
+        return {name: base.get(name) or {} for name in overlay}
     if not (isinstance(base, dict) and isinstance(overlay, dict)):
+        if isinstance(base, dict) and base and overlay is not None and notes is not None:
+            notes.append(f"{key} replaces the whole mapping below it (dropping {', '.join(map(str, base))}): "
+                         "give a mapping to change single keys, or null to clear it")
         return overlay
-    return {**base, **{key: merge(base.get(key), value) for key, value in overlay.items()}}
+    return {**base, **{name: merge(base.get(name), value, key=f"{key}.{name}".lstrip("."), notes=notes)
+                       for name, value in overlay.items()}}
+
+
+def _read_yaml(path: Path, loader=_YAMLLoader) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist")
+    try:
+        values = yaml.load(path.read_text(), Loader=loader) or {}
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{path} is not valid YAML{at}: {problem}. Fix the file's syntax") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of settings")
+    return values
 
 
 def read_config_files(*paths: str | Path) -> dict:
-    """The files' settings laid over each other (`merge`), not yet validated."""
+    """The files' settings laid over each other (`merge`), not yet validated; a file that
+    drops settings of the files below it by replacing a whole mapping is warned about."""
     merged: dict = {}
     for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Config file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            where = getattr(error, "problem_mark", None)
-            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-            raise ValueError(f"{path} is not valid YAML{at}: {problem}. Fix the file's syntax") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} must hold a mapping of settings")
-        merged = merge(merged, values)  # a list of tasks replaces the tasks below, as in Snakemake
+        notes: list[str] = []
+        merged = merge(merged, _read_yaml(Path(path)), notes=notes)
+        for note in notes:
+            warnings.warn(f"{path}: {note}", stacklevel=2)
     return merged
+
+
+def _read_like_snakemake(*paths: str | Path) -> dict:
+    """The files merged as Snakemake merges --configfile files (YAML 1.1, lists replace)."""
+    merged: dict = {}
+    for path in paths:
+        values = _read_yaml(Path(path), loader=yaml.SafeLoader)
+        merged = _replace_merge(merged, values)
+    return merged
+
+
+def _replace_merge(base, overlay):
+    if not (isinstance(base, dict) and isinstance(overlay, dict)):
+        return overlay
+    return {**base, **{key: _replace_merge(base.get(key), value) for key, value in overlay.items()}}
 
 
 def load_config(*paths: str | Path) -> PipelineConfig:
@@ -270,7 +313,7 @@ def check_config_files(config: dict, config_files: list[str]) -> None:
     """The configuration a workflow manager loaded is what its config files say: the rmt
     commands read those files, so values given any other way (`snakemake --config k=v`)
     would not reach them."""
-    from_files = read_config_files(*config_files)
+    from_files = _read_like_snakemake(*config_files)
     differing = sorted(key for key in {*config, *from_files} if config.get(key) != from_files.get(key))
     if differing:
         raise ValueError(

@@ -1,5 +1,6 @@
 """The pipeline configuration: params.yaml and config/*.yaml validate and build."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,28 @@ def test_overlays_merge_field_by_field(tmp_path):
     assert reasoning.train.max_steps == 150  # the task's own value wins over the shared one
     assert reasoning.train.learning_rate == 5e-4  # untouched fields stay
     assert max(config.for_task("detect_and_memorize").data.test_segments) == 32768  # untouched task stays
+
+
+def test_a_task_list_selects_tasks_and_keeps_their_settings(tmp_path):
+    overlay = tmp_path / "one-task.yaml"
+    overlay.write_text("tasks: [detect_and_memorize]\ntrain: {learning_rate: 1e-4}\n")
+    config = load_config(ROOT / "params.yaml", overlay)
+    assert list(config.tasks) == ["detect_and_memorize"]
+    settings = config.for_task("detect_and_memorize")
+    assert max(settings.data.test_segments) == 32768  # its own settings in params.yaml survive
+    assert settings.train.learning_rate == 1e-4  # a number as users write it, not the string YAML 1.1 reads
+
+
+def test_an_overlay_that_drops_settings_is_warned_about(tmp_path):
+    from rmt.config import read_config_files
+
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("model: {backbone_overrides: [2]}\n")
+    with pytest.warns(UserWarning, match="model.backbone_overrides replaces the whole mapping.*num_hidden_layers"):
+        read_config_files(ROOT / "params.yaml", overlay)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # clearing with null, as the shipped configs do, is no surprise
+        read_config_files(ROOT / "params.yaml", ROOT / "config" / "paper.yaml")
 
 
 def test_commands_resolve_a_tasks_settings_from_the_configuration():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from rmt.config import check_config_files, schema_problems, validate_config
+from rmt.config import check_config_files, read_config_files, schema_problems, validate_config
 from rmt.pipeline import (
     ATTENTION,
     ATTENTION_TASKS,
@@ -33,11 +33,14 @@ from rmt.pipeline import (
 CONFIG_FILES = ["params.yaml", *(os.path.relpath(path) for path in workflow.overwrite_configfiles)]
 try:
     check_config_files(config, CONFIG_FILES)
+    # rmt's reading of the same files: numbers as users write them (1e-4), task lists that
+    # keep the tasks' settings; this is what the commands will see.
+    SETTINGS = read_config_files(*CONFIG_FILES)
     schema = Path(workflow.current_basedir, "../schemas/config.schema.json")
-    problems = schema_problems(config, json.loads(schema.read_text()))
+    problems = schema_problems(SETTINGS, json.loads(schema.read_text()))
     if problems:
         raise ValueError(f"The configuration ({', '.join(CONFIG_FILES)}) is invalid:\n  " + "\n  ".join(problems))
-    PIPELINE = validate_config(config, CONFIG_FILES)
+    PIPELINE = validate_config(SETTINGS, CONFIG_FILES)
 except (ValueError, FileNotFoundError) as error:
     raise WorkflowError(str(error)) from None
 CONFIG_ARGS = config_arguments(CONFIG_FILES)

@@ -3,8 +3,8 @@
     tasks:      which tasks, each with optional overrides of any section below
     seeds:      one full reproduction per seed
     data:       rmt.data.dataset.DataConfig without `task`
-    model:      rmt.train.ModelSettings (what the first curriculum stage starts from)
-    train:      rmt.train.TrainSettings (every curriculum stage)
+    model:      rmt.settings.ModelSettings (what the first curriculum stage starts from)
+    train:      rmt.settings.TrainSettings (every curriculum stage)
     stage_train: changes to `train` for single stages, by number of segments, e.g. the
                 paper's Reasoning runs stage 1 at lr 1e-5 for 6000 steps: {1: {...}}
     evaluate:   extrapolation lengths and batch size
@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rmt.data.dataset import DataConfig
 from rmt.data.tasks import TASKS
-from rmt.profile.flops import FIGURE3_TOKENS
+from rmt.paper import FIGURE3_TOKENS
 from rmt.settings import ModelSettings, TrainSettings
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from rmt.checkpoint import check_fits, trained_segments
 from rmt.data.dataset import TaskDataset
-from rmt.memory import PeakMemory
+from rmt.peak_memory import PeakMemory
 from rmt.model import RecurrentMemoryEncoder
 from rmt.model.base import WEIGHTS_NAME
 from rmt.utils import claim_output, resolve_device, write_atomic

@@ -14,6 +14,9 @@ ACCURACY = {
 
 SEGMENT_TOKENS = 499  # bert-base-cased: 512 - 10 memory tokens - 3 special tokens
 
+# Input lengths of Figure 3 (the FLOP study), in tokens.
+FIGURE3_TOKENS = (512, 1024, 2048, 4096, 8192, 16384, 32_000, 64_000, 128_000, 256_000, 512_000, 1_024_000, 2_048_000)
+
 
 def paper_accuracy(task: str) -> dict[int, float]:
     """Segments -> accuracy in [0, 1]; empty for a task the paper does not report."""

@@ -6,7 +6,7 @@ import torch
 from typer.testing import CliRunner
 
 from rmt.cli import app
-from rmt.memory import PeakMemory
+from rmt.peak_memory import PeakMemory
 
 runner = CliRunner()
 

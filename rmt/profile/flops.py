@@ -70,13 +70,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
+from rmt.paper import FIGURE3_TOKENS
+
 Head = Literal["lm", "classifier", "none"]
 
 # The paper's Figure 3 unit: one forward pass over 512 positions with full attention.
 REFERENCE_TOKENS = 512
 HEADLINE_TOKENS = 2_048_000
 # Figure 3a spans 512 to 32,000 tokens, 3b 32,000 to 2,048,000.
-FIGURE3_TOKENS = (512, 1024, 2048, 4096, 8192, 16384, 32_000, 64_000, 128_000, 256_000, 512_000, 1_024_000, 2_048_000)
 # The paper's ratios at HEADLINE_TOKENS (full attention FLOPs / RMT FLOPs).
 PAPER_HEADLINE_RATIOS = {"opt-125m": 295.0, "opt-175b": 29.0}
 

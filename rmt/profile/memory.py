@@ -22,7 +22,7 @@ back-propagation through time against memory-efficient back-propagation (segment
 recomputed in the backward pass).
 
 Peak memory. Every point runs in a fresh process (`python -m rmt.profile.memory SPEC`) with
-glibc told to give freed blocks back at once (rmt.memory.EXACT_CPU_MEMORY_ENV), so that the
+glibc told to give freed blocks back at once (rmt.peak_memory.EXACT_CPU_MEMORY_ENV), so that the
 resident set follows live tensors; the figure is the peak above the bare runtime (torch and
 transformers imported, nothing built): weights, activations, and for training gradients and
 optimizer state. On a GPU it is CUDA's max_memory_allocated. Times are wall seconds, the
@@ -142,7 +142,7 @@ def measure(spec: Measurement) -> dict:
 
     import torch
 
-    from rmt.memory import PeakMemory
+    from rmt.peak_memory import PeakMemory
     from rmt.utils import resolve_device
 
     device = resolve_device(spec.device)
@@ -213,7 +213,7 @@ def _measure_train_step(spec: Measurement, model, device, meter) -> dict:
 def run_measurement(spec: Measurement) -> dict:
     """`measure(spec)` in a fresh process, with the allocator setting that makes its
     resident set exact."""
-    from rmt.memory import EXACT_CPU_MEMORY_ENV
+    from rmt.peak_memory import EXACT_CPU_MEMORY_ENV
 
     command = [sys.executable, "-m", "rmt.profile.memory", json.dumps(asdict(spec))]
     completed = subprocess.run(command, env={**os.environ, **EXACT_CPU_MEMORY_ENV}, capture_output=True, text=True)

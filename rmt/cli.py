@@ -283,12 +283,11 @@ def pipeline_schema(
     output: Path = typer.Option(Path("workflow/schemas/config.schema.json")),
 ) -> None:
     """Write the JSON schema of the configuration files (Snakemake validates against it)."""
-    import json
-
     from rmt.config import json_schema
+    from rmt.utils import json_with, write_atomic
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(json_schema(), indent=2) + "\n")
+    write_atomic(output, json.dumps(json_schema(), indent=2) + "\n", kind="a generated config schema",
+                 ours=json_with("$schema", "title", "properties"))
     typer.echo(f"Wrote {output}")
 
 

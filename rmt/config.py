@@ -238,24 +238,26 @@ def _read_yaml(path: Path, loader=_YAMLLoader) -> dict:
 
 
 def read_config_files(*paths: str | Path) -> dict:
-    """The files' settings laid over each other (`merge`), not yet validated; a file that
-    drops settings of the files below it by replacing a whole mapping is warned about."""
-    merged: dict = {}
-    for path in paths:
-        notes: list[str] = []
-        merged = merge(merged, _read_yaml(Path(path)), notes=notes)
-        for note in notes:
-            warnings.warn(f"{path}: {note}", stacklevel=2)
+    """The files' settings laid over each other (`merge`), not yet validated. As Snakemake
+    does with --configfile: the later files are merged together first, then laid over the
+    first. A file that drops settings by replacing a whole mapping is warned about."""
+    notes: list[str] = []
+    overlay: dict = {}
+    for path in paths[1:]:
+        overlay = merge(overlay, _read_yaml(Path(path)), notes=notes)
+    merged = merge(_read_yaml(Path(paths[0])), overlay, notes=notes) if paths else {}
+    for note in notes:
+        warnings.warn(f"{', '.join(map(str, paths[1:]))}: {note}", stacklevel=2)
     return merged
 
 
 def _read_like_snakemake(*paths: str | Path) -> dict:
-    """The files merged as Snakemake merges --configfile files (YAML 1.1, lists replace)."""
-    merged: dict = {}
-    for path in paths:
-        values = _read_yaml(Path(path), loader=yaml.SafeLoader)
-        merged = _replace_merge(merged, values)
-    return merged
+    """The files merged as Snakemake merges --configfile files (YAML 1.1, lists replace,
+    the later files merged together before they are laid over the first)."""
+    overlay: dict = {}
+    for path in paths[1:]:
+        overlay = _replace_merge(overlay, _read_yaml(Path(path), loader=yaml.SafeLoader))
+    return _replace_merge(_read_yaml(Path(paths[0]), loader=yaml.SafeLoader), overlay) if paths else {}
 
 
 def _replace_merge(base, overlay):

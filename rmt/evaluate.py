@@ -88,22 +88,22 @@ def evaluate_checkpoint(
     claim_output(output, kind="an evaluation table", ours=_is_evaluation_table)
     if metrics is not None:
         claim_output(metrics, kind="an evaluation metrics file", ours=_is_metrics_file)
+    partial = _Partial(output, checkpoint, data)
     counts = {entry["segments"]: entry["examples"] for entry in data.test_lengths}
     lengths = sorted(segments) if segments else sorted(counts)
     device_ = resolve_device(device)
     model = RecurrentMemoryEncoder.from_pretrained(checkpoint, segment_length=data.config.segment_length).to(device_)
-    partial = _Partial(output, checkpoint, data)
-    rows = partial.load()
+    done = {row["evaluated_segments"]: row for row in partial.load()}  # by length
     _ = data.generator  # built now (noise tokenized) so that no length's timing includes it
     for length in tqdm(lengths, desc="lengths", unit="length", disable=not progress):
         examples = counts.get(length, data.config.test_examples_at(length))
         examples = examples if max_examples is None else min(examples, max_examples)
-        if (length, examples) not in {(row["evaluated_segments"], row["examples"]) for row in rows}:
-            rows.append(_evaluate_length(model, data, checkpoint, length, examples, batch_size, device_))
-            partial.save(rows)
-            if run is not None:
-                run.log_metrics({key: rows[-1][key] for key in LOGGED_FIELDS}, step=length)
-    rows = sorted((row for row in rows if row["evaluated_segments"] in lengths), key=lambda r: r["evaluated_segments"])
+        if length not in done or done[length]["examples"] != examples:
+            done[length] = _evaluate_length(model, data, checkpoint, length, examples, batch_size, device_)
+            partial.save(list(done.values()))
+        if run is not None:  # also the lengths an interrupted attempt finished
+            run.log_metrics({key: done[length][key] for key in LOGGED_FIELDS}, step=length)
+    rows = [done[length] for length in lengths]
     written = [write_atomic(output, _csv(rows), kind="an evaluation table", ours=_is_evaluation_table)]
     if metrics is not None:
         written.append(write_atomic(metrics, json.dumps(accuracy_metrics(rows), indent=2) + "\n",
@@ -175,21 +175,33 @@ class _Partial:
         weights = hashlib.sha256((checkpoint / WEIGHTS_NAME).read_bytes()).hexdigest()
         self.key = {"weights_sha256": weights, "data_config_hash": data.card["config_hash"]}
 
-    def load(self) -> list[dict]:
+        claim_output(self.path, kind="an unfinished evaluation", ours=self._ours)
+
+    @staticmethod
+    def _read(path: Path) -> dict | None:
         try:
-            saved = json.loads(self.path.read_text())
+            saved = json.loads(path.read_text())
         except (OSError, ValueError):
-            return []
-        if not isinstance(saved, dict) or saved.get("key") != self.key:
+            return None
+        return saved if isinstance(saved, dict) and {"key", "rows"} <= set(saved) else None
+
+    def _ours(self, path: Path) -> bool:
+        return path.is_file() and self._read(path) is not None
+
+    def load(self) -> list[dict]:
+        saved = self._read(self.path)
+        if saved is None or saved["key"] != self.key:
             return []
         print(f"Continuing the evaluation in {self.path}: {len(saved['rows'])} length(s) done", file=sys.stderr)
         return saved["rows"]
 
     def save(self, rows: list[dict]) -> None:
-        write_atomic(self.path, json.dumps({"key": self.key, "rows": rows}) + "\n")
+        write_atomic(self.path, json.dumps({"key": self.key, "rows": rows}) + "\n", kind="an unfinished evaluation",
+                     ours=self._ours)
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if self._ours(self.path):
+            self.path.unlink()
 
 
 def accuracy_metrics(rows: Sequence[dict]) -> dict:

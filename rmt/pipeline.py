@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from rmt.config import PipelineConfig, load_config, read_config_files
-from rmt.utils import write_atomic
+from rmt.utils import text_starts_with, write_atomic
 
 # Paths of the pipeline's outputs, with Snakemake-style wildcards.
 DATA = "data/{task}"
@@ -70,32 +70,44 @@ def _module_file(module: str, root: Path) -> Path | None:
     return None
 
 
-def _imported_modules(path: Path) -> set[str]:
+def _imported_modules(path: Path, module: str, *, lazy_exports: bool = False) -> set[str]:
     """The rmt modules a file imports when it runs: at module level and inside functions
-    (lazy imports run when the function does), not under `if TYPE_CHECKING:` and not in a
-    package's lazy `__getattr__` re-exports."""
+    (lazy imports run when the function does), relative imports resolved, not under
+    `if TYPE_CHECKING:`. A package's `__getattr__` (lazy re-exports) is skipped, or read
+    alone with `lazy_exports`."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
 
-    def visit(node: ast.AST) -> None:
+    def absolute(node: ast.ImportFrom) -> str:
+        if not node.level:
+            return node.module or ""
+        base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+        return f"{base}.{node.module}" if node.module else base
+
+    def visit(node: ast.AST, inside_getattr: bool) -> None:
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                visit(child, inside_getattr)
             return
         if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
-            return
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "rmt")
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "rmt":
-            found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # submodules, where they are
+            inside_getattr = True
+        if inside_getattr == lazy_exports:
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "rmt")
+            elif isinstance(node, ast.ImportFrom) and absolute(node).split(".")[0] == "rmt":
+                found.add(absolute(node))
+                found.update(f"{absolute(node)}.{alias.name}" for alias in node.names)  # submodules, where they are
         for child in ast.iter_child_nodes(node):
-            visit(child)
+            visit(child, inside_getattr)
 
-    visit(ast.parse(path.read_text()))
+    visit(ast.parse(path.read_text()), False)
     return found
 
 
 def code_dependencies(module: str, root: str | Path = PACKAGE_ROOT) -> list[str]:
     """Every file of rmt that importing and running `module` executes: the module, the
-    modules it imports (transitively) and the packages' __init__ files on the way."""
+    modules it imports (transitively), the packages' __init__ files on the way, and what a
+    package's lazy `__getattr__` loads when a name is taken from it."""
     root = Path(root)
     files: set[Path] = set()
     pending = [module]
@@ -106,7 +118,12 @@ def code_dependencies(module: str, root: str | Path = PACKAGE_ROOT) -> list[str]
             path = _module_file(".".join(parts[:depth]), root)
             if path is not None and path not in files:
                 files.add(path)
-                pending.extend(_imported_modules(path))
+                pending.extend(_imported_modules(path, ".".join(parts[:depth])))
+        package = _module_file(name.rpartition(".")[0], root) if "." in name else None
+        if _module_file(name, root) is None and package is not None and package.name == "__init__.py":
+            # `from package import Name`: Name may be a lazy re-export of the package's __getattr__.
+            pending.extend(m for m in _imported_modules(package, name.rpartition(".")[0], lazy_exports=True)
+                           if _module_file(m, root) not in files)
     return sorted(str(path.relative_to(root)) for path in files)
 
 
@@ -253,4 +270,4 @@ def write_dvc_yaml(params: str | Path = "params.yaml", output: str | Path = "dvc
                           for key in values}
     steps = plan(load_config(params), [str(params)], defined=defined)
     text = HEADER + yaml.safe_dump(dvc_yaml(steps), sort_keys=False, width=200)
-    return write_atomic(output, text)
+    return write_atomic(output, text, kind="a generated dvc.yaml", ours=text_starts_with(HEADER.splitlines()[0]))

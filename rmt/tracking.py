@@ -62,6 +62,7 @@ GROUP_TAG = "rmt.group"
 GIT_COMMIT_TAG = "rmt.git_commit"
 HOSTNAME_TAG = "rmt.hostname"
 PID_TAG = "rmt.pid"  # with the hostname: whether the process of a RUNNING run is still alive
+PROCESS_START_TAG = "rmt.process_start"  # that process's start time: a reused PID is another process
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the run under this one
 
 # MLflow 3.x limits (mlflow.utils.validation): longer values are rejected, not truncated.
@@ -322,7 +323,8 @@ class Run:
         return self._run_id
 
     def _automatic_tags(self) -> dict[str, str]:
-        tags = {GIT_COMMIT_TAG: _git_commit(), HOSTNAME_TAG: socket.gethostname(), PID_TAG: os.getpid()}
+        tags = {GIT_COMMIT_TAG: _git_commit(), HOSTNAME_TAG: socket.gethostname(), PID_TAG: os.getpid(),
+                PROCESS_START_TAG: _process_start(os.getpid())}
         if self.group is not None:
             tags[GROUP_TAG] = self.group
         if os.environ.get(PARENT_RUN_ENV):
@@ -459,16 +461,25 @@ class Run:
         _retry(self.uri, f"logging artifact {path} of run {self.name!r}", log, self.run_id, str(path), artifact_path)
 
 
-def _process_is_gone(pid: int, run_start_ms: int) -> bool:
-    """No process with this id, or one started after the run did (the id was reused)."""
+def _process_start(pid: int) -> str:
+    """When a process started, as the OS counts it (seconds since the epoch), or ""."""
     import psutil
 
     try:
-        return psutil.Process(pid).create_time() * 1000 > run_start_ms + 1000
-    except psutil.NoSuchProcess:
-        return True
+        return f"{psutil.Process(pid).create_time():.2f}"
     except psutil.Error:
-        return False  # not ours to inspect: assume it lives
+        return ""
+
+
+def _process_is_gone(pid: int, started: str) -> bool:
+    """No process with this id, or another one than the run's (the id was reused: it
+    started at another time)."""
+    import psutil
+
+    if not psutil.pid_exists(pid):
+        return True
+    now = _process_start(pid)
+    return bool(started and now) and abs(float(now) - float(started)) > 1.0
 
 
 def end_orphaned_runs(client, uri: str, experiment_id: str) -> list[str]:
@@ -481,7 +492,7 @@ def end_orphaned_runs(client, uri: str, experiment_id: str) -> list[str]:
     ended = []
     for run in running:
         pid = run.data.tags.get(PID_TAG, "")
-        if pid.isdigit() and _process_is_gone(int(pid), run.info.start_time):
+        if pid.isdigit() and _process_is_gone(int(pid), run.data.tags.get(PROCESS_START_TAG, "")):
             _retry(uri, f"ending orphaned run {run.info.run_id}", client.set_terminated, run.info.run_id,
                    status="KILLED")
             ended.append(run.info.run_id)

@@ -106,7 +106,7 @@ def train_stage(
         )
     device = parallel.device(train.device)
     claim_output(output, kind="a curriculum stage", ours=_is_stage_folder)
-    with stage_lock(output, hold=parallel.is_main):
+    with stage_lock(output, parallel, device):
         folder = _StageFolder(output, parallel)
         folder.prepare(inputs.resolved_settings(segments, model=model, train=train, init=init))
         torch.manual_seed(train.seed + parallel.rank)  # each process its own dropout masks
@@ -114,10 +114,11 @@ def train_stage(
                                  parallel=parallel, device=device)
         with (tracking or _untracked)(trainer.progress.run_id) as run:
             trainer.progress.run_id = run.run_id if run is not None else None
-            if trainer.progress.stop_reason is None:
+            finished_before = trainer.progress.stop_reason is not None  # only its outputs are published again
+            if not finished_before:
                 trainer.run(run, show_progress=progress)
             metrics = folder.publish(trainer.progress, segments)
-            if run is not None:
+            if run is not None and not finished_before:
                 _log_outcome(run, metrics, folder)
     return metrics
 
@@ -283,12 +284,18 @@ class _Trainer:
         source = folder.last if resume else init
         segment_length = inputs.data.config.segment_length
         if source is not None:
-            network = RecurrentMemoryEncoder.from_pretrained(
-                source, segment_length=segment_length, bptt_depth=model.bptt_depth,
-                memory_efficient_backprop=model.memory_efficient_backprop,
-                loss_on_all_segments=model.loss_on_all_segments,
-            )
-            tokenizer = load_tokenizer(str(source))
+            try:
+                network = RecurrentMemoryEncoder.from_pretrained(
+                    source, segment_length=segment_length, bptt_depth=model.bptt_depth,
+                    memory_efficient_backprop=model.memory_efficient_backprop,
+                    loss_on_all_segments=model.loss_on_all_segments,
+                )
+                tokenizer = load_tokenizer(str(source))
+            except (ValueError, OSError) as error:
+                if not resume:
+                    raise
+                raise ValueError(f"The stage's resume checkpoint is unusable: {error}. Delete "
+                                 f"{folder.output / 'checkpoints'} to train the stage afresh") from None
         else:
             network = build_model(model, segment_length=segment_length, num_labels=len(inputs.data.card["classes"]))
             tokenizer = load_tokenizer(model.backbone)
@@ -311,7 +318,12 @@ class _Trainer:
         torch.set_rng_state(torch_rng)
         if cuda_rng is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(cuda_rng, self.device)
-        self.progress = _Progress(**saved["counters"])
+        try:
+            self.progress = _Progress(**saved["counters"])
+        except TypeError:
+            raise ValueError(f"{self.folder.last} holds counters this version of rmt does not know "
+                             f"({sorted(saved['counters'])}): delete {self.folder.output / 'checkpoints'} to train "
+                             "the stage afresh") from None
         if self.parallel.is_main and self.progress.stop_reason is None:
             print(f"Resuming the stage at step {self.progress.step} from {self.folder.last}", file=sys.stderr)
 
@@ -447,28 +459,30 @@ def _is_stage_folder(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def stage_lock(output: Path, *, hold: bool = True):
+def stage_lock(output: Path, parallel: Distributed = Distributed(), device: torch.device = torch.device("cpu")):
     """One trainer per stage folder: a second `rmt train` on the same output refuses at
     once, naming the process that holds it. filelock's soft lock records the holder's PID
     and host, and takes over a lock whose process is gone (kill -9), on this host; it works
-    on the shared file systems of clusters, where OS locks may not."""
-    if not hold:  # the other processes of a torchrun job: their main process holds it
-        yield
-        return
-    output.mkdir(parents=True, exist_ok=True)
-    lock = SoftFileLock(output / LOCK_NAME, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
+    on the shared file systems of clusters, where OS locks may not. In a torchrun job the
+    main process takes it and every process learns whether it did."""
+    lock, holder = None, None
+    if parallel.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        lock = SoftFileLock(output / LOCK_NAME, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            holder, lock = lock.pid or "unknown", None
+    if parallel.sum(float(lock is not None or not parallel.is_main), device) < parallel.world_size:
         raise StageBusy(
-            f"{output} is being trained by another process (PID {lock.pid or 'unknown'}; lock {lock.lock_file}): "
-            "wait for it to finish, or stop it. If that process is on another machine and no longer runs, delete "
-            "the lock file"
-        ) from None
+            f"{output} is being trained by another process (PID {holder}; lock {output / LOCK_NAME}): wait for it "
+            "to finish, or stop it. If that process is on another machine and no longer runs, delete the lock file"
+        )
     try:
         yield
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 @torch.no_grad()

@@ -67,6 +67,33 @@ def has_marker(marker: str) -> Callable[[Path], bool]:
     return lambda path: path.is_dir() and not path.is_symlink() and (path / marker).is_file()
 
 
+def text_starts_with(prefix: str) -> Callable[[Path], bool]:
+    """`ours` for a text file rmt recognises by how it begins (a CSV header, a generated-file
+    notice)."""
+    def ours(path: Path) -> bool:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return handle.read(len(prefix)) == prefix
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    return ours
+
+
+def json_with(*keys: str) -> Callable[[Path], bool]:
+    """`ours` for a JSON object rmt recognises by keys it always writes."""
+    def ours(path: Path) -> bool:
+        import json
+
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(value, dict) and set(keys) <= set(value)
+
+    return ours
+
+
 def write_atomic(path: str | os.PathLike, text: str, *, kind: str = "a file",
                  ours: Callable[[Path], bool] = lambda path: path.is_file()) -> Path:
     """Write a text file all at once (a temporary sibling renamed onto `path`): a reader, or

@@ -212,7 +212,7 @@ def test_bad_input_is_refused_before_training(data, tmp_path):
     card = json.loads((other / "card.json").read_text())
     card["tokenizer"]["vocabulary_sha256"] = "0" * 64
     (other / "card.json").write_text(json.dumps(card))
-    with pytest.raises(ValueError, match="regenerate the data"):
+    with pytest.raises(ValueError, match="vocabulary differs.*generate the data with the same tokenizer"):
         train_stage(data_dir=other, segments=1, output=tmp_path / "c", model=MODEL, train=TRAIN, progress=False)
     with pytest.raises(ValueError, match="pretrained: false"):
         ModelSettings(backbone_overrides=TINY_BERT)

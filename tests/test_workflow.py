@@ -215,16 +215,20 @@ def test_code_dependencies_follow_the_import_graph(tmp_path):
     package = tmp_path / "rmt"
     (package / "sub").mkdir(parents=True)
     files = {
-        "__init__.py": "def __getattr__(name):\n    import rmt.heavy\n",  # a lazy re-export runs nothing
+        # A lazy re-export runs only for a module that takes the name from the package.
+        "__init__.py": "def __getattr__(name):\n    import rmt.heavy\n",
         "entry.py": "from typing import TYPE_CHECKING\nfrom rmt.sub import helper\nif TYPE_CHECKING:\n"
                     "    from rmt import typed_only\n\ndef later():\n    from rmt.lazy import thing\n",
-        "sub/__init__.py": "", "sub/helper.py": "import rmt.deep\n", "deep.py": "", "lazy.py": "",
-        "heavy.py": "", "typed_only.py": "", "unrelated.py": "",
+        "sub/__init__.py": "", "sub/helper.py": "import rmt.deep\nfrom .sibling import x\nfrom .. import up\n",
+        "sub/sibling.py": "", "up.py": "", "deep.py": "", "lazy.py": "", "heavy.py": "", "typed_only.py": "",
+        "unrelated.py": "", "user.py": "from rmt import Heavy\n",
     }
     for name, text in files.items():
         (package / name).write_text(text)
     assert code_dependencies("rmt.entry", tmp_path) == [
-        "rmt/__init__.py", "rmt/deep.py", "rmt/entry.py", "rmt/lazy.py", "rmt/sub/__init__.py", "rmt/sub/helper.py"]
+        "rmt/__init__.py", "rmt/deep.py", "rmt/entry.py", "rmt/lazy.py", "rmt/sub/__init__.py", "rmt/sub/helper.py",
+        "rmt/sub/sibling.py", "rmt/up.py"]
+    assert code_dependencies("rmt.user", tmp_path) == ["rmt/__init__.py", "rmt/heavy.py", "rmt/user.py"]
     # The project's own map: evaluation runs the model and the generator (the test split is
     # generated at evaluation); no step's results depend on the tracking module.
     evaluate = code_dependencies(ENTRY_MODULES["evaluate"])

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from rmt.data.dataset import TaskDataset
-from rmt.utils import write_atomic
+from rmt.utils import claim_output, json_with, write_atomic
 
 
 def _pick_example(data: TaskDataset, segments: int, search: int = 500) -> int:
@@ -76,4 +76,6 @@ def attention_maps(*, checkpoint: str | Path, data_dir: str | Path, segments: in
 
 
 def write_attention_maps(output: str | Path, **kwargs) -> Path:
-    return write_atomic(output, json.dumps(attention_maps(**kwargs)) + "\n")
+    claim_output(output, kind="an attention map", ours=json_with("maps", "rows"))  # before the work
+    return write_atomic(output, json.dumps(attention_maps(**kwargs)) + "\n", kind="an attention map",
+                        ours=json_with("maps", "rows"))

@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
 from rmt.paper import FIGURE3_TOKENS
+from rmt.utils import json_with, text_starts_with, write_atomic
 
 Head = Literal["lm", "classifier", "none"]
 
@@ -422,15 +423,14 @@ def ratios(grid, num_tokens: int | None = None) -> dict[str, float]:
 def write_grid(grid, path: str | Path) -> Path:
     """CSV (the rows) or JSON (the accounting, layout and rows), chosen by the suffix."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".csv":
-        grid.to_csv(path, index=False)
+        text, ours = grid.to_csv(index=False), text_starts_with(",".join(map(str, grid.columns[:2])))
     elif path.suffix == ".json":
         document = {**grid.attrs, "ratios_at_longest_input": ratios(grid), "rows": grid.to_dict(orient="records")}
-        path.write_text(json.dumps(document, indent=2) + "\n")
+        text, ours = json.dumps(document, indent=2) + "\n", json_with("ratios_at_longest_input", "rows")
     else:
         raise ValueError(f"{path}: write the grid as .csv or .json")
-    return path
+    return write_atomic(path, text, kind="a FLOP grid", ours=ours)
 
 
 def headline_sensitivity(num_tokens: int = HEADLINE_TOKENS) -> list[dict[str, Any]]:

@@ -21,14 +21,13 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from rmt.checkpoint import check_fits, trained_segments
 from rmt.data.dataset import TaskDataset
 from rmt.peak_memory import PeakMemory
 from rmt.model import RecurrentMemoryEncoder
 from rmt.model.base import WEIGHTS_NAME
-from rmt.utils import claim_output, resolve_device, write_atomic
+from rmt.utils import claim_output, progress_bar, resolve_device, write_atomic
 
 if TYPE_CHECKING:
     from rmt.tracking import Run
@@ -95,7 +94,7 @@ def evaluate_checkpoint(
     model = RecurrentMemoryEncoder.from_pretrained(checkpoint, segment_length=data.config.segment_length).to(device_)
     done = {row["evaluated_segments"]: row for row in partial.load()}  # by length
     _ = data.generator  # built now (noise tokenized) so that no length's timing includes it
-    for length in tqdm(lengths, desc="lengths", unit="length", disable=not progress):
+    for length in progress_bar(lengths, desc="lengths", unit="length", disable=not progress):
         examples = counts.get(length, data.config.test_examples_at(length))
         examples = examples if max_examples is None else min(examples, max_examples)
         if length not in done or done[length]["examples"] != examples:

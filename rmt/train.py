@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Callable, ContextManager
 import numpy as np
 import torch
 from filelock import SoftFileLock, Timeout
-from tqdm import tqdm
 from transformers import AutoConfig, AutoModel, get_linear_schedule_with_warmup
 
 from rmt.checkpoint import check_fits
@@ -43,7 +42,7 @@ from rmt.hub import load_tokenizer, resolve
 from rmt.model import RMTConfig, RecurrentMemoryEncoder
 from rmt.model.config import CONFIG_NAME
 from rmt.settings import ModelSettings, TrainSettings
-from rmt.utils import UserError, atomic_directory, claim_output, recover_directory, write_atomic
+from rmt.utils import UserError, atomic_directory, claim_output, progress_bar, recover_directory, write_atomic
 
 if TYPE_CHECKING:
     from rmt.tracking import Run
@@ -330,7 +329,7 @@ class _Trainer:
     def run(self, run: "Run | None", *, show_progress: bool) -> None:
         progress, train = self.progress, self.train
         started = time.perf_counter() - progress.seconds
-        bar = tqdm(total=train.max_steps, initial=progress.step, desc=f"stage {self.segments}", unit="step",
+        bar = progress_bar(total=train.max_steps, initial=progress.step, desc=f"stage {self.segments}", unit="step",
                    disable=not (show_progress and self.parallel.is_main))
         losses = []
         while progress.stop_reason is None:

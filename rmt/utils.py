@@ -39,6 +39,33 @@ def resolve_device(device: "str | torch.device" = "auto") -> "torch.device":
     return device
 
 
+class _LinePerUpdate:
+    """A log file's view of a progress bar: each refresh on a line of its own, instead of
+    carriage returns that pile every update into one endless line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(iterable=None, **kwargs):
+    """tqdm on a terminal; in a log file (Snakemake, SLURM), a line every 30 seconds."""
+    import sys
+
+    from tqdm import tqdm
+
+    if not sys.stderr.isatty():
+        kwargs = {"file": _LinePerUpdate(sys.stderr), "mininterval": 30.0, "ascii": True, **kwargs}
+    return tqdm(iterable, **kwargs)
+
+
 class UserError(Exception):
     """A problem the user fixes (the message says how), besides bad values (ValueError) and
     files, disks and permissions (OSError): the CLI prints it without a traceback."""

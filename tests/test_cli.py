@@ -41,3 +41,17 @@ def test_benchmark_script_runs(tmp_path):
     result = json.loads(next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["segments"] == 2 and result["tokens_per_example"] == 2 * 499
     assert result["plain_seconds"] > 0 and result["overhead_ratio"] > 0
+
+
+def test_progress_in_a_log_file_is_a_line_per_update(capsys):
+    from rmt.utils import progress_bar
+
+    for _ in progress_bar(range(3), desc="work", mininterval=0):
+        pass
+    log = capsys.readouterr().err
+    assert "\r" not in log and log.count("\n") >= 2 and "3/3" in log.splitlines()[-1]
+
+
+def test_help_keeps_bracketed_words():
+    result = CliRunner().invoke(app, ["profile", "attention", "--help"])
+    assert "[memory, tokens]" in result.output and "[CLS]" in result.output

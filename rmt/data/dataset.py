@@ -27,13 +27,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from tqdm import tqdm
 
 from rmt.data.generator import GENERATOR_VERSION, SPLITS, Placement, TaskGenerator
 from rmt.data.noise import load_noise
 from rmt.data.tasks import TASKS, get_task
 from rmt.hub import MINILM, load_tokenizer
-from rmt.utils import atomic_directory, claim_output, has_marker
+from rmt.utils import atomic_directory, claim_output, has_marker, progress_bar
 
 CARD_NAME = "card.json"  # every dataset folder has one: what marks it as a dataset
 STORED_SPLITS = ("train", "valid")
@@ -135,7 +134,8 @@ def build_dataset(config: DataConfig, output: str | Path, *, progress: bool = Tr
     with atomic_directory(output, marker=CARD_NAME, kind="a dataset") as staging:
         (staging / "noise.txt").write_text("\n".join(noise.sentences) + "\n")
         jobs = [(split, n) for split in STORED_SPLITS for n in config.curriculum_segments]
-        for split, segments in tqdm(jobs, desc=f"{task.name}: writing", unit="length", disable=not progress):
+        bar = progress_bar(jobs, desc=f"{task.name}: writing", unit="length", disable=not progress)
+        for split, segments in bar:
             num_tokens = segments * config.segment_length
             tokens = np.empty((counts[split], num_tokens), dtype=generator.dtype)
             labels = np.empty(counts[split], dtype=np.int64)

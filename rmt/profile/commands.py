@@ -112,7 +112,7 @@ def attention(
     index: int | None = typer.Option(None, min=0, help="Test example (default: one with its facts in different "
                                      "segments, none in the last)."),
 ) -> None:
-    """Attention of [CLS] and memory over [memory, tokens] per segment (the paper's Figure 6)."""
+    """Attention of \\[CLS] and memory over \\[memory, tokens] per segment (the paper's Figure 6)."""
     from rmt.checkpoint import check_fits
     from rmt.data.dataset import TaskDataset
     from rmt.profile.attention import write_attention_maps

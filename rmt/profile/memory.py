@@ -354,13 +354,13 @@ def profile_memory(
 ) -> MemoryProfile:
     """Every measurement of the study (each in its own process), projections and summary.
     `measure_point` is `run_measurement`; tests may pass another."""
-    from tqdm import tqdm
+    from rmt.utils import progress_bar
 
     lengths, full_attention = sorted(set(tokens)), list(dict.fromkeys(full_attention))
     train_segments = sorted(set(train_segments))
     common = dict(model=model.model_dump(mode="json"), segment_length=segment_length, device=device)
-    bar = tqdm(total=len(lengths) * (1 + len(full_attention)) + 2 * len(train_segments), desc="profile",
-               unit="point", disable=not progress)
+    bar = progress_bar(total=len(lengths) * (1 + len(full_attention)) + 2 * len(train_segments), desc="profile",
+                       unit="point", disable=not progress)
 
     devices = []
 

@@ -90,8 +90,12 @@ def claim_output(path: str | os.PathLike, *, kind: str, ours: Callable[[Path], b
 
 
 def has_marker(marker: str) -> Callable[[Path], bool]:
-    """`ours` for a folder that rmt recognises by a file it always writes into it."""
-    return lambda path: path.is_dir() and not path.is_symlink() and (path / marker).is_file()
+    """`ours` for a folder that rmt recognises by a file it always writes into it, or an
+    empty folder (a workflow manager creates the folders of its jobs' outputs first)."""
+    def ours(path: Path) -> bool:
+        return path.is_dir() and not path.is_symlink() and ((path / marker).is_file() or not any(path.iterdir()))
+
+    return ours
 
 
 def text_starts_with(prefix: str) -> Callable[[Path], bool]:

@@ -66,6 +66,11 @@ def test_atomic_writes_refuse_what_they_do_not_recognise(tmp_path):
             (staging / "mine.json").write_text("{}")
             (tmp_path / "late").mkdir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "late", "other"]
+    # An empty folder holds nothing to lose: Snakemake makes its jobs' output folders first.
+    (tmp_path / "empty").mkdir()
+    with atomic_directory(tmp_path / "empty", marker="mine.json") as staging:
+        (staging / "mine.json").write_text("{}")
+    assert (tmp_path / "empty" / "mine.json").is_file()
 
 
 def test_a_stage_never_trains_into_a_users_folder(data, tmp_path):

@@ -141,8 +141,9 @@ def memory(
     backbone (512 to 2,048,000 tokens; full attention within a budget, projected beyond),
     and one training step against segments, plain BPTT against memory-efficient backprop."""
     from rmt.config import load_config
-    from rmt.profile.memory import Budget, profile_memory, write_profile
+    from rmt.profile.memory import PROFILE_MARKER, Budget, profile_memory, write_profile
     from rmt.tracking import pipeline_run
+    from rmt.utils import claim_output, has_marker
 
     try:
         config = load_config(*configs)
@@ -153,6 +154,7 @@ def memory(
         raise typer.BadParameter(f"{task!r} is not a task of the configuration ({', '.join(config.tasks)})",
                                  param_hint="--task")
     settings, profile = config.for_task(task), config.profile
+    claim_output(output, kind="a memory profile", ours=has_marker(PROFILE_MARKER))  # before minutes of work
     budget = Budget(memory_mb=profile.memory_budget_mb or Budget.default_memory_mb(), seconds=profile.max_seconds)
     params = {"task": task, "model": settings.model.model_dump(), "segment_length": settings.data.segment_length,
               "profile": profile.model_dump(), "budget": {"memory_mb": budget.memory_mb, "seconds": budget.seconds}}

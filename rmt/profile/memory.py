@@ -425,6 +425,9 @@ def summarize(profile: MemoryProfile, *, model: ModelSettings, segment_length: i
     }
 
 
+PROFILE_MARKER = "summary.json"  # every profile folder has one
+
+
 def write_profile(profile: MemoryProfile, folder: str | Path) -> list[Path]:
     """inference.csv, training.csv and summary.json, written all at once."""
     import pandas as pd
@@ -432,10 +435,10 @@ def write_profile(profile: MemoryProfile, folder: str | Path) -> list[Path]:
     from rmt.utils import atomic_directory
 
     folder = Path(folder)
-    with atomic_directory(folder, marker="summary.json", kind="a memory profile") as staging:
+    with atomic_directory(folder, marker=PROFILE_MARKER, kind="a memory profile") as staging:
         pd.DataFrame(profile.inference, columns=INFERENCE_FIELDS).to_csv(staging / "inference.csv", index=False)
         pd.DataFrame(profile.training, columns=TRAINING_FIELDS).to_csv(staging / "training.csv", index=False)
-        (staging / "summary.json").write_text(json.dumps(profile.summary, indent=2) + "\n")
+        (staging / PROFILE_MARKER).write_text(json.dumps(profile.summary, indent=2) + "\n")
     return [folder / name for name in ("inference.csv", "training.csv", "summary.json")]
 
 

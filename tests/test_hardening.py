@@ -65,6 +65,7 @@ def test_atomic_writes_refuse_what_they_do_not_recognise(tmp_path):
         with atomic_directory(tmp_path / "late", marker="mine.json") as staging:
             (staging / "mine.json").write_text("{}")
             (tmp_path / "late").mkdir()
+            (tmp_path / "late" / "theirs.txt").write_text("theirs")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "late", "other"]
     # An empty folder holds nothing to lose: Snakemake makes its jobs' output folders first.
     (tmp_path / "empty").mkdir()

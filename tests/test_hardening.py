@@ -57,6 +57,7 @@ def test_atomic_writes_refuse_what_they_do_not_recognise(tmp_path):
     with pytest.raises(OutputConflict, match="existing folder"):
         write_atomic(tmp_path / "folder", "text")
     (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "theirs.txt").write_text("theirs")
     with pytest.raises(OutputConflict):
         with atomic_directory(tmp_path / "other", marker="mine.json") as staging:
             (staging / "mine.json").write_text("{}")

@@ -190,6 +190,7 @@ def main(
     reuse_from: str = typer.Option(None, help="Label of an earlier benchmark whose stages to reuse where this "
                                    "recipe trains them the same way (e.g. a recipe that changes only the last stage)."),
     workdir: Path = typer.Option(ROOT / "results" / "benchmarks" / "robustness-work"),
+    table_only: bool = typer.Option(False, "--table-only", help="Only tabulate the runs finished so far."),
 ):
     reuse = workdir / reuse_from if reuse_from else None
     overlays = {setting: setting_overlay(setting, workdir) for setting in settings}  # shared by every label
@@ -200,11 +201,16 @@ def main(
              "overlay": overlays[setting], "folder": str(workdir / task / setting / f"seed-{seed}"),
              "reuse": str(reuse / task / setting / f"seed-{seed}") if reuse else None}
             for seed in seeds for task in tasks for setting in settings]  # a first seed of every cell first
-    print(f"{len(jobs)} runs, {workers} at a time; results in {workdir}", flush=True)
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        results = pool.map(run_one, jobs, chunksize=1)
+    if table_only:  # the runs finished so far, e.g. while the benchmark still runs
+        results = [json.loads(Path(job["folder"], "run.json").read_text()) for job in jobs
+                   if Path(job["folder"], "run.json").is_file()]
+    else:
+        print(f"{len(jobs)} runs, {workers} at a time; results in {workdir}", flush=True)
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = pool.map(run_one, jobs, chunksize=1)
     text = (f"# Robustness: {label}\n\nRecipe: {' + '.join(Path(c).name for c in configs)}; accuracy % at each "
-            f"number of segments, {examples} test examples per length.\n\n" + table(results, sorted(segments)))
+            f"number of segments, {examples} test examples per length; {len(results)} of {len(jobs)} runs.\n\n"
+            + table(results, sorted(segments)))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"robustness-{label}.md").write_text(text)
     (RESULTS / f"robustness-{label}.json").write_text(json.dumps(results, indent=2) + "\n")

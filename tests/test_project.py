@@ -47,3 +47,23 @@ def test_ci_runs_the_readme_test_command():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^test: ", makefile, flags=re.MULTILINE)
     assert re.search(r"^reproduce: ", makefile, flags=re.MULTILINE)
+
+
+def test_the_slurm_profile_examples_pass_the_plugins_own_validation():
+    """Every resource the example SLURM profile shows, uncommented, is one the pinned plugin
+    accepts: its own check of slurm_extra, and the names of the resources it turns into
+    sbatch flags."""
+    import types
+
+    import snakemake_executor_plugin_slurm as plugin
+    from snakemake_executor_plugin_slurm.validation import validate_slurm_extra
+
+    text = (ROOT / "profiles" / "slurm" / "config.yaml").read_text()
+    # The commented examples of default-resources ("  # qos: normal"), uncommented.
+    lines = [re.sub(r"^  # (?=[a-z_]+: )", "  ", line) for line in text.splitlines()]
+    resources = yaml.safe_load("\n".join(lines))["default-resources"]
+    assert {"qos", "constraint", "slurm_extra", "slurm_account"} <= set(resources), resources
+    validate_slurm_extra(types.SimpleNamespace(resources=types.SimpleNamespace(**resources)))
+    known = "".join(path.read_text() for path in Path(plugin.__file__).parent.glob("*.py"))
+    for name in resources:
+        assert f'"{name}"' in known, f"the plugin does not read the resource {name}"

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from rmt.checkpoint import check_fits, trained_segments
-from rmt.data.dataset import TaskDataset
+from rmt.data.dataset import STREAMED_SPLIT, TaskDataset
 from rmt.peak_memory import PeakMemory
 from rmt.model import RecurrentMemoryEncoder
 from rmt.model.base import WEIGHTS_NAME
@@ -101,7 +101,8 @@ def evaluate_checkpoint(
             done[length] = _evaluate_length(model, data, checkpoint, length, examples, batch_size, device_)
             partial.save(list(done.values()))
         if run is not None:  # also the lengths an interrupted attempt finished
-            run.log_metrics({key: done[length][key] for key in LOGGED_FIELDS}, step=length)
+            run.log_metrics({key: value for key, value in done[length].items()
+                             if key in LOGGED_FIELDS or key.startswith("accuracy_")}, step=length)
     rows = [done[length] for length in lengths]
     written = [write_atomic(output, _csv(rows), kind="an evaluation table", ours=_is_evaluation_table)]
     if metrics is not None:
@@ -121,28 +122,39 @@ LOGGED_FIELDS = ("accuracy", "ci_low", "ci_high", "examples_per_second", "peak_m
 def _evaluate_length(model, data: TaskDataset, checkpoint: Path, length: int, examples: int, batch_size: int,
                      device) -> dict:
     """One CSV row: accuracy of `examples` test examples of `length` segments, streamed."""
-    correct, started = 0, time.perf_counter()
+    hits, started = [], time.perf_counter()
     num_tokens = length * data.config.segment_length
     with PeakMemory(device) as meter:
         for start in range(0, examples, batch_size):
             indices = range(start, min(start + batch_size, examples))
             labels, chunks = data.stream(length, indices)
             logits = model.stream((np.asarray(c, dtype=np.int64) for c in chunks), num_tokens=num_tokens).logits
-            correct += int((logits.argmax(-1).cpu() == torch.as_tensor(labels)).sum())
+            hits += (logits.argmax(-1).cpu() == torch.as_tensor(labels)).tolist()
     seconds = time.perf_counter() - started
+    correct = sum(hits)
     low, high = wilson_interval(correct, examples)
     return {
         "task": data.config.task, "segment_length": data.config.segment_length,
         "trained_segments": trained_segments(checkpoint), "evaluated_segments": length, "tokens": num_tokens,
         "examples": examples, "accuracy": correct / examples, "ci_low": low, "ci_high": high,
         "seconds": round(seconds, 3), "examples_per_second": round(examples / seconds, 3),
-        "peak_memory_mb": round(meter.growth_mb, 1),
+        "peak_memory_mb": round(meter.growth_mb, 1), **_accuracy_by_kind(data, length, np.array(hits)),
     }
+
+
+def _accuracy_by_kind(data: TaskDataset, length: int, hits: np.ndarray) -> dict:
+    """accuracy_<kind> of each kind of question the task tells apart (none for most tasks)."""
+    if not data.generator.task.kinds:
+        return {}
+    kinds = data.kinds(STREAMED_SPLIT, length, range(len(hits)))
+    return {f"accuracy_{kind}": float(hits[kinds == kind].mean()) if (kinds == kind).any() else float("nan")
+            for kind in data.generator.task.kinds}
 
 
 def _csv(rows: Sequence[dict]) -> str:
     table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=ROW_FIELDS)
+    by_kind = sorted({key for row in rows for key in row if key.startswith("accuracy_")})
+    writer = csv.DictWriter(table, fieldnames=[*ROW_FIELDS, *by_kind])
     writer.writeheader()
     writer.writerows(rows)
     return table.getvalue()

@@ -37,6 +37,7 @@ from transformers import AutoConfig, AutoModel, get_linear_schedule_with_warmup
 
 from rmt.checkpoint import check_fits
 from rmt.data.dataset import TaskDataset
+from rmt.data.tasks import get_task
 from rmt.distributed import Distributed
 from rmt.hub import load_tokenizer, resolve
 from rmt.model import RMTConfig, RecurrentMemoryEncoder
@@ -144,6 +145,7 @@ class _StageInputs:
     train_labels: np.ndarray
     valid_tokens: np.ndarray
     valid_labels: np.ndarray
+    valid_kinds: np.ndarray | None  # the question kind of each validation example, where the task has kinds
 
     @classmethod
     def check(cls, data_dir, segments: int, *, model: ModelSettings, train: TrainSettings, init) -> "_StageInputs":
@@ -154,7 +156,11 @@ class _StageInputs:
             check_fits(init, data, option="--init", same_segment_length=False)
         else:
             data.check_vocabulary(load_tokenizer(model.backbone), f"the backbone '{model.backbone}'")
-        return cls(data, train_tokens, train_labels, valid_tokens, valid_labels)
+        valid_kinds = None
+        if get_task(data.config.task).kinds:
+            count = len(valid_labels) if train.eval_examples is None else min(train.eval_examples, len(valid_labels))
+            valid_kinds = data.kinds("valid", segments * train.valid_length_factor, range(count))
+        return cls(data, train_tokens, train_labels, valid_tokens, valid_labels, valid_kinds)
 
     def resolved_settings(self, segments: int, *, model: ModelSettings, train: TrainSettings, init) -> dict:
         """What the stage's config.json records: a rerun with other values starts afresh."""
@@ -389,16 +395,23 @@ class _Trainer:
     def validate(self, losses: list[float]) -> dict:
         """Score the validation set, keep the best checkpoint, decide whether to stop."""
         inputs, progress = self.inputs, self.progress
-        accuracy, valid_loss = evaluate_arrays(self.model, inputs.valid_tokens, inputs.valid_labels,
-                                               self.train.eval_examples, self.micro, self.device, self.parallel)
+        accuracy, valid_loss, *by_kind = evaluate_arrays(
+            self.model, inputs.valid_tokens, inputs.valid_labels, self.train.eval_examples, self.micro, self.device,
+            self.parallel, kinds=inputs.valid_kinds)
+        by_kind = by_kind[0] if by_kind else {}
         self.model.train()
         record = {"step": progress.step, "train_loss": float(np.mean(losses)), "learning_rate": self.learning_rate,
                   "valid_accuracy": accuracy, "valid_loss": valid_loss,
-                  "valid_segments": self.segments * self.train.valid_length_factor}
-        self.pending_metrics.append(({"valid_accuracy": accuracy, "valid_loss": valid_loss}, progress.step))
+                  "valid_segments": self.segments * self.train.valid_length_factor,
+                  **({"valid_accuracy_by_kind": by_kind} if by_kind else {})}
+        self.pending_metrics.append(({"valid_accuracy": accuracy, "valid_loss": valid_loss,
+                                      **{f"valid_accuracy/{kind}": value for kind, value in by_kind.items()}},
+                                     progress.step))
         if progress.record(record):
             self.folder.save(self.folder.best_so_far, self.model, self.tokenizer)
-        progress.decide(self.train, accuracy)
+        # The stage stops on its weakest kind of question: a shortcut that answers one kind
+        # (Reasoning's end-room questions) must not end the stage.
+        progress.decide(self.train, min([accuracy, *by_kind.values()]))
         return record
 
     def checkpoint(self, run: "Run | None") -> None:
@@ -486,20 +499,26 @@ def stage_lock(output: Path, parallel: Distributed = Distributed(), device: torc
 
 @torch.no_grad()
 def evaluate_arrays(model, tokens, labels, limit: int | None, batch_size: int, device,
-                    parallel: Distributed = Distributed()) -> tuple[float, float]:
+                    parallel: Distributed = Distributed(), kinds: np.ndarray | None = None):
     """Accuracy and mean cross-entropy on stored examples (the first `limit` of them), shared
-    out among processes."""
+    out among processes; with the question `kinds` of the examples, also the accuracy of
+    each kind: (accuracy, loss, {kind: accuracy})."""
     model.eval()
     count = len(labels) if limit is None else min(limit, len(labels))
     mine = np.arange(parallel.rank, count, parallel.world_size)
-    correct, loss_sum = 0, 0.0
+    hits, loss_sum = np.zeros(count, dtype=bool), 0.0
     for start in range(0, len(mine), batch_size):
         rows = mine[start : start + batch_size]
         targets = torch.as_tensor(labels[rows], device=device, dtype=torch.long)
         logits = model(_token_tensor(tokens[rows], device)).logits
-        correct += int((logits.argmax(-1) == targets).sum())
+        hits[rows] = (logits.argmax(-1) == targets).cpu().numpy()
         loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
-    return parallel.sum(correct, device) / count, parallel.sum(loss_sum, device) / count
+    accuracy, loss = parallel.sum(int(hits.sum()), device) / count, parallel.sum(loss_sum, device) / count
+    if kinds is None:
+        return accuracy, loss
+    by_kind = {str(kind): parallel.sum(int(hits[kinds[:count] == kind].sum()), device) / int((kinds[:count] == kind).sum())
+               for kind in sorted(set(kinds[:count].tolist()))}
+    return accuracy, loss, by_kind
 
 
 def _token_tensor(tokens: np.ndarray, device) -> torch.Tensor:

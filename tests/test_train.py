@@ -253,3 +253,42 @@ def test_two_processes_under_torchrun_train_like_one(data, tmp_path):
         torch.testing.assert_close(parallel[2]["checkpoints/last"][key], tensor, atol=1e-5, rtol=1e-4, msg=key)
     state = torch.load(tmp_path / "ddp" / "checkpoints" / "last" / "training_state.pt", weights_only=True)
     assert len(state["rng"]) == 2  # both processes' RNG states, for an exact resume
+
+
+@pytest.fixture(scope="module")
+def reasoning(tmp_path_factory):
+    config = DataConfig(task="reasoning", segment_length=32, train_examples=64, valid_examples=40,
+                        curriculum_segments=[1], test_segments=[1, 2], test_examples=20, samples=0)
+    return build_dataset(config, tmp_path_factory.mktemp("reasoning") / "reasoning", progress=False)
+
+
+def test_validation_is_split_by_question_kind_and_the_weakest_kind_decides_the_stop(reasoning, tmp_path, monkeypatch):
+    metrics = train_stage(data_dir=reasoning, segments=1, output=tmp_path / "kinds", model=MODEL,
+                          train=TRAIN.model_copy(update={"max_steps": 6}), progress=False)
+    history = [json.loads(line) for line in (tmp_path / "kinds" / "history.jsonl").read_text().splitlines()]
+    assert set(history[0]["valid_accuracy_by_kind"]) == {"end_room", "middle_room"}
+    by_kind = history[0]["valid_accuracy_by_kind"]
+    assert min(by_kind.values()) - 1e-9 <= history[0]["valid_accuracy"] <= max(by_kind.values()) + 1e-9
+    assert metrics["steps"] == 6
+    # The shortcut: every end-room question right, middle-room ones at chance. The overall
+    # score passes a 0.7 target; the stage goes on, since its weakest kind does not.
+    monkeypatch.setattr(train_module, "evaluate_arrays",
+                        lambda *args, **kwargs: (0.75, 0.5, {"end_room": 1.0, "middle_room": 0.5}))
+    shortcut = train_stage(data_dir=reasoning, segments=1, output=tmp_path / "shortcut", model=MODEL,
+                           train=TRAIN.model_copy(update={"target_accuracy": 0.7}), progress=False)
+    assert shortcut["stop_reason"] == "max_steps"
+
+
+def test_evaluation_reports_accuracy_by_question_kind(reasoning, tmp_path):
+    from rmt.evaluate import evaluate_checkpoint
+
+    train_stage(data_dir=reasoning, segments=1, output=tmp_path / "stage-1", model=MODEL,
+                train=TRAIN.model_copy(update={"max_steps": 2, "eval_every": 2}), progress=False)
+    rows = evaluate_checkpoint(checkpoint=tmp_path / "stage-1" / "best", data_dir=reasoning,
+                               output=tmp_path / "eval.csv", segments=[1, 2], progress=False)
+    for row in rows:
+        assert {"accuracy_end_room", "accuracy_middle_room"} <= set(row)
+        kinds = (row["accuracy_end_room"], row["accuracy_middle_room"])
+        assert min(kinds) - 1e-9 <= row["accuracy"] <= max(kinds) + 1e-9  # a weighted mean of the two
+    header = (tmp_path / "eval.csv").read_text().splitlines()[0]
+    assert header.endswith("accuracy_end_room,accuracy_middle_room")

@@ -289,6 +289,11 @@ class TaskDataset:
             )
         return self._generator
 
+    def kinds(self, split: str, segments: int, indices: Sequence[int]) -> np.ndarray:
+        """The question kind of each example (the task's `kinds`; "" for a task with none)."""
+        task, num_tokens = self.generator.task, segments * self.config.segment_length
+        return np.array([task.kind(self.generator.layout(split, i, num_tokens).sample) for i in indices])
+
     def stream(
         self, segments: int, indices: Sequence[int], *, split: str = STREAMED_SPLIT, chunk_size: int = 1 << 16
     ) -> tuple[np.ndarray, Iterator[np.ndarray]]:

@@ -38,3 +38,11 @@ class Task(Protocol):
 
     def all_texts(self) -> list[str]:
         """Every fact and question the task can produce (finite), to check sizes up front."""
+
+    # Kinds of question a task tells apart in its diagnostics (Reasoning: questions about an
+    # end room of the chain, which one fact answers, and about the middle room, which needs
+    # both directions); empty for a task with one kind.
+    kinds: tuple[str, ...]
+
+    def kind(self, sample: Sample) -> str:
+        """Which of `kinds` a sample's question is ("" for a task with none)."""

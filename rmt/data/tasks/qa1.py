@@ -25,6 +25,10 @@ class SingleFactTask:
     classes: tuple[str, ...] = PLACES
     num_facts: int = 1
     reserved_words: frozenset[str] = frozenset(word.lower() for word in NAMES + PLACES)
+    kinds: tuple[str, ...] = ()
+
+    def kind(self, sample: Sample) -> str:
+        return ""
 
     def sample(self, rng: np.random.Generator) -> Sample:
         person = NAMES[rng.integers(len(NAMES))]

@@ -43,6 +43,15 @@ class TwoRelationTask:
     classes: tuple[str, ...] = PLACES
     num_facts: int = 2
     reserved_words: frozenset[str] = frozenset(PLACES) | frozenset(OPPOSITE)
+    kinds: tuple[str, ...] = ("end_room", "middle_room")
+
+    def kind(self, sample: Sample) -> str:
+        """A question about the middle room names the room both facts mention."""
+        rooms = [set(_FACT.match(fact).group(1, 3)) for fact in sample.facts]
+        middle = set.intersection(*rooms)
+        match = _WHAT_IS_X_DIR_OF.match(sample.question)
+        subject = match.group(1) if match else _WHAT_IS_DIR_OF.match(sample.question).group(2)
+        return "middle_room" if subject in middle else "end_room"
 
     def sample(self, rng: np.random.Generator) -> Sample:
         a, b, c = (self.classes[i] for i in rng.choice(len(self.classes), size=3, replace=False))

@@ -3,6 +3,8 @@ recipe. Plain pydantic models (no torch), so that configurations validate quickl
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rmt.hub import MINILM
@@ -53,6 +55,10 @@ class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     learning_rate: float = Field(default=1e-5, gt=0)
+    # The paper's linear decay to 0 at max_steps, or held constant after the warm-up (a
+    # saddle such as Reasoning's middle-room questions is escaped at a steady rate, not a
+    # vanishing one).
+    schedule: Literal["linear", "constant"] = "linear"
     weight_decay: float = Field(default=0.001, ge=0)
     warmup_steps: int = Field(default=300, ge=0)
     max_steps: int = Field(default=3000, ge=1)

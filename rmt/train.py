@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Callable, ContextManager
 import numpy as np
 import torch
 from filelock import SoftFileLock, Timeout
-from transformers import AutoConfig, AutoModel, get_linear_schedule_with_warmup
+from transformers import (AutoConfig, AutoModel, get_constant_schedule_with_warmup,
+                          get_linear_schedule_with_warmup)
 
 from rmt.checkpoint import check_fits
 from rmt.data.dataset import TaskDataset
@@ -278,7 +279,9 @@ class _Trainer:
         self.micro = train.micro_batch_size or train.batch_size
         self.network = parallel.wrap(model, device)  # what the step calls: DDP with several processes
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, train.warmup_steps, train.max_steps)
+        self.scheduler = (get_linear_schedule_with_warmup(self.optimizer, train.warmup_steps, train.max_steps)
+                          if train.schedule == "linear" else
+                          get_constant_schedule_with_warmup(self.optimizer, train.warmup_steps))
         self.pending_metrics: list[tuple[dict, int]] = []
 
     @classmethod

@@ -1,0 +1,49 @@
+"""The research benchmarks run end to end at a tiny size, so that they cannot silently rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ("model: {backbone_overrides: {num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, "
+        "intermediate_size: 64}}\n")
+
+
+def run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                               text=True, timeout=600, cwd=cwd)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
+
+
+def test_the_reasoning_search_reports_each_kind_of_question(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY + "data: {train_examples: 64}\n")
+    completed = run("reasoning_search.py", "--steps", "4", "--eval-every", "2", "--examples", "20", "--recipes",
+                    "escape", "--config", str(tmp_path / "tiny.yaml"), "--workdir", str(tmp_path / "w"), cwd=tmp_path)
+    assert "| escape | 0 | 4 |" in completed.stdout
+    result = json.loads((tmp_path / "w" / "escape" / "seed-0" / "run.json").read_text())
+    assert {"accuracy", "end_room", "middle_room", "escape_step", "curve"} <= set(result)
+    stage = json.loads((tmp_path / "w" / "escape" / "seed-0" / "stage-1" / "config.json").read_text())
+    assert stage["train"]["schedule"] == "constant" and stage["train"]["max_steps"] == 4  # the budget wins
+
+
+def test_the_robustness_benchmark_trains_scores_and_reuses_stages(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(
+        TINY + "data: {curriculum_segments: [1, 2], train_examples: 32, valid_examples: 16}\n"
+        "train: {max_steps: 4, min_steps: 0, eval_every: 2, eval_examples: 16}\n")
+    (tmp_path / "last.yaml").write_text("stage_train: {2: {valid_length_factor: 3}}\n")
+    common = ["--tasks", "detect_and_memorize", "--settings", "segment-48", "--seeds", "1", "--segments", "4",
+              "--segments", "8", "--examples", "10", "--skip-below", "0", "--workers", "1",
+              "--workdir", str(tmp_path / "w"), "--config", str(tmp_path / "tiny.yaml")]
+    run("robustness.py", "--label", "before", *common, cwd=tmp_path)
+    before = json.loads((tmp_path / "w" / "before" / "detect_and_memorize" / "segment-48" / "seed-1" / "run.json")
+                        .read_text())
+    assert set(before["accuracy"]) == {"4", "8"} and len(before["stages"]) == 2
+    completed = run("robustness.py", "--label", "after", *common, "--config", str(tmp_path / "last.yaml"),
+                    "--reuse-from", "before", cwd=tmp_path)
+    assert "starting the stage afresh" in completed.stderr  # stage 2 only: stage 1 was reused
+    assert completed.stderr.count("starting the stage afresh") == 1
+    history = (tmp_path / "w" / "after" / "detect_and_memorize" / "segment-48" / "seed-1" / "stage-2" /
+               "history.jsonl").read_text()
+    assert '"valid_segments": 6' in history

@@ -89,12 +89,16 @@ def test_loss_is_on_the_last_segment_unless_summed_over_all():
 
     # A prefix that ends on a segment border is split the same way (right alignment), so
     # its logits are the ones the full input produces at that segment.
-    summed = make_encoder(loss_on_all_segments=True)
-    expected = torch.zeros(())
+    # With every segment scored, the loss is the mean over segments (counted from the end,
+    # where every example finishes) of the mean loss of the examples that have that segment.
+    every = make_encoder(loss_on_all_segments=True)
+    per_step: dict[int, list[torch.Tensor]] = {}
     for text, label in zip(texts, labels):
-        for end in range(len(text) % 16 or 16, len(text) + 1, 16):
-            expected = expected + nn.functional.cross_entropy(summed([text[:end]]).logits, label[None])
-    torch.testing.assert_close(summed(texts, labels=labels).loss, expected / len(texts))
+        ends = list(range(len(text) % 16 or 16, len(text) + 1, 16))
+        for from_last, end in enumerate(reversed(ends)):
+            per_step.setdefault(from_last, []).append(nn.functional.cross_entropy(every([text[:end]]).logits, label[None]))
+    expected = torch.stack([torch.stack(losses).mean() for losses in per_step.values()]).mean()
+    torch.testing.assert_close(every(texts, labels=labels).loss, expected)
 
 
 def test_outputs_are_deterministic():
@@ -147,6 +151,21 @@ def test_streaming_equals_the_forward_pass_for_any_chunking():
         torch.testing.assert_close(model.stream(chunks, num_tokens=75).logits, expected, atol=1e-5, rtol=1e-5)
     single = model.stream(iter([texts[0, :30].tolist(), texts[0, 30:].tolist()]), num_tokens=75).logits
     torch.testing.assert_close(single[0], expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_streaming_honours_max_segments_as_the_forward_pass_does():
+    model = make_encoder(segment_length=16, max_segments=2)
+    texts = torch.stack([random_text(75, seed=1), random_text(75, seed=2)])
+    expected = model(texts).logits  # the first 32 tokens: the beginning is kept
+    pulled = []
+
+    def chunks():
+        for start in range(0, 75, 10):
+            pulled.append(start)
+            yield texts[:, start : start + 10]
+
+    torch.testing.assert_close(model.stream(chunks(), num_tokens=75).logits, expected, atol=1e-5, rtol=1e-5)
+    assert max(pulled) == 30  # the rest of the stream is never read
 
 
 def test_streaming_reads_the_input_lazily():

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig
 
 from rmt.model.config import CONFIG_NAME, RMTConfig
-from rmt.model.segments import Alignment, SegmentStep, num_segments_for, stream_segments
+from rmt.model.segments import Alignment, SegmentStep, first_tokens, num_segments_for, stream_segments
 from rmt.utils import atomic_directory, exists
 
 WEIGHTS_NAME = "model.safetensors"
@@ -213,13 +213,22 @@ class RecurrentMemoryModel(nn.Module):
             token_labels=token_labels,
         )
 
+    def _stream_tokens(self, num_tokens: int) -> int:
+        """How many tokens of a streamed input are read: all, or the first max_segments
+        segments' worth, the rule `forward` follows (the beginning is kept)."""
+        if self.config.max_segments is None:
+            return num_tokens
+        return min(num_tokens, self.config.max_segments * self.config.segment_length)
+
     def _stream_segments(self, chunks: Iterable, num_tokens: int) -> Iterator[Tensor]:
+        used = self._stream_tokens(num_tokens)
         return stream_segments(
-            chunks, num_tokens=num_tokens, segment_length=self.config.segment_length, align=self.align
+            first_tokens(chunks, used) if used < num_tokens else chunks, num_tokens=used,
+            segment_length=self.config.segment_length, align=self.align,
         )
 
     def _num_stream_segments(self, num_tokens: int) -> int:
-        return num_segments_for(num_tokens, self.config.segment_length)
+        return num_segments_for(self._stream_tokens(num_tokens), self.config.segment_length)
 
     # ---------------------------------------------------------------- save / load
     def save_pretrained(self, directory: str | Path) -> None:

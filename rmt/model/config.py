@@ -42,7 +42,9 @@ class RMTConfig:
 
     # Encoder only.
     num_labels: int | None = None
-    # Sum the classification loss over every segment instead of the last one only.
+    # Train on the answer at every segment, not only the last: the loss is the mean over
+    # segments of each segment's mean loss, as the authors' `sum_loss` computes it in their
+    # later code (their first versions summed the segments' losses instead).
     loss_on_all_segments: bool = False
     classifier_dropout: float = 0.1
     cls_token_id: int | None = None

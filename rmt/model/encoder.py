@@ -155,7 +155,11 @@ class RecurrentMemoryEncoder(RecurrentMemoryModel):
                 output_attentions=output_attentions,
             )
         loss = None
-        if exists(labels):
+        if exists(labels) and self.config.loss_on_all_segments:
+            # The authors' definition: the mean over segments of each segment's loss (itself
+            # the mean over the examples that have that segment).
+            loss = torch.stack([r.loss_sum / len(step.rows) for r, step in zip(results, steps)]).mean()
+        elif exists(labels):
             loss = torch.stack([r.loss_sum for r in results if exists(r.loss_sum)]).sum() / len(rows)
         final = results[-1]  # right alignment: every example ends on the last step
         return RMTEncoderOutput(

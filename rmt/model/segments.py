@@ -142,6 +142,19 @@ def schedule_segments(
     return steps
 
 
+def first_tokens(chunks: Iterable, limit: int) -> Iterator:
+    """The chunks of a stream, (B, c) or (c,), up to its first `limit` tokens per example;
+    the rest of the stream is never read."""
+    taken = 0
+    for chunk in chunks:
+        size = chunk.shape[-1]
+        if taken + size >= limit:
+            yield chunk[..., : limit - taken]
+            return
+        taken += size
+        yield chunk
+
+
 def stream_segments(
     chunks: Iterable, *, num_tokens: int, segment_length: int, align: Alignment
 ) -> Iterator[Tensor]:

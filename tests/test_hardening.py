@@ -177,3 +177,28 @@ def test_a_read_only_location_is_named_with_the_fix():
     assert "/mnt/results/x.csv" in message and "write the output elsewhere" in message
     message = describe_error(PermissionError(errno.EACCES, "Permission denied", "/data/memorize"))
     assert "/data/memorize" in message and "fix its permissions" in message
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    def full_disk(self, target):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(Path, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(tmp_path / "evaluation.csv", "task,accuracy\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_command_is_validated_against_its_own_task_only():
+    """params.yaml's Reasoning trains stage 1 for longer (stage_train: {1: ...}); a Memorize
+    command with another curriculum must not be refused for it."""
+    from pathlib import Path
+
+    from rmt.cli import _task_settings
+
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    settings = _task_settings([params], ["data.curriculum_segments=[2,3]"], "memorize")
+    assert settings.curriculum == [2, 3]

@@ -67,7 +67,9 @@ def test_a_failing_slurm_job_fails_the_workflow_and_its_run(local_slurm, tmp_pat
     from mlflow.tracking import MlflowClient
 
     config = json.loads(json.dumps(TINY))
-    config["train"]["device"] = "cuda:7"  # no such device: rmt train refuses it inside its run
+    # Training that diverges fails inside its run (bad input, such as a missing CUDA device,
+    # is refused before any run opens).
+    config["train"].update(learning_rate=1e30, clip_value=None, warmup_steps=0)
     project = make_project(tmp_path / "project", config)
     before = len(sacct_states(local_slurm))
     result = slurm_snakemake(project, tmp_path, check=False)

@@ -430,8 +430,7 @@ class _Trainer:
         # The history is part of the saved state, so a crash never loses or repeats a line.
         self.folder.write_history(self.progress)
         if run is not None:
-            for metrics, step in self.pending_metrics:
-                run.log_metrics(metrics, step=step)
+            run.log_metric_steps(self.pending_metrics)
         self.pending_metrics = []
 
 

@@ -214,21 +214,17 @@ def evaluate(
         lengths, max_examples = lengths or settings.grid_segments, max_examples or settings.grid_examples
     lengths = lengths or settings.segments
     batch_size = batch_size or settings.batch_size
-    try:
-        stage = stage_settings(checkpoint)
-        params = {"checkpoint": str(checkpoint), "data": str(data), "grid": grid, "segments": lengths,
-                  "max_examples": max_examples, "batch_size": batch_size}
-        tags = {"rmt.data_hash": dataset.card["config_hash"], **({"rmt.stage": stage["segments"]} if stage else {}),
-                **_config_tags(task_settings, configs)}
-        seed = stage["train"]["seed"] if stage else dataset.config.seed
-        with _tracked("grid" if grid else "evaluate", task=dataset.config.task, seed=seed, params=params,
-                      tags=tags) as run:
-            rows = evaluate_checkpoint(checkpoint=checkpoint, data_dir=data, output=output, metrics=metrics,
-                                       segments=lengths, max_examples=max_examples, batch_size=batch_size,
-                                       device=device, run=run)
-    except (ValueError, FileNotFoundError) as error:
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(2) from None
+    stage = stage_settings(checkpoint)
+    params = {"checkpoint": str(checkpoint), "data": str(data), "grid": grid, "segments": lengths,
+              "max_examples": max_examples, "batch_size": batch_size}
+    tags = {"rmt.data_hash": dataset.card["config_hash"], **({"rmt.stage": stage["segments"]} if stage else {}),
+            **_config_tags(task_settings, configs)}
+    seed = stage["train"]["seed"] if stage else dataset.config.seed
+    with _tracked("grid" if grid else "evaluate", task=dataset.config.task, seed=seed, params=params,
+                  tags=tags) as run:
+        rows = evaluate_checkpoint(checkpoint=checkpoint, data_dir=data, output=output, metrics=metrics,
+                                   segments=lengths, max_examples=max_examples, batch_size=batch_size,
+                                   device=device, run=run)
     for row in rows:
         typer.echo(f"{row['evaluated_segments']:>6} segments ({row['tokens']:,} tokens): {row['accuracy']:.1%} "
                    f"[{row['ci_low']:.1%}, {row['ci_high']:.1%}] on {row['examples']} examples, {row['seconds']} s")
@@ -246,15 +242,11 @@ def report(
     from rmt.report import build_report
     from rmt.tracking import EXPERIMENT, search_runs
 
-    try:
-        config = load_config(*configs)
-        curricula = {task: config.for_task(task).curriculum for task in config.tasks}
-        runs = search_runs(experiment=EXPERIMENT, filter_string="tags.\"rmt.step\" = 'evaluate'", history=("accuracy",))
-        written = build_report(tasks=list(config.tasks), seeds=config.seeds, curricula=curricula, output=output,
-                               root=results, runs=runs)
-    except (ValueError, FileNotFoundError) as error:
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(2) from None
+    config = load_config(*configs)
+    curricula = {task: config.for_task(task).curriculum for task in config.tasks}
+    runs = search_runs(experiment=EXPERIMENT, filter_string="tags.\"rmt.step\" = 'evaluate'", history=("accuracy",))
+    written = build_report(tasks=list(config.tasks), seeds=config.seeds, curricula=curricula, output=output,
+                           root=results, runs=runs)
     for path in written:
         typer.echo(f"Wrote {path}")
 

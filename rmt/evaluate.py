@@ -27,7 +27,7 @@ from rmt.data.dataset import STREAMED_SPLIT, TaskDataset
 from rmt.peak_memory import PeakMemory
 from rmt.model import RecurrentMemoryEncoder
 from rmt.model.base import WEIGHTS_NAME
-from rmt.utils import claim_output, progress_bar, resolve_device, write_atomic
+from rmt.utils import claim_output, json_with, progress_bar, resolve_device, text_starts_with, write_atomic
 
 if TYPE_CHECKING:
     from rmt.tracking import Run
@@ -160,21 +160,10 @@ def _csv(rows: Sequence[dict]) -> str:
     return table.getvalue()
 
 
-def _is_evaluation_table(path: Path) -> bool:
-    """A file this module wrote: its header names the first columns of ROW_FIELDS."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return path.is_file() and handle.readline().startswith("task,")
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
-def _is_metrics_file(path: Path) -> bool:
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(values, dict) and {"task", "accuracy"} <= set(values)
+# rmt's own earlier outputs: a table's header starts with ROW_FIELDS' first column, the
+# metrics file has the keys accuracy_metrics writes.
+_is_evaluation_table = text_starts_with(f"{ROW_FIELDS[0]},")
+_is_metrics_file = json_with("task", "accuracy")
 
 
 class _Partial:
@@ -188,20 +177,13 @@ class _Partial:
 
         claim_output(self.path, kind="an unfinished evaluation", ours=self._ours)
 
-    @staticmethod
-    def _read(path: Path) -> dict | None:
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        return saved if isinstance(saved, dict) and {"key", "rows"} <= set(saved) else None
-
-    def _ours(self, path: Path) -> bool:
-        return path.is_file() and self._read(path) is not None
+    _ours = staticmethod(json_with("key", "rows"))
 
     def load(self) -> list[dict]:
-        saved = self._read(self.path)
-        if saved is None or saved["key"] != self.key:
+        if not self._ours(self.path):
+            return []
+        saved = json.loads(self.path.read_text())
+        if saved["key"] != self.key:
             return []
         print(f"Continuing the evaluation in {self.path}: {len(saved['rows'])} length(s) done", file=sys.stderr)
         return saved["rows"]

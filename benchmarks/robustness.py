@@ -137,14 +137,10 @@ def reuse_stages(source: Path, folder: Path) -> None:
     if not (source / "run.json").is_file():
         raise FileNotFoundError(f"{source} holds no finished run to reuse")
     shutil.copytree(source, folder, copy_function=os.link, ignore=shutil.ignore_patterns("run.json", "evaluation-*"))
-    from rmt.settings import TrainSettings
-
     for config in folder.glob("stage-*/config.json"):
-        settings = json.loads(config.read_text().replace(str(source), str(folder)))  # `init` names the stage before
-        # A setting that rmt gained since: the earlier run had its default.
-        settings["train"] = {**TrainSettings().model_dump(), **settings["train"]}
+        text = config.read_text().replace(str(source), str(folder))  # `init` names the stage before
         config.unlink()  # a new file, not the linked one
-        config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        config.write_text(text)
 
 
 def _cell(entry: dict | None) -> str:

@@ -208,6 +208,16 @@ class _Progress:
             self.stop_reason = "max_steps"
 
 
+def _with_defaults(recorded: dict) -> dict:
+    """A stage's recorded settings with every setting rmt gained since at its default: a
+    stage trained before a setting existed ran as its default does, and stays the same run."""
+    try:
+        return {**recorded, "model": ModelSettings(**recorded["model"]).model_dump(),
+                "train": TrainSettings(**recorded["train"]).model_dump()}
+    except (KeyError, TypeError, ValueError):  # a setting since removed or renamed: another run
+        return recorded
+
+
 class _StageFolder:
     """The stage's files: its settings, working checkpoints, history and published outputs.
     Only the main process writes; the others wait for it at the barriers."""
@@ -221,7 +231,7 @@ class _StageFolder:
     def prepare(self, resolved: dict) -> None:
         """Start afresh when the folder holds a run of other settings; repair a checkpoint
         swap that a kill -9 interrupted."""
-        changed = self.settings.exists() and json.loads(self.settings.read_text()) != resolved
+        changed = self.settings.exists() and _with_defaults(json.loads(self.settings.read_text())) != resolved
         self.parallel.barrier()  # every process has checked the folder before the first one writes to it
         if self.parallel.is_main:
             if changed:

@@ -151,6 +151,24 @@ def test_other_settings_start_the_stage_afresh(data, tmp_path, capsys):
     assert len((tmp_path / "d" / "history.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_stage_from_before_a_setting_existed_is_the_same_run(data, tmp_path, capsys):
+    # rmt gains a setting whose default is the old behaviour: a stage recorded without it
+    # (an older rmt's config.json) is the same run, and resumes or publishes instead of
+    # discarding hours of training.
+    folder = tmp_path / "stage"
+    first = train_stage(data_dir=data, segments=1, output=folder, model=MODEL, train=TRAIN, progress=False)
+    recorded = json.loads((folder / "config.json").read_text())
+    del recorded["train"]["schedule"], recorded["train"]["valid_length_factor"]
+    (folder / "config.json").write_text(json.dumps(recorded))
+    again = train_stage(data_dir=data, segments=1, output=folder, model=MODEL, train=TRAIN, progress=False)
+    assert "afresh" not in capsys.readouterr().err and again == first
+    # A setting it no longer knows is another run.
+    recorded["train"]["retired_setting"] = 1
+    (folder / "config.json").write_text(json.dumps(recorded))
+    train_stage(data_dir=data, segments=1, output=folder, model=MODEL, train=TRAIN, progress=False)
+    assert "starting the stage afresh" in capsys.readouterr().err
+
+
 def test_a_finished_stage_publishes_deleted_outputs_again(data, tmp_path):
     # Snakemake deletes a job's declared outputs before it reruns the job; the stage's
     # checkpoints/ are not among them, so the rerun publishes instead of training again.

@@ -29,7 +29,9 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -202,6 +204,9 @@ def main(
                    if Path(job["folder"], "run.json").is_file()]
     else:
         print(f"{len(jobs)} runs, {workers} at a time; results in {workdir}", flush=True)
+        # Killed, the benchmark takes its workers along (the pool's exit terminates them):
+        # an orphaned worker would go on training into the folders of the next run.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             results = pool.map(run_one, jobs, chunksize=1)
     text = (f"# Robustness: {label}\n\nRecipe: {' + '.join(Path(c).name for c in configs)}; accuracy % at each "

@@ -13,10 +13,15 @@ commands, inputs and outputs:
     results/profile/memory/                        rmt profile memory (measured memory and time)
     reports/                                       rmt report
 
-The Snakemake rules are written by hand with wildcards (readable, native) from this
-module's paths and code dependencies; `plan()` lists every job of the same DAG, and `dvc_yaml()` turns
-it into dvc.yaml. tests/test_workflow.py checks that Snakemake's dry run and this plan
-agree job by job: rule, command, inputs (code included) and outputs.
+The steps are defined once, here: `plan()` lists every job with its command, the files
+it reads (code found from the import graph, data, the previous stage) and its outputs;
+`dvc_yaml()` writes it as dvc.yaml, and each Snakemake rule (workflow/rules/*.smk) takes
+its job's command and inputs from it by the job's wildcards (`STEP_NAMES`). A rule adds
+only what Snakemake alone needs: output patterns, log, benchmark, resources, report
+captions. Why this way round: the rules stay the native, readable Snakemake users expect
+(profiles set resources per rule name), while the logic (curriculum links, which code a
+step runs) lives in Python that DVC shares. tests/test_workflow.py checks Snakemake's dry
+run against the plan job by job: rule, command, inputs and outputs.
 """
 
 from __future__ import annotations
@@ -43,6 +48,28 @@ MEMORY = "results/profile/memory"
 MEMORY_FILES = tuple(f"{MEMORY}/{name}" for name in ("inference.csv", "training.csv", "summary.json"))
 REPORT = "reports"
 LOGS = "logs"
+
+# What the report shows, in the order of Snakemake's HTML report: figures (one file per
+# format) and tables, each with its caption there (workflow/report/<caption>.rst) and category.
+FIGURES = {"accuracy": "Accuracy", "generalization": "Generalization", "flops": "Cost", "memory": "Cost",
+           "training-memory": "Cost"}
+TABLES = {"accuracy": ("table", "Accuracy"), "seeds": ("seeds", "Accuracy")}
+
+
+def report_files(tasks) -> dict[str, tuple[str, str] | None]:
+    """Every file `rmt report` writes for these tasks, by name: its caption and category
+    in Snakemake's HTML report, or None for a file not shown there (an SVG beside its PNG,
+    a Markdown copy of a CSV table)."""
+    figures = {**FIGURES, **{f"attention-{task}": "Attention" for task in tasks if task in ATTENTION_TASKS}}
+    files = {}
+    for name, category in figures.items():
+        caption = "attention" if name.startswith("attention-") else name
+        files[f"{name}.png"], files[f"{name}.svg"] = (caption, category), None
+    for name, (caption, category) in TABLES.items():
+        files[f"{name}.csv"], files[f"{name}.md"] = (caption, category), None
+    return files
+
+
 # The library module each rule's command calls. The code a rule depends on is every rmt
 # module that one imports, directly or through others, read from the import graph
 # (`code_dependencies`): the DVC deps and, file by file, the Snakemake inputs. Both tools
@@ -60,6 +87,18 @@ ENTRY_MODULES = {
     "report": "rmt.report",
 }
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder that holds rmt/
+# Each step's name (its DVC stage) from its rule and the rule's wildcards: how a Snakemake
+# job finds its planned step.
+STEP_NAMES = {
+    "data": "data-{task}",
+    "train": "train-{task}-seed{seed}-stage{segments}",
+    "grid": "grid-{task}-seed{seed}-stage{segments}",
+    "evaluate": "evaluate-{task}-seed{seed}",
+    "attention": "attention-{task}",
+    "flops": "flops",
+    "memory": "memory",
+    "report": "report",
+}
 
 
 def _module_file(module: str, root: Path) -> Path | None:
@@ -162,6 +201,11 @@ class Step:
         """Source the step runs: DVC deps, the same files Snakemake takes (`source_files`)."""
         return tuple(source_files(self.rule))
 
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Every file the step reads: its Snakemake inputs."""
+        return (*self.deps, *self.code)
+
 
 def config_arguments(config_files: list[str]) -> str:
     return " ".join(f"--config {path}" for path in config_files)
@@ -181,7 +225,7 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
         settings = config.for_task(task)
         data = DATA.format(task=task)
         steps.append(Step(
-            name=f"data-{task}", rule="data",
+            name=STEP_NAMES["data"].format(task=task), rule="data",
             command=f"rmt data generate {task} {data} {configs}",
             deps=noise_files(settings.data), outs=(data,), params=keys("data", f"tasks.{task}"),
         ))
@@ -191,7 +235,7 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
                 stage = STAGE.format(task=task, seed=seed, segments=segments)
                 init = f" --init {previous}/best" if previous else ""
                 steps.append(Step(
-                    name=f"train-{task}-seed{seed}-stage{segments}", rule="train",
+                    name=STEP_NAMES["train"].format(task=task, seed=seed, segments=segments), rule="train",
                     command=f"rmt train --data {data} --segments {segments} --seed {seed} --output {stage}{init} "
                             f"{configs}",
                     deps=(data, *((f"{previous}/best",) if previous else ())),
@@ -201,7 +245,7 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
                 ))
                 grid = GRID.format(task=task, seed=seed, segments=segments)
                 steps.append(Step(
-                    name=f"grid-{task}-seed{seed}-stage{segments}", rule="grid",
+                    name=STEP_NAMES["grid"].format(task=task, seed=seed, segments=segments), rule="grid",
                     command=f"rmt evaluate --grid --checkpoint {stage}/best --data {data} --output {grid} {configs}",
                     deps=(f"{stage}/best", data), plots=(grid,),
                     params=keys("evaluate.grid_segments", "evaluate.grid_examples", "evaluate.batch_size",
@@ -211,14 +255,14 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
             if task in ATTENTION_TASKS and seed == config.seeds[0]:
                 attention = ATTENTION.format(task=task)
                 steps.append(Step(
-                    name=f"attention-{task}", rule="attention",
+                    name=STEP_NAMES["attention"].format(task=task), rule="attention",
                     command=f"rmt profile attention --checkpoint {previous}/best --data {data} --output {attention}",
                     deps=(f"{previous}/best", data), outs=(attention,),
                 ))
             evaluation = EVALUATION.format(task=task, seed=seed)
             evaluation_metrics = EVALUATION_METRICS.format(task=task, seed=seed)
             steps.append(Step(
-                name=f"evaluate-{task}-seed{seed}", rule="evaluate",
+                name=STEP_NAMES["evaluate"].format(task=task, seed=seed), rule="evaluate",
                 command=f"rmt evaluate --checkpoint {previous}/best --data {data} --output {evaluation} "
                         f"--metrics {evaluation_metrics} {configs}",
                 deps=(f"{previous}/best", data), plots=(evaluation,), metrics=(evaluation_metrics,),

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from rmt.cli import app
 from rmt.data.dataset import DataConfig, build_dataset
 from rmt.evaluate import ROW_FIELDS
-from rmt.pipeline import ATTENTION, EVALUATION, FLOPS, GRID, MEMORY
+from rmt.pipeline import ATTENTION, EVALUATION, FLOPS, GRID, MEMORY, report_files
 from rmt.profile.attention import attention_maps
 from rmt.profile.memory import Budget, profile_memory, write_profile
 from rmt.report import accuracy_table, build_report, markdown_table
@@ -110,6 +110,7 @@ def test_the_report_draws_every_figure_and_table_from_the_files(tmp_path, traine
                             "flops.svg", "attention-reasoning.png", "attention-reasoning.svg", "memory.png", "memory.svg",
                             "training-memory.png", "training-memory.svg", "accuracy.csv", "accuracy.md",
                             "seeds.csv", "seeds.md"])
+    assert names == sorted(report_files(["reasoning"]))  # the workflow's outputs
     assert all(path.stat().st_size > 0 for path in written)
     # What each figure shows, read from its SVG (text is kept as text).
     svg = {path.stem: path.read_text() for path in written if path.suffix == ".svg"}

@@ -1,4 +1,4 @@
-# Helpers shared by the rules: the validated configuration, paths and curriculum links.
+# Helpers shared by the rules: the validated configuration, the planned steps, settings.
 
 import json
 import os
@@ -10,7 +10,6 @@ from snakemake.exceptions import WorkflowError
 from rmt.config import check_config_files, read_config_files, schema_problems, validate_config
 from rmt.pipeline import (
     ATTENTION,
-    ATTENTION_TASKS,
     DATA,
     EVALUATION,
     EVALUATION_METRICS,
@@ -18,12 +17,11 @@ from rmt.pipeline import (
     GRID,
     LOGS,
     MEMORY,
-    MEMORY_FILES,
     REPORT,
     STAGE,
-    config_arguments,
-    noise_files,
-    source_files,
+    STEP_NAMES,
+    plan,
+    report_files,
 )
 
 
@@ -43,7 +41,9 @@ try:
     PIPELINE = validate_config(SETTINGS, CONFIG_FILES)
 except (ValueError, FileNotFoundError) as error:
     raise WorkflowError(str(error)) from None
-CONFIG_ARGS = config_arguments(CONFIG_FILES)
+# The pipeline's one definition (rmt/pipeline.py, which also writes dvc.yaml): every job
+# with its command and the files it reads. A rule takes both from its job's step.
+STEPS = {step.name: step for step in plan(PIPELINE, CONFIG_FILES)}
 
 # One reproduction is one group in MLflow; jobs (also under SLURM) inherit the variable.
 os.environ.setdefault("RMT_GROUP", f"reproduction-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -52,29 +52,22 @@ TIMINGS = "results/timings"
 ENVIRONMENT = "../../environment.yml"  # for --software-deployment-method conda
 
 
-def curriculum(task):
-    return PIPELINE.for_task(task).curriculum
+def planned_step(rule, wildcards):
+    """The planned step of a job of `rule`, found by its wildcards."""
+    name = STEP_NAMES[rule].format(**wildcards)
+    if name not in STEPS:
+        raise WorkflowError(f"{rule} {dict(wildcards)} is not a job of the configured pipeline (tasks "
+                            f"{', '.join(PIPELINE.tasks)}; seeds {PIPELINE.seeds}; their curricula): "
+                            f"add it to the configuration ({', '.join(CONFIG_FILES)}) to run it")
+    return STEPS[name]
 
 
-def previous_stage(wildcards):
-    """The stage a curriculum stage starts from: none for the first."""
-    stages = curriculum(wildcards.task)
-    index = stages.index(int(wildcards.segments))
-    return STAGE.format(task=wildcards.task, seed=wildcards.seed, segments=stages[index - 1]) if index else None
+def step_inputs(rule):
+    return lambda wildcards: planned_step(rule, wildcards).inputs
 
 
-def best_checkpoint(stage):
-    return os.path.join(stage, "best")
-
-
-def previous_best(wildcards):
-    previous = previous_stage(wildcards)
-    return [best_checkpoint(previous)] if previous else []
-
-
-def last_stage_best(wildcards):
-    return best_checkpoint(STAGE.format(task=wildcards.task, seed=wildcards.seed,
-                                        segments=curriculum(wildcards.task)[-1]))
+def step_command(rule):
+    return lambda wildcards: planned_step(rule, wildcards).command
 
 
 def task_settings(wildcards, section):
@@ -102,25 +95,6 @@ def launcher(wildcards, resources):
     return f"torchrun --standalone --nproc-per-node {gpus} -m " if gpus > 1 else ""
 
 
-def evaluations():
-    return [EVALUATION.format(task=task, seed=seed) for task in PIPELINE.tasks for seed in PIPELINE.seeds]
-
-
-def grids():
-    return [GRID.format(task=task, seed=seed, segments=segments)
-            for task in PIPELINE.tasks for seed in PIPELINE.seeds for segments in curriculum(task)]
-
-
-def attention_maps():
-    """The maps of the tasks whose facts they show (the first seed's last stage)."""
-    return [ATTENTION.format(task=task) for task in PIPELINE.tasks if task in ATTENTION_TASKS]
-
-
-def last_stage_of_first_seed(wildcards):
-    return best_checkpoint(STAGE.format(task=wildcards.task, seed=PIPELINE.seeds[0],
-                                        segments=curriculum(wildcards.task)[-1]))
-
-
 def memory_profile_settings(wildcards):
     """What `rmt profile memory` reads: its section, and the first task's model and segments."""
     settings = PIPELINE.for_task(next(iter(PIPELINE.tasks)))
@@ -128,9 +102,13 @@ def memory_profile_settings(wildcards):
             "segment_length": settings.data.segment_length}
 
 
-def report_inputs(wildcards):
-    return [*evaluations(), *grids(), FLOPS, *attention_maps(), *MEMORY_FILES]
+def report_outputs():
+    """The report's files, those shown in Snakemake's HTML report with their captions."""
+    return [report(f"{REPORT}/{name}", caption=f"../report/{shown[0]}.rst", category=shown[1]) if shown
+            else f"{REPORT}/{name}" for name, shown in report_files(PIPELINE.tasks).items()]
 
 
 def all_outputs():
-    return [*evaluations(), *grids(), *REPORT_FILES]
+    """Every evaluation and the report (which reads every other result)."""
+    results = [path for step in STEPS.values() if step.rule in ("evaluate", "grid") for path in step.plots]
+    return [*results, *(f"{REPORT}/{name}" for name in report_files(PIPELINE.tasks))]

@@ -1,11 +1,15 @@
+# Each rule runs its job's planned command on its planned inputs (common.smk, STEPS); its
+# `settings` parameter holds the resolved settings the job reads, so changing them reruns
+# exactly those jobs.
+
+
 rule data:
     input:
-        code=source_files("data"),
-        noise=lambda wildcards: noise_files(PIPELINE.for_task(wildcards.task).data),
+        step_inputs("data"),
     output:
         directory(DATA),
     params:
-        config=CONFIG_ARGS,
+        command=step_command("data"),
         settings=lambda wildcards: task_settings(wildcards, "data"),
     conda:
         ENVIRONMENT
@@ -14,4 +18,4 @@ rule data:
     benchmark:
         f"{TIMINGS}/data/{{task}}.tsv"
     shell:
-        "rmt data generate {wildcards.task} {output} {params.config} > {log} 2>&1"
+        "{params.command} > {log} 2>&1"

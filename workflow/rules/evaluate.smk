@@ -4,14 +4,12 @@
 
 rule evaluate:
     input:
-        checkpoint=last_stage_best,
-        data=DATA,
-        code=source_files("evaluate"),
+        step_inputs("evaluate"),
     output:
         accuracy=EVALUATION,
         metrics=EVALUATION_METRICS,
     params:
-        config=CONFIG_ARGS,
+        command=step_command("evaluate"),
         settings=lambda wildcards: evaluation_settings(wildcards, grid=False),
     conda:
         ENVIRONMENT
@@ -20,19 +18,16 @@ rule evaluate:
     benchmark:
         f"{TIMINGS}/evaluate/{{task}}/seed-{{seed}}.tsv"
     shell:
-        "rmt evaluate --checkpoint {input.checkpoint} --data {input.data} --output {output.accuracy}"
-        " --metrics {output.metrics} {params.config} > {log} 2>&1"
+        "{params.command} > {log} 2>&1"
 
 
 rule grid:
     input:
-        checkpoint=f"{STAGE}/best",
-        data=DATA,
-        code=source_files("grid"),
+        step_inputs("grid"),
     output:
         GRID,
     params:
-        config=CONFIG_ARGS,
+        command=step_command("grid"),
         settings=lambda wildcards: evaluation_settings(wildcards, grid=True),
     conda:
         ENVIRONMENT
@@ -41,5 +36,4 @@ rule grid:
     benchmark:
         f"{TIMINGS}/grid/{{task}}/seed-{{seed}}/stage-{{segments}}.tsv"
     shell:
-        "rmt evaluate --grid --checkpoint {input.checkpoint} --data {input.data} --output {output} {params.config}"
-        " > {log} 2>&1"
+        "{params.command} > {log} 2>&1"

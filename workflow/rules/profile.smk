@@ -5,9 +5,11 @@
 
 rule flops:
     input:
-        code=source_files("flops"),
+        step_inputs("flops"),
     output:
         FLOPS,
+    params:
+        command=step_command("flops"),
     conda:
         ENVIRONMENT
     log:
@@ -15,16 +17,16 @@ rule flops:
     benchmark:
         f"{TIMINGS}/profile/flops.tsv"
     shell:
-        "rmt profile flops --output {output} > {log} 2>&1"
+        "{params.command} > {log} 2>&1"
 
 
 rule attention:
     input:
-        checkpoint=last_stage_of_first_seed,
-        data=DATA,
-        code=source_files("attention"),
+        step_inputs("attention"),
     output:
         ATTENTION,
+    params:
+        command=step_command("attention"),
     conda:
         ENVIRONMENT
     log:
@@ -32,19 +34,18 @@ rule attention:
     benchmark:
         f"{TIMINGS}/profile/attention-{{task}}.tsv"
     shell:
-        "rmt profile attention --checkpoint {input.checkpoint} --data {input.data} --output {output} > {log} 2>&1"
+        "{params.command} > {log} 2>&1"
 
 
 rule memory:
     input:
-        code=source_files("memory"),
+        step_inputs("memory"),
     output:
         inference=f"{MEMORY}/inference.csv",
         training=f"{MEMORY}/training.csv",
         summary=f"{MEMORY}/summary.json",
     params:
-        folder=lambda wildcards, output: os.path.dirname(output.summary),
-        config=CONFIG_ARGS,
+        command=step_command("memory"),
         settings=memory_profile_settings,
     conda:
         ENVIRONMENT
@@ -53,4 +54,4 @@ rule memory:
     benchmark:
         f"{TIMINGS}/profile/memory.tsv"
     shell:
-        "rmt profile memory --output {params.folder} {params.config} > {log} 2>&1"
+        "{params.command} > {log} 2>&1"

@@ -4,18 +4,14 @@
 
 rule train:
     input:
-        data=DATA,
-        init=previous_best,
-        code=source_files("train"),
+        step_inputs("train"),
     output:
         best=directory(f"{STAGE}/best"),
         history=f"{STAGE}/history.jsonl",
         metrics=f"{STAGE}/metrics.json",
     params:
-        config=CONFIG_ARGS,
+        command=step_command("train"),
         settings=stage_settings,
-        folder=lambda wildcards: STAGE.format(**wildcards),
-        init=lambda wildcards, input: f" --init {input.init}" if input.init else "",
         launcher=launcher,
     conda:
         ENVIRONMENT
@@ -24,5 +20,4 @@ rule train:
     benchmark:
         f"{TIMINGS}/train/{{task}}/seed-{{seed}}/stage-{{segments}}.tsv"
     shell:
-        "{params.launcher}rmt train --data {input.data} --segments {wildcards.segments} --seed {wildcards.seed}"
-        " --output {params.folder}{params.init} {params.config} > {log} 2>&1"
+        "{params.launcher}{params.command} > {log} 2>&1"

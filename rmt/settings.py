@@ -3,11 +3,19 @@ recipe. Plain pydantic models (no torch), so that configurations validate quickl
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rmt.hub import MINILM
+from rmt.model.config import RMTConfig
+
+# The memory wrapper's own defaults (RMTConfig, the paper's), shared rather than repeated.
+_WRAPPER_DEFAULTS = {field.name: field.default for field in dataclasses.fields(RMTConfig)}
+# The wrapper settings a stage sets on the checkpoint it starts from; the memory size and
+# the classifier are the checkpoint's own.
+TRAINING_WRAPPER_SETTINGS = ("bptt_depth", "memory_efficient_backprop", "loss_on_all_segments")
 
 
 class ModelSettings(BaseModel):
@@ -25,11 +33,16 @@ class ModelSettings(BaseModel):
     @classmethod
     def _none_is_no_overrides(cls, value):
         return {} if value is None else value
-    num_memory_tokens: int = Field(default=10, ge=0)
-    bptt_depth: int = Field(default=-1, ge=-1)
-    memory_efficient_backprop: bool = False
-    loss_on_all_segments: bool = False
-    classifier_dropout: float = Field(default=0.1, ge=0, lt=1)
+    num_memory_tokens: int = Field(default=_WRAPPER_DEFAULTS["num_memory_tokens"], ge=0)
+    bptt_depth: int = Field(default=_WRAPPER_DEFAULTS["bptt_depth"], ge=-1)
+    memory_efficient_backprop: bool = _WRAPPER_DEFAULTS["memory_efficient_backprop"]
+    loss_on_all_segments: bool = _WRAPPER_DEFAULTS["loss_on_all_segments"]
+    classifier_dropout: float = Field(default=_WRAPPER_DEFAULTS["classifier_dropout"], ge=0, lt=1)
+
+    def wrapper_settings(self, names=(*TRAINING_WRAPPER_SETTINGS, "num_memory_tokens", "classifier_dropout")) -> dict:
+        """These settings as RMTConfig fields (a new model's, or with `names`, those a stage
+        sets on its starting checkpoint)."""
+        return {name: getattr(self, name) for name in names}
 
     @model_validator(mode="after")
     def _pretrained_weights_keep_their_shapes(self) -> "ModelSettings":

@@ -43,7 +43,7 @@ from rmt.distributed import Distributed
 from rmt.hub import load_tokenizer, resolve
 from rmt.model import RMTConfig, RecurrentMemoryEncoder
 from rmt.model.config import CONFIG_NAME
-from rmt.settings import ModelSettings, TrainSettings
+from rmt.settings import TRAINING_WRAPPER_SETTINGS, ModelSettings, TrainSettings
 from rmt.utils import UserError, atomic_directory, claim_output, progress_bar, recover_directory, write_atomic
 
 if TYPE_CHECKING:
@@ -58,11 +58,7 @@ class TrainingDiverged(UserError):
 
 
 def build_model(settings: ModelSettings, *, segment_length: int, num_labels: int) -> RecurrentMemoryEncoder:
-    rmt = dict(
-        num_memory_tokens=settings.num_memory_tokens, segment_length=segment_length, num_labels=num_labels,
-        bptt_depth=settings.bptt_depth, memory_efficient_backprop=settings.memory_efficient_backprop,
-        loss_on_all_segments=settings.loss_on_all_segments, classifier_dropout=settings.classifier_dropout,
-    )
+    rmt = dict(**settings.wrapper_settings(), segment_length=segment_length, num_labels=num_labels)
     location = resolve(settings.backbone)
     if settings.pretrained:
         model = RecurrentMemoryEncoder.from_pretrained(location, backbone_kwargs=settings.backbone_overrides, **rmt)
@@ -304,10 +300,7 @@ class _Trainer:
         if source is not None:
             try:
                 network = RecurrentMemoryEncoder.from_pretrained(
-                    source, segment_length=segment_length, bptt_depth=model.bptt_depth,
-                    memory_efficient_backprop=model.memory_efficient_backprop,
-                    loss_on_all_segments=model.loss_on_all_segments,
-                )
+                    source, segment_length=segment_length, **model.wrapper_settings(TRAINING_WRAPPER_SETTINGS))
                 tokenizer = load_tokenizer(str(source))
             except (ValueError, OSError) as error:
                 if not resume:

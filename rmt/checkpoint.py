@@ -15,14 +15,12 @@ from pathlib import Path
 
 from rmt.data.dataset import TaskDataset
 from rmt.hub import load_tokenizer
+from rmt.layout import StageFiles
 from rmt.model.base import read_checkpoint_config
-
-STAGE_SETTINGS_NAME = "config.json"  # beside best/: the settings of the stage that trained it
-
 
 def stage_settings(checkpoint: str | Path) -> dict | None:
     """The resolved settings of the stage a checkpoint (stage/best) comes from, if any."""
-    path = Path(checkpoint).parent / STAGE_SETTINGS_NAME
+    path = StageFiles.of_checkpoint(checkpoint).settings
     try:
         settings = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -292,19 +292,20 @@ def data_generate(
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Generate a task's dataset: curriculum lengths on disk, the test split as a manifest."""
-    from rmt.data.dataset import CARD_NAME, build_dataset
+    from rmt.data.dataset import build_dataset
+    from rmt.layout import DATASET_CARD
     from rmt.utils import claim_output, has_marker
     from rmt.data.tasks import TASKS
 
     if task not in TASKS:
         raise typer.BadParameter(f"unknown task {task!r}: choose one of {', '.join(sorted(TASKS))}", param_hint="TASK")
     settings = _task_settings(configs, overrides, task).data
-    claim_output(output, kind="a dataset", ours=has_marker(CARD_NAME))  # before the run opens
+    claim_output(output, kind="a dataset", ours=has_marker(DATASET_CARD))  # before the run opens
     with _tracked("data", task=task, seed=settings.seed, params=settings.model_dump()) as run:
         build_dataset(settings, output)
-        card = json.loads((output / CARD_NAME).read_text())
+        card = json.loads((output / DATASET_CARD).read_text())
         run.set_tags({"rmt.data_hash": card["config_hash"]})
-        run.log_artifact(output / CARD_NAME)
+        run.log_artifact(output / DATASET_CARD)
         run.log_artifact(output / "samples.jsonl")
     typer.echo(f"Wrote {output}")
 

@@ -1,17 +1,8 @@
-"""The pipeline's steps, planned from the configuration: one source for dvc.yaml.
+"""The pipeline's steps, planned from the configuration: one source for Snakemake and dvc.yaml.
 
-Snakemake (workflow/rules/*.smk) and DVC (dvc.yaml) run the same steps with the same
-commands, inputs and outputs:
-
-    data/<task>/                                   rmt data generate
-    results/<task>/seed-<s>/stage-<n>/             rmt train (curriculum: stage n starts
-                                                   from stage n-1's best/)
-    results/<task>/seed-<s>/evaluation.csv|json    rmt evaluate, last stage, long inputs
-    results/<task>/seed-<s>/grid/stage-<n>.csv     rmt evaluate --grid, every stage, 1..15
-    results/profile/flops.csv                      rmt profile flops (the paper's Figure 3)
-    results/profile/attention-<task>.json          rmt profile attention, first seed's last stage
-    results/profile/memory/                        rmt profile memory (measured memory and time)
-    reports/                                       rmt report
+    rmt data generate -> rmt train (stage n starts from stage n-1's best/) -> rmt evaluate
+    (the last stage at long inputs; --grid: every stage on 1..15 segments) -> rmt profile
+    (flops, attention, memory) -> rmt report; where each writes: rmt/layout.py.
 
 The steps are defined once, here: `plan()` lists every job with its command, the files
 it reads (code found from the import graph, data, the previous stage) and its outputs;
@@ -33,42 +24,9 @@ from pathlib import Path
 import yaml
 
 from rmt.config import PipelineConfig, load_config, read_config_files
+from rmt.layout import ATTENTION, ATTENTION_TASKS, DATA, EVALUATION, EVALUATION_METRICS, FLOPS, GRID, MEMORY, \
+    MEMORY_FILES, REPORT, STAGE
 from rmt.utils import text_starts_with, write_atomic
-
-# Paths of the pipeline's outputs, with Snakemake-style wildcards.
-DATA = "data/{task}"
-STAGE = "results/{task}/seed-{seed}/stage-{segments}"
-EVALUATION = "results/{task}/seed-{seed}/evaluation.csv"
-EVALUATION_METRICS = "results/{task}/seed-{seed}/evaluation.json"
-GRID = "results/{task}/seed-{seed}/grid/stage-{segments}.csv"
-FLOPS = "results/profile/flops.csv"
-ATTENTION = "results/profile/attention-{task}.json"
-ATTENTION_TASKS = ("reasoning", "detect_and_memorize")  # tasks whose facts the maps show (Figure 6)
-MEMORY = "results/profile/memory"
-MEMORY_FILES = tuple(f"{MEMORY}/{name}" for name in ("inference.csv", "training.csv", "summary.json"))
-REPORT = "reports"
-LOGS = "logs"
-
-# What the report shows, in the order of Snakemake's HTML report: figures (one file per
-# format) and tables, each with its caption there (workflow/report/<caption>.rst) and category.
-FIGURES = {"accuracy": "Accuracy", "generalization": "Generalization", "flops": "Cost", "memory": "Cost",
-           "training-memory": "Cost"}
-TABLES = {"accuracy": ("table", "Accuracy"), "seeds": ("seeds", "Accuracy")}
-
-
-def report_files(tasks) -> dict[str, tuple[str, str] | None]:
-    """Every file `rmt report` writes for these tasks, by name: its caption and category
-    in Snakemake's HTML report, or None for a file not shown there (an SVG beside its PNG,
-    a Markdown copy of a CSV table)."""
-    figures = {**FIGURES, **{f"attention-{task}": "Attention" for task in tasks if task in ATTENTION_TASKS}}
-    files = {}
-    for name, category in figures.items():
-        caption = "attention" if name.startswith("attention-") else name
-        files[f"{name}.png"], files[f"{name}.svg"] = (caption, category), None
-    for name, (caption, category) in TABLES.items():
-        files[f"{name}.csv"], files[f"{name}.md"] = (caption, category), None
-    return files
-
 
 # The library module each rule's command calls. The code a rule depends on is every rmt
 # module that one imports, directly or through others, read from the import graph

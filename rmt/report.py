@@ -30,7 +30,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from rmt.paper import paper_accuracy  # noqa: E402
-from rmt.pipeline import ATTENTION, ATTENTION_TASKS, EVALUATION, FLOPS, GRID, MEMORY  # noqa: E402
+from rmt.layout import ATTENTION, ATTENTION_TASKS, EVALUATION, FLOPS, GRID, MEMORY  # noqa: E402
 
 FIGURE_FORMATS = ("png", "svg")
 

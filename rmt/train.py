@@ -41,6 +41,7 @@ from rmt.data.dataset import TaskDataset
 from rmt.data.tasks import get_task
 from rmt.distributed import Distributed
 from rmt.hub import load_tokenizer, resolve
+from rmt.layout import StageFiles
 from rmt.model import RMTConfig, RecurrentMemoryEncoder
 from rmt.model.config import CONFIG_NAME
 from rmt.settings import TRAINING_WRAPPER_SETTINGS, ModelSettings, TrainSettings
@@ -49,8 +50,6 @@ from rmt.utils import UserError, atomic_directory, claim_output, progress_bar, r
 if TYPE_CHECKING:
     from rmt.tracking import Run
 
-STATE_NAME = "training_state.pt"
-LOCK_NAME = ".lock"
 
 
 class TrainingDiverged(UserError):
@@ -220,9 +219,9 @@ class _StageFolder:
 
     def __init__(self, output: Path, parallel: Distributed):
         self.output, self.parallel = output, parallel
-        self.settings, self.history = output / "config.json", output / "history.jsonl"
-        self.metrics, self.best = output / "metrics.json", output / "best"
-        self.last, self.best_so_far = output / "checkpoints" / "last", output / "checkpoints" / "best"
+        files = StageFiles(output)
+        self.settings, self.history, self.metrics, self.best = files.settings, files.history, files.metrics, files.best
+        self.checkpoints, self.last, self.best_so_far = files.checkpoints, files.last, files.best_so_far
 
     def prepare(self, resolved: dict) -> None:
         """Start afresh when the folder holds a run of other settings; repair a checkpoint
@@ -232,7 +231,7 @@ class _StageFolder:
         if self.parallel.is_main:
             if changed:
                 print(f"{self.output} holds a stage run with other settings: starting the stage afresh", file=sys.stderr)
-                for folder in (self.output / "checkpoints", self.best):
+                for folder in (self.checkpoints, self.best):
                     shutil.rmtree(folder, ignore_errors=True)
                 for path in (self.metrics, self.history):
                     path.unlink(missing_ok=True)
@@ -243,7 +242,7 @@ class _StageFolder:
 
     @property
     def resumable(self) -> bool:
-        return (self.last / STATE_NAME).is_file()
+        return (self.last / StageFiles.TRAINING_STATE).is_file()
 
     def save(self, folder: Path, model, tokenizer, state: dict | None = None) -> None:
         if not self.parallel.is_main:
@@ -252,7 +251,7 @@ class _StageFolder:
             model.save_into(staging)
             tokenizer.save_pretrained(staging)
             if state is not None:
-                torch.save(state, staging / STATE_NAME)
+                torch.save(state, staging / StageFiles.TRAINING_STATE)
 
     def write_history(self, progress: _Progress) -> None:
         if self.parallel.is_main:
@@ -306,7 +305,7 @@ class _Trainer:
                 if not resume:
                     raise
                 raise ValueError(f"The stage's resume checkpoint is unusable: {error}. Delete "
-                                 f"{folder.output / 'checkpoints'} to train the stage afresh") from None
+                                 f"{folder.checkpoints} to train the stage afresh") from None
         else:
             network = build_model(model, segment_length=segment_length, num_labels=len(inputs.data.card["classes"]))
             tokenizer = load_tokenizer(model.backbone)
@@ -314,7 +313,7 @@ class _Trainer:
         trainer = cls(inputs=inputs, folder=folder, segments=segments, train=train, parallel=parallel, device=device,
                       model=network, tokenizer=tokenizer, progress=_Progress())
         if resume:
-            trainer.restore(_load_training_state(folder.last / STATE_NAME))
+            trainer.restore(_load_training_state(folder.last / StageFiles.TRAINING_STATE))
         return trainer
 
     def restore(self, saved: dict) -> None:
@@ -333,7 +332,7 @@ class _Trainer:
             self.progress = _Progress(**saved["counters"])
         except TypeError:
             raise ValueError(f"{self.folder.last} holds counters this version of rmt does not know "
-                             f"({sorted(saved['counters'])}): delete {self.folder.output / 'checkpoints'} to train "
+                             f"({sorted(saved['counters'])}): delete {self.folder.checkpoints} to train "
                              "the stage afresh") from None
         if self.parallel.is_main and self.progress.stop_reason is None:
             print(f"Resuming the stage at step {self.progress.step} from {self.folder.last}", file=sys.stderr)
@@ -466,7 +465,7 @@ def _is_stage_folder(path: Path) -> bool:
     if not path.is_dir() or path.is_symlink():
         return False
     names = {child.name for child in path.iterdir()}
-    if names <= {LOCK_NAME}:
+    if names <= {StageFiles.LOCK}:
         return True
     try:
         settings = json.loads((path / "config.json").read_text())
@@ -485,14 +484,14 @@ def stage_lock(output: Path, parallel: Distributed = Distributed(), device: torc
     lock, holder = None, None
     if parallel.is_main:
         output.mkdir(parents=True, exist_ok=True)
-        lock = SoftFileLock(output / LOCK_NAME, timeout=0)
+        lock = SoftFileLock(StageFiles(output).lock, timeout=0)
         try:
             lock.acquire()
         except Timeout:
             holder, lock = lock.pid or "unknown", None
     if parallel.sum(float(lock is not None or not parallel.is_main), device) < parallel.world_size:
         raise StageBusy(
-            f"{output} is being trained by another process (PID {holder}; lock {output / LOCK_NAME}): wait for it "
+            f"{output} is being trained by another process (PID {holder}; lock {StageFiles(output).lock}): wait for it "
             "to finish, or stop it. If that process is on another machine and no longer runs, delete the lock file"
         )
     try:

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from rmt.cli import app
 from rmt.data.dataset import DataConfig, build_dataset
 from rmt.settings import ModelSettings, TrainSettings
-from rmt.train import LOCK_NAME, STATE_NAME, train_stage
+from rmt.layout import StageFiles
+from rmt.train import train_stage
 
 TINY_BERT = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
 TINY_YAML = ("model: {pretrained: false, num_memory_tokens: 2, backbone_overrides: {num_hidden_layers: 1, "
@@ -99,12 +100,13 @@ def _user_files(work: Path, root: Path) -> None:
 
 def _crafted_state(work: Path, root: Path) -> None:
     shutil.copytree(root / "stage-1", work / "stage-1")
-    torch.save({"optimizer": _RunsCode(str(work / "code-ran"))}, work / "stage-1" / "checkpoints" / "last" / STATE_NAME)
+    state = StageFiles(work / "stage-1").last / StageFiles.TRAINING_STATE
+    torch.save({"optimizer": _RunsCode(str(work / "code-ran"))}, state)
 
 
 def _corrupt_state(work: Path, root: Path) -> None:
     shutil.copytree(root / "stage-1", work / "stage-1")
-    (work / "stage-1" / "checkpoints" / "last" / STATE_NAME).write_bytes(b"PK\x03\x04 truncated")
+    (work / "stage-1" / "checkpoints" / "last" / StageFiles.TRAINING_STATE).write_bytes(b"PK\x03\x04 truncated")
 
 
 def _locked_stage(work: Path, root: Path) -> None:
@@ -112,7 +114,7 @@ def _locked_stage(work: Path, root: Path) -> None:
     # A live holder: this very test process (its PID is alive, so the lock is not stale).
     from filelock import SoftFileLock
 
-    _LOCKS.append(SoftFileLock(work / "stage-1" / LOCK_NAME))
+    _LOCKS.append(SoftFileLock(work / "stage-1" / StageFiles.LOCK))
     _LOCKS[-1].acquire()
 
 

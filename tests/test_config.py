@@ -46,6 +46,12 @@ def test_the_paper_recipe_validates_and_builds():
     assert model.config.segment_positions == 512
 
 
+def test_the_seeds_overlay_keeps_every_task_and_adds_seeds():
+    config = load_config(ROOT / "params.yaml", ROOT / "config" / "seeds.yaml")
+    assert config.seeds == [0, 1, 2] and list(config.tasks) == list(load_config(ROOT / "params.yaml").tasks)
+    assert max(config.for_task("detect_and_memorize").data.test_segments) == 32768
+
+
 def test_the_minilm_config_validates():
     memorize = load_config(ROOT / "params.yaml", ROOT / "config" / "minilm.yaml").for_task("memorize")
     assert memorize.model.pretrained and memorize.model.backbone_overrides == {}

@@ -12,7 +12,8 @@ import torch
 from rmt.data.dataset import DataConfig, build_dataset
 from rmt.model.base import read_checkpoint_config
 from rmt.settings import ModelSettings, TrainSettings
-from rmt.train import LOCK_NAME, STATE_NAME, StageBusy, train_stage
+from rmt.layout import StageFiles
+from rmt.train import StageBusy, train_stage
 from rmt.utils import OutputConflict, atomic_directory, write_atomic
 
 TINY_BERT = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
@@ -95,7 +96,7 @@ class RunsCode:
 def test_a_crafted_training_state_is_refused_and_runs_nothing(data, stage, tmp_path):
     copy = tmp_path / "stage-1"
     subprocess.run(["cp", "-r", str(stage), str(copy)], check=True)
-    state = copy / "checkpoints" / "last" / STATE_NAME
+    state = copy / "checkpoints" / "last" / StageFiles.TRAINING_STATE
     genuine = torch.load(state, weights_only=True)  # what rmt writes loads without unpickling objects
     assert genuine["counters"]["step"] == TRAIN.max_steps
     marker = tmp_path / "code-ran"
@@ -113,7 +114,7 @@ def test_a_second_trainer_on_the_same_stage_is_refused_with_the_holders_pid(data
 
     output = tmp_path / "stage-1"
     output.mkdir()
-    holder = SoftFileLock(output / LOCK_NAME)
+    holder = SoftFileLock(output / StageFiles.LOCK)
     with holder:
         with pytest.raises(StageBusy, match=f"being trained by another process \\(PID {os.getpid()}"):
             train_stage(data_dir=data, segments=1, output=output, model=MODEL, train=TRAIN, progress=False)
@@ -125,10 +126,10 @@ def test_the_lock_of_a_killed_trainer_is_taken_over(data, tmp_path):
     output.mkdir()
     killed = subprocess.run([sys.executable, "-c", (
         "import os, signal, sys; from filelock import SoftFileLock; "
-        "lock = SoftFileLock(sys.argv[1]); lock.acquire(); os.kill(os.getpid(), signal.SIGKILL)"), str(output / LOCK_NAME)])
-    assert killed.returncode == -signal.SIGKILL and (output / LOCK_NAME).exists()
+        "lock = SoftFileLock(sys.argv[1]); lock.acquire(); os.kill(os.getpid(), signal.SIGKILL)"), str(output / StageFiles.LOCK)])
+    assert killed.returncode == -signal.SIGKILL and (output / StageFiles.LOCK).exists()
     metrics = train_stage(data_dir=data, segments=1, output=output, model=MODEL, train=TRAIN, progress=False)
-    assert metrics["steps"] == TRAIN.max_steps and not (output / LOCK_NAME).exists()
+    assert metrics["steps"] == TRAIN.max_steps and not (output / StageFiles.LOCK).exists()
 
 
 @pytest.mark.parametrize("damage", ["truncated weights", "garbage weights", "rmt config types", "backbone config"])

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from rmt.cli import app
 from rmt.data.dataset import DataConfig, build_dataset
 from rmt.evaluate import ROW_FIELDS
-from rmt.pipeline import ATTENTION, EVALUATION, FLOPS, GRID, MEMORY, report_files
+from rmt.layout import ATTENTION, EVALUATION, FLOPS, GRID, MEMORY, report_files
 from rmt.profile.attention import attention_maps
 from rmt.profile.memory import Budget, profile_memory, write_profile
 from rmt.report import accuracy_table, build_report, markdown_table

@@ -32,9 +32,9 @@ from rmt.data.generator import GENERATOR_VERSION, SPLITS, Placement, TaskGenerat
 from rmt.data.noise import load_noise
 from rmt.data.tasks import TASKS, get_task
 from rmt.hub import MINILM, load_tokenizer
+from rmt.layout import DATASET_CARD
 from rmt.utils import atomic_directory, claim_output, has_marker, progress_bar
 
-CARD_NAME = "card.json"  # every dataset folder has one: what marks it as a dataset
 STORED_SPLITS = ("train", "valid")
 STREAMED_SPLIT = "test"
 DEFAULT_TEST_SEGMENTS = list(range(1, 16)) + [2**k for k in range(4, 13)]  # 1..15, 16..4096
@@ -109,7 +109,7 @@ def _array_to(path: Path, array: np.ndarray) -> None:
 def build_dataset(config: DataConfig, output: str | Path, *, progress: bool = True) -> Path:
     """Generate the dataset of `config` into `output` (replacing it whole on success)."""
     # Everything that can fail for a reason the user can fix fails here, before any file.
-    output = claim_output(output, kind="a dataset", ours=has_marker(CARD_NAME))
+    output = claim_output(output, kind="a dataset", ours=has_marker(DATASET_CARD))
     task = get_task(config.task)
     tokenizer = load_tokenizer(config.tokenizer)
     noise = load_noise(config.noise, max_documents=config.noise_max_documents)
@@ -131,7 +131,7 @@ def build_dataset(config: DataConfig, output: str | Path, *, progress: bool = Tr
 
     splits_card, samples = {}, []
     counts = {"train": config.train_examples, "valid": config.valid_examples}
-    with atomic_directory(output, marker=CARD_NAME, kind="a dataset") as staging:
+    with atomic_directory(output, marker=DATASET_CARD, kind="a dataset") as staging:
         (staging / "noise.txt").write_text("\n".join(noise.sentences) + "\n")
         jobs = [(split, n) for split in STORED_SPLITS for n in config.curriculum_segments]
         bar = progress_bar(jobs, desc=f"{task.name}: writing", unit="length", disable=not progress)
@@ -165,7 +165,7 @@ def build_dataset(config: DataConfig, output: str | Path, *, progress: bool = Tr
         with open(staging / "samples.jsonl", "w") as handle:
             handle.writelines(json.dumps(record, sort_keys=True) + "\n" for record in samples)
         _write_json(staging / "config.json", config.model_dump())
-        _write_json(staging / CARD_NAME, {
+        _write_json(staging / DATASET_CARD, {
             "task": task.name,
             "classes": list(task.classes),
             "facts_per_example": task.num_facts,
@@ -238,11 +238,11 @@ class TaskDataset:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        if not (self.directory / CARD_NAME).is_file():
+        if not (self.directory / DATASET_CARD).is_file():
             raise FileNotFoundError(f"{self.directory} is not a dataset (no card.json): build it with `rmt data generate`")
         try:
             self.config = DataConfig(**json.loads((self.directory / "config.json").read_text()))
-            self.card = json.loads((self.directory / CARD_NAME).read_text())
+            self.card = json.loads((self.directory / DATASET_CARD).read_text())
             self.test_lengths = json.loads((self.directory / "test.json").read_text())["lengths"]
             self.card["classes"], self.card["tokenizer"]["vocabulary_sha256"], self.card["config_hash"]
         except Exception as error:  # noqa: BLE001 - a missing, truncated or edited file: one problem

@@ -8,7 +8,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from rmt.config import check_config_files, read_config_files, schema_problems, validate_config
-from rmt.pipeline import (
+from rmt.layout import (
     ATTENTION,
     DATA,
     EVALUATION,
@@ -19,10 +19,9 @@ from rmt.pipeline import (
     MEMORY,
     REPORT,
     STAGE,
-    STEP_NAMES,
-    plan,
     report_files,
 )
+from rmt.pipeline import STEP_NAMES, plan
 
 
 # The rmt commands read the same files Snakemake merged: params.yaml, then each --configfile.

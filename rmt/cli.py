@@ -263,11 +263,17 @@ app.add_typer(pipeline_app, name="pipeline")
 def pipeline_dvc(
     params: Path = typer.Option(Path("params.yaml"), help="The configuration DVC tracks."),
     output: Path = typer.Option(Path("dvc.yaml")),
+    check: bool = typer.Option(False, "--check", help="Only check that dvc.yaml matches params (dvc repro's "
+                               "first stage does): fail with the fix when it does not."),
 ) -> None:
     """Write dvc.yaml: the workflow's steps as DVC stages."""
-    from rmt.pipeline import write_dvc_yaml
+    from rmt.pipeline import check_dvc_yaml, write_dvc_yaml
 
-    typer.echo(f"Wrote {write_dvc_yaml(params, output)}")
+    if check:
+        check_dvc_yaml(params, output)
+        typer.echo(f"{output} matches {params}")
+    else:
+        typer.echo(f"Wrote {write_dvc_yaml(params, output)}")
 
 
 @pipeline_app.command("schema")

@@ -199,8 +199,10 @@ class _Partial:
 
 def accuracy_metrics(rows: Sequence[dict]) -> dict:
     """The accuracy of every length, keyed by number of segments, as `dvc metrics show` and
-    `dvc metrics diff` read it (accuracy.4096, ...)."""
+    `dvc metrics diff` read it (accuracy.00016, ...). DVC sorts keys as text: the lengths
+    are zero-padded to one width so that they sort by length."""
     first = rows[0]
+    width = len(str(max(row["evaluated_segments"] for row in rows)))
     return {"task": first["task"], "trained_segments": first["trained_segments"],
-            "accuracy": {str(row["evaluated_segments"]): row["accuracy"] for row in rows},
-            "examples": {str(row["evaluated_segments"]): row["examples"] for row in rows}}
+            "accuracy": {f"{row['evaluated_segments']:0{width}d}": row["accuracy"] for row in rows},
+            "examples": {f"{row['evaluated_segments']:0{width}d}": row["examples"] for row in rows}}

@@ -30,6 +30,7 @@ ATTENTION_TASKS = ("reasoning", "detect_and_memorize")  # tasks whose facts the 
 MEMORY = "results/profile/memory"
 MEMORY_FILES = tuple(f"{MEMORY}/{name}" for name in ("inference.csv", "training.csv", "summary.json"))
 REPORT = "reports"
+DVC_CHECKED = "results/dvc-yaml-checked.txt"  # written by `dvc repro`'s first stage when dvc.yaml is current
 LOGS = "logs"
 
 # What the report shows, in the order of Snakemake's HTML report: figures (one file per

@@ -25,8 +25,8 @@ import yaml
 
 from rmt.config import PipelineConfig, load_config, read_config_files
 from rmt.layout import ATTENTION, ATTENTION_TASKS, DATA, EVALUATION, EVALUATION_METRICS, FLOPS, GRID, MEMORY, \
-    MEMORY_FILES, REPORT, STAGE
-from rmt.utils import text_starts_with, write_atomic
+    MEMORY_FILES, REPORT, STAGE, DVC_CHECKED
+from rmt.utils import UserError, text_starts_with, write_atomic
 
 # The library module each rule's command calls. The code a rule depends on is every rmt
 # module that one imports, directly or through others, read from the import graph
@@ -240,22 +240,35 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
     return steps
 
 
-def dvc_yaml(steps: list[Step]) -> dict:
-    """dvc.yaml's stages for the planned steps."""
-    stages = {}
+def dvc_yaml(steps: list[Step], params: str) -> dict:
+    """dvc.yaml for the planned steps: a first stage that fails when dvc.yaml no longer
+    matches `params` (a seed added, a task removed), then a stage per step. Resume state is
+    kept but not cached (only results are); the grid of every stage is one plot per run."""
+    check = {"cmd": f"rmt pipeline dvc --check --params {params}", "deps": [params, *code_dependencies("rmt.pipeline")],
+             "outs": [{DVC_CHECKED: {"cache": False}}]}
+    stages, grids = {"check-dvc-yaml": check}, {}
+    produced = {path for step in steps for path in (*step.outs, *step.metrics, *step.plots)}
     for step in steps:
-        outs = [*step.outs, *({path: {"persist": True}} for path in step.persist)]
-        stage = {"cmd": step.command, "deps": [*step.code, *step.deps]}
+        grid = step.plots if step.rule == "grid" else ()
+        outs = [*step.outs, *grid, *({path: {"persist": True, "cache": False}} for path in step.persist)]
+        first = not any(path in produced or f"{path}/best" in produced for path in step.deps)  # runs after the check
+        stage = {"cmd": step.command, "deps": [*step.code, *step.deps, *((DVC_CHECKED,) if first else ())]}
         if step.params:
             stage["params"] = list(step.params)
         if outs:
             stage["outs"] = outs
         if step.metrics:
             stage["metrics"] = list(step.metrics)
-        if step.plots:
+        if step.plots and not grid:
             stage["plots"] = [{path: {"x": "evaluated_segments", "y": "accuracy"}} for path in step.plots]
+        for path in grid:  # results/<task>/seed-<s>/grid/stage-<n>.csv
+            grids.setdefault(str(Path(path).parent.parent), []).append(path)
         stages[step.name] = stage
-    return {"stages": stages}
+    plots = [{f"{run}: accuracy by trained stage": {
+        "x": "evaluated_segments", "y": {path: "accuracy" for path in paths}, "x_label": "evaluated segments",
+        "y_label": "accuracy", "title": f"{run}: each stage on 1..15 segments (the paper's Figure 5)"}}
+        for run, paths in grids.items()]
+    return {"stages": stages, "plots": plots}
 
 
 HEADER = """\
@@ -264,12 +277,29 @@ HEADER = """\
 """
 
 
-def write_dvc_yaml(params: str | Path = "params.yaml", output: str | Path = "dvc.yaml") -> Path:
-    """dvc.yaml for the pipeline that params.yaml describes."""
-    params, output = Path(params), Path(output)
+def dvc_yaml_text(params: str | Path = "params.yaml") -> str:
+    """dvc.yaml's text for the pipeline that params.yaml describes."""
+    params = Path(params)
     raw = read_config_files(params)
     defined = set(raw) | {f"{section}.{key}" for section, values in raw.items() if isinstance(values, dict)
                           for key in values}
     steps = plan(load_config(params), [str(params)], defined=defined)
-    text = HEADER + yaml.safe_dump(dvc_yaml(steps), sort_keys=False, width=200)
-    return write_atomic(output, text, kind="a generated dvc.yaml", ours=text_starts_with(HEADER.splitlines()[0]))
+    return HEADER + yaml.safe_dump(dvc_yaml(steps, str(params)), sort_keys=False, width=200)
+
+
+def write_dvc_yaml(params: str | Path = "params.yaml", output: str | Path = "dvc.yaml") -> Path:
+    """dvc.yaml for the pipeline that params.yaml describes."""
+    return write_atomic(output, dvc_yaml_text(params), kind="a generated dvc.yaml",
+                        ours=text_starts_with(HEADER.splitlines()[0]))
+
+
+def check_dvc_yaml(params: str | Path = "params.yaml", output: str | Path = "dvc.yaml") -> Path:
+    """Refuse a dvc.yaml that params.yaml no longer describes (DVC cannot see that a new
+    seed means new stages); when it is current, record so in DVC_CHECKED."""
+    expected = dvc_yaml_text(params)
+    if not Path(output).is_file() or Path(output).read_text() != expected:
+        raise UserError(f"{output} does not match {params} (a task, seed or curriculum stage changed): "
+                        f"run `rmt pipeline dvc` to write it anew, then `dvc repro` again")
+    # The same text whenever the check passes: the stages after it rerun for their own reasons only.
+    return write_atomic(DVC_CHECKED, f"{output} matches {params}\n", kind="a dvc.yaml check",
+                        ours=text_starts_with(f"{output} matches "))

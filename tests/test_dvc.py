@@ -59,7 +59,7 @@ def test_dvc_reproduces_resumes_and_moves_the_pipeline(tmp_path):
     (metrics,) = (revision["data"] for revision in shown.values())  # the workspace's (named "" without git)
     assert "best_valid_accuracy" in metrics[f"{STAGE_1}/metrics.json"]["data"]
     evaluation = metrics["results/memorize/seed-0/evaluation.json"]["data"]
-    assert set(evaluation["accuracy"]) == {"1", "2", "4"}
+    assert list(evaluation["accuracy"]) == ["1", "2", "4"]
     project.run(dvc, "plots", "show", "-o", "plots")
     page = (project.root / "plots/index.html").read_text()
     assert "results/memorize/seed-0/evaluation.csv" in page
@@ -70,6 +70,14 @@ def test_dvc_reproduces_resumes_and_moves_the_pipeline(tmp_path):
     stages = {line.rstrip(":").strip() for line in changed.splitlines() if line and not line.startswith("\t")
               and line.rstrip().endswith(":")}
     assert stages == {"grid-memorize-seed0-stage1", "grid-memorize-seed0-stage2"}, changed
+    (project.root / "params.yaml").write_text(original)
+
+    # A seed added to params.yaml: dvc.yaml no longer describes it, and `dvc repro` says so first.
+    (project.root / "params.yaml").write_text(original.replace("seeds:\n- 0\n", "seeds:\n- 0\n- 1\n"))
+    assert (project.root / "params.yaml").read_text() != original
+    stale = project.run(dvc, "repro", check=False)
+    assert stale.returncode != 0 and "run `rmt pipeline dvc`" in stale.stdout, stale.stdout
+    assert not (project.root / "results/memorize/seed-1").exists()
     (project.root / "params.yaml").write_text(original)
 
     # Through the default local remote: push, lose everything, pull.

@@ -133,3 +133,12 @@ def test_an_interrupted_evaluation_continues_from_the_first_missing_length(train
     assert not (tmp_path / "eval.csv.partial").exists()
     with open(output) as handle:
         assert [row["segment_length"] for row in csv.DictReader(handle)] == ["32", "32", "32"]
+
+
+def test_the_dvc_metrics_sort_by_length():
+    from rmt.evaluate import accuracy_metrics
+
+    rows = [{"task": "memorize", "trained_segments": 7, "evaluated_segments": n, "accuracy": 1.0, "examples": 100}
+            for n in (1, 2, 16, 4096)]
+    keys = list(accuracy_metrics(rows)["accuracy"])
+    assert keys == ["0001", "0002", "0016", "4096"] and sorted(keys) == keys  # DVC sorts them as text

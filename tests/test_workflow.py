@@ -259,3 +259,17 @@ def test_a_local_noise_file_is_an_input_of_the_data_step(tmp_path):
     assert noise_files(data.model_copy(update={"noise": str(noise)})) == (str(noise / "a.txt"),
                                                                         str(noise / "more" / "b.txt"))
     assert noise_files(data.model_copy(update={"noise": str(noise / "a.txt")})) == (str(noise / "a.txt"),)
+
+
+def test_a_stale_dvc_yaml_is_refused_with_the_fix(tmp_path, monkeypatch):
+    from rmt.pipeline import check_dvc_yaml, write_dvc_yaml
+    from rmt.utils import UserError
+
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    write_dvc_yaml(params, tmp_path / "dvc.yaml")
+    assert check_dvc_yaml(params, tmp_path / "dvc.yaml").read_text().endswith("matches " + str(params) + "\n")
+    params.write_text(params.read_text().replace("seeds: [0]", "seeds: [0, 1]"))  # DVC alone cannot see this
+    with pytest.raises(UserError, match="run `rmt pipeline dvc`"):
+        check_dvc_yaml(params, tmp_path / "dvc.yaml")

@@ -119,6 +119,40 @@ def _table(title: str, header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+TARGETS = {
+    "stream_overhead_ratio": 1.05, "stream_peak_ratio": 1.1,
+    "train_efficient_peak_ratio": 1.15, "train_efficient_time_ratio": 1.5,
+}
+
+
+def _print_tables(overhead: dict, stream: list[dict], train: list[dict], summary: dict) -> None:
+    print()
+    print(_table(
+        "Streaming inference, MiniLM, 499-token segments",
+        ["segments", "batch", "plain s", "rmt s", "rmt tok/s", "ratio"],
+        [[overhead["segments"], overhead["batch"], overhead["plain_seconds"], overhead["rmt_seconds"],
+          round(overhead["rmt_tokens_per_second"]), overhead["overhead_ratio"]]],
+    ))
+    print()
+    print(_table(
+        "Streaming peak memory, 2-layer BERT, 64-token segments, batch 4",
+        ["segments", "tokens", "peak MB", "seconds"],
+        [[r["segments"], r["tokens_per_example"], r["peak_mb"], r["seconds"]] for r in stream],
+    ))
+    print()
+    print(_table(
+        "Training step, MiniLM, 499-token segments, batch 2, AdamW",
+        ["segments", "backprop", "peak MB", "step s"],
+        [[r["segments"], "memory-efficient" if r["memory_efficient"] else "plain BPTT", r["peak_mb"],
+          r["step_seconds"]] for r in train],
+    ))
+    print()
+    for name, value in summary.items():
+        target = TARGETS.get(name)
+        verdict = "" if target is None else f"  (target <= {target}: {'met' if value <= target else 'MISSED'})"
+        print(f"{name:32s} {value:.3f}{verdict}")
+
+
 @app.callback(invoke_without_command=True)
 def main(
     context: typer.Context,
@@ -165,38 +199,10 @@ def main(
         "train_plain_peak_ratio": by_key[(last, False)]["peak_mb"] / by_key[(first, False)]["peak_mb"],
         "train_efficient_time_ratio": by_key[(last, True)]["step_seconds"] / by_key[(last, False)]["step_seconds"],
     }
-    targets = {
-        "stream_overhead_ratio": 1.05, "stream_peak_ratio": 1.1,
-        "train_efficient_peak_ratio": 1.15, "train_efficient_time_ratio": 1.5,
-    }
-    print()
-    print(_table(
-        "Streaming inference, MiniLM, 499-token segments",
-        ["segments", "batch", "plain s", "rmt s", "rmt tok/s", "ratio"],
-        [[overhead["segments"], overhead["batch"], overhead["plain_seconds"], overhead["rmt_seconds"],
-          round(overhead["rmt_tokens_per_second"]), overhead["overhead_ratio"]]],
-    ))
-    print()
-    print(_table(
-        "Streaming peak memory, 2-layer BERT, 64-token segments, batch 4",
-        ["segments", "tokens", "peak MB", "seconds"],
-        [[r["segments"], r["tokens_per_example"], r["peak_mb"], r["seconds"]] for r in stream],
-    ))
-    print()
-    print(_table(
-        "Training step, MiniLM, 499-token segments, batch 2, AdamW",
-        ["segments", "backprop", "peak MB", "step s"],
-        [[r["segments"], "memory-efficient" if r["memory_efficient"] else "plain BPTT", r["peak_mb"],
-          r["step_seconds"]] for r in train],
-    ))
-    print()
-    for name, value in summary.items():
-        target = targets.get(name)
-        verdict = "" if target is None else f"  (target <= {target}: {'met' if value <= target else 'MISSED'})"
-        print(f"{name:32s} {value:.3f}{verdict}")
+    _print_tables(overhead, stream, train, summary)
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)
     OUTPUT.write_text(json.dumps({
-        "quick": quick, "summary": summary, "targets": targets,
+        "quick": quick, "summary": summary, "targets": TARGETS,
         "stream_overhead": overhead, "stream_memory": stream, "train": train,
     }, indent=2) + "\n")
     print(f"\nwritten {OUTPUT.relative_to(ROOT)}")

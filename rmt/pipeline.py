@@ -188,44 +188,8 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
             deps=noise_files(settings.data), outs=(data,), params=keys("data", f"tasks.{task}"),
         ))
         for seed in config.seeds:
-            previous = None
-            for segments in settings.curriculum:
-                stage = STAGE.format(task=task, seed=seed, segments=segments)
-                init = f" --init {previous}/best" if previous else ""
-                steps.append(Step(
-                    name=STEP_NAMES["train"].format(task=task, seed=seed, segments=segments), rule="train",
-                    command=f"rmt train --data {data} --segments {segments} --seed {seed} --output {stage}{init} "
-                            f"{configs}",
-                    deps=(data, *((f"{previous}/best",) if previous else ())),
-                    outs=(f"{stage}/best", f"{stage}/history.jsonl"),
-                    persist=(f"{stage}/checkpoints", f"{stage}/config.json"), metrics=(f"{stage}/metrics.json",),
-                    params=keys("model", "train", "stage_train", f"tasks.{task}"),
-                ))
-                grid = GRID.format(task=task, seed=seed, segments=segments)
-                steps.append(Step(
-                    name=STEP_NAMES["grid"].format(task=task, seed=seed, segments=segments), rule="grid",
-                    command=f"rmt evaluate --grid --checkpoint {stage}/best --data {data} --output {grid} {configs}",
-                    deps=(f"{stage}/best", data), plots=(grid,),
-                    params=keys("evaluate.grid_segments", "evaluate.grid_examples", "evaluate.batch_size",
-                                f"tasks.{task}"),
-                ))
-                previous = stage
-            if task in ATTENTION_TASKS and seed == config.seeds[0]:
-                attention = ATTENTION.format(task=task)
-                steps.append(Step(
-                    name=STEP_NAMES["attention"].format(task=task), rule="attention",
-                    command=f"rmt profile attention --checkpoint {previous}/best --data {data} --output {attention}",
-                    deps=(f"{previous}/best", data), outs=(attention,),
-                ))
-            evaluation = EVALUATION.format(task=task, seed=seed)
-            evaluation_metrics = EVALUATION_METRICS.format(task=task, seed=seed)
-            steps.append(Step(
-                name=STEP_NAMES["evaluate"].format(task=task, seed=seed), rule="evaluate",
-                command=f"rmt evaluate --checkpoint {previous}/best --data {data} --output {evaluation} "
-                        f"--metrics {evaluation_metrics} {configs}",
-                deps=(f"{previous}/best", data), plots=(evaluation,), metrics=(evaluation_metrics,),
-                params=keys("evaluate.segments", "evaluate.batch_size", f"tasks.{task}"),
-            ))
+            steps += _curriculum_steps(task, seed, settings.curriculum, data=data, configs=configs, keys=keys,
+                                       attention=task in ATTENTION_TASKS and seed == config.seeds[0])
     steps.append(Step(name="flops", rule="flops", command=f"rmt profile flops --output {FLOPS}", deps=(),
                       outs=(FLOPS,)))
     steps.append(Step(name="memory", rule="memory", command=f"rmt profile memory --output {MEMORY} {configs}",
@@ -236,6 +200,48 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
     steps.append(Step(
         name="report", rule="report", command=f"rmt report --output {REPORT} {configs}",
         deps=tuple(results), outs=(REPORT,),
+    ))
+    return steps
+
+
+def _curriculum_steps(task: str, seed: int, curriculum: list[int], *, data: str, configs: str, keys,
+                      attention: bool) -> list[Step]:
+    """One seed of one task: each stage (from the previous stage's best) and its grid, the
+    attention maps when asked, and the last stage's evaluation."""
+    steps, previous = [], None
+    for segments in curriculum:
+        stage = STAGE.format(task=task, seed=seed, segments=segments)
+        init = f" --init {previous}/best" if previous else ""
+        steps.append(Step(
+            name=STEP_NAMES["train"].format(task=task, seed=seed, segments=segments), rule="train",
+            command=f"rmt train --data {data} --segments {segments} --seed {seed} --output {stage}{init} {configs}",
+            deps=(data, *((f"{previous}/best",) if previous else ())),
+            outs=(f"{stage}/best", f"{stage}/history.jsonl"),
+            persist=(f"{stage}/checkpoints", f"{stage}/config.json"), metrics=(f"{stage}/metrics.json",),
+            params=keys("model", "train", "stage_train", f"tasks.{task}"),
+        ))
+        grid = GRID.format(task=task, seed=seed, segments=segments)
+        steps.append(Step(
+            name=STEP_NAMES["grid"].format(task=task, seed=seed, segments=segments), rule="grid",
+            command=f"rmt evaluate --grid --checkpoint {stage}/best --data {data} --output {grid} {configs}",
+            deps=(f"{stage}/best", data), plots=(grid,),
+            params=keys("evaluate.grid_segments", "evaluate.grid_examples", "evaluate.batch_size", f"tasks.{task}"),
+        ))
+        previous = stage
+    if attention:
+        maps = ATTENTION.format(task=task)
+        steps.append(Step(
+            name=STEP_NAMES["attention"].format(task=task), rule="attention",
+            command=f"rmt profile attention --checkpoint {previous}/best --data {data} --output {maps}",
+            deps=(f"{previous}/best", data), outs=(maps,),
+        ))
+    evaluation, metrics = EVALUATION.format(task=task, seed=seed), EVALUATION_METRICS.format(task=task, seed=seed)
+    steps.append(Step(
+        name=STEP_NAMES["evaluate"].format(task=task, seed=seed), rule="evaluate",
+        command=f"rmt evaluate --checkpoint {previous}/best --data {data} --output {evaluation} "
+                f"--metrics {metrics} {configs}",
+        deps=(f"{previous}/best", data), plots=(evaluation,), metrics=(metrics,),
+        params=keys("evaluate.segments", "evaluate.batch_size", f"tasks.{task}"),
     ))
     return steps
 

@@ -89,6 +89,10 @@ class TrainSettings(BaseModel):
     # the stage stopped, on validation examples k times as long (generated, not stored).
     valid_length_factor: int = Field(default=1, ge=1, description="Validate (choose the best checkpoint and stop) "
                                      "on examples this many times as long as the stage's")
+    # One length per stage lets a stage fit its own length; drawing each step's length from
+    # every stored curriculum length up to the stage's asks for one rule at all of them.
+    mixed_lengths: bool = Field(default=False, description="Each step trains on a number of segments drawn from the "
+                                "stored curriculum lengths up to the stage's (validation stays at the stage's)")
     seed: int = 0
     device: str = "auto"
 

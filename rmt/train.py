@@ -137,8 +137,7 @@ class _StageInputs:
     anything is written."""
 
     data: TaskDataset
-    train_tokens: np.ndarray
-    train_labels: np.ndarray
+    train_arrays: dict[int, tuple[np.ndarray, np.ndarray]]  # tokens and labels by number of segments
     valid_tokens: np.ndarray
     valid_labels: np.ndarray
     valid_kinds: np.ndarray | None  # the question kind of each validation example, where the task has kinds
@@ -146,7 +145,9 @@ class _StageInputs:
     @classmethod
     def check(cls, data_dir, segments: int, *, model: ModelSettings, train: TrainSettings, init) -> "_StageInputs":
         data = TaskDataset(data_dir)
-        train_tokens, train_labels = data.arrays("train", segments)  # fails early if the length is missing
+        lengths = [n for n in data.config.curriculum_segments if n < segments] if train.mixed_lengths else []
+        # Fails early if the stage's length is missing.
+        train_arrays = {n: data.arrays("train", n) for n in (*lengths, segments)}
         valid_tokens, valid_labels = validation_set(data, segments * train.valid_length_factor, train.eval_examples)
         if init is not None:
             check_fits(init, data, option="--init", same_segment_length=False)
@@ -156,7 +157,7 @@ class _StageInputs:
         if get_task(data.config.task).kinds:
             count = len(valid_labels) if train.eval_examples is None else min(train.eval_examples, len(valid_labels))
             valid_kinds = data.kinds("valid", segments * train.valid_length_factor, range(count))
-        return cls(data, train_tokens, train_labels, valid_tokens, valid_labels, valid_kinds)
+        return cls(data, train_arrays, valid_tokens, valid_labels, valid_kinds)
 
     def resolved_settings(self, segments: int, *, model: ModelSettings, train: TrainSettings, init) -> dict:
         """What the stage's config.json records: a rerun with other values starts afresh."""
@@ -361,25 +362,32 @@ class _Trainer:
     def learning_rate(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The arrays and row indices of step `step`'s batch: a function of (seed, step) only,
+        so that a resumed run sees the same data, and every process draws the same rows."""
+        rng = np.random.default_rng([self.train.seed, step])
+        lengths = sorted(self.inputs.train_arrays)
+        length = lengths[rng.integers(len(lengths))] if len(lengths) > 1 else lengths[0]
+        tokens, labels = self.inputs.train_arrays[length]
+        return tokens, labels, rng.choice(len(labels), size=self.train.batch_size)
+
     def step(self, step: int) -> float:
         """One optimizer step; the mean training loss over the processes."""
         train, parallel, device = self.train, self.parallel, self.device
         share = train.batch_size // parallel.world_size  # examples per process and step
         accumulation = share // self.micro
-        # The batch of step s depends on (seed, s) only: a resumed run sees the same data.
-        # Every process draws the same indices and takes its own share of them.
-        indices = np.random.default_rng([train.seed, step]).choice(len(self.inputs.train_labels), size=train.batch_size)
+        tokens, labels, indices = self.batch(step)
         indices = indices[parallel.rank :: parallel.world_size]
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for start in range(0, share, self.micro):
             rows = np.sort(indices[start : start + self.micro])
-            inputs = _token_tensor(self.inputs.train_tokens[rows], device)
-            labels = torch.as_tensor(self.inputs.train_labels[rows], device=device)
+            inputs = _token_tensor(tokens[rows], device)
+            targets = torch.as_tensor(labels[rows], device=device)
             last_micro_batch = start + self.micro >= share
             # Gradients are averaged across processes once per step, on the last micro-batch.
             with contextlib.nullcontext() if last_micro_batch or parallel.world_size == 1 else self.network.no_sync():
-                loss = self.network(inputs, labels=labels).loss / accumulation
+                loss = self.network(inputs, labels=targets).loss / accumulation
                 finite = parallel.sum(float(torch.isfinite(loss)), device) == parallel.world_size
                 if finite:
                     loss.backward()

@@ -169,6 +169,26 @@ def test_a_stage_from_before_a_setting_existed_is_the_same_run(data, tmp_path, c
     assert "starting the stage afresh" in capsys.readouterr().err
 
 
+def test_mixed_lengths_train_on_every_curriculum_length_up_to_the_stage(data, tmp_path, monkeypatch):
+    seen = []
+    original = train_module._token_tensor
+
+    def record(tokens, device):
+        seen.append(tokens.shape[1] // 32)  # segments of 32 tokens
+        return original(tokens, device)
+
+    monkeypatch.setattr(train_module, "_token_tensor", record)
+    mixed = TRAIN.model_copy(update={"mixed_lengths": True, "max_steps": 12, "micro_batch_size": None})
+    metrics = train_stage(data_dir=data, segments=2, output=tmp_path / "mixed", model=MODEL, train=mixed,
+                          progress=False)
+    assert metrics["steps"] == 12 and set(seen) == {1, 2}  # both lengths drawn, one per step
+    # Without it, only the stage's own length; and the draws of earlier rmt are unchanged.
+    seen.clear()
+    train_stage(data_dir=data, segments=2, output=tmp_path / "one", model=MODEL, progress=False,
+                train=TRAIN.model_copy(update={"max_steps": 12, "micro_batch_size": None}))
+    assert set(seen) == {2}
+
+
 def test_a_finished_stage_publishes_deleted_outputs_again(data, tmp_path):
     # Snakemake deletes a job's declared outputs before it reruns the job; the stage's
     # checkpoints/ are not among them, so the rerun publishes instead of training again.

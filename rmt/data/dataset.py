@@ -110,47 +110,26 @@ def build_dataset(config: DataConfig, output: str | Path, *, progress: bool = Tr
     """Generate the dataset of `config` into `output` (replacing it whole on success)."""
     # Everything that can fail for a reason the user can fix fails here, before any file.
     output = claim_output(output, kind="a dataset", ours=has_marker(DATASET_CARD))
-    task = get_task(config.task)
-    tokenizer = load_tokenizer(config.tokenizer)
+    task, tokenizer = get_task(config.task), load_tokenizer(config.tokenizer)
     noise = load_noise(config.noise, max_documents=config.noise_max_documents)
     generator = TaskGenerator(
         task=task, noise_sentences=noise.sentences, tokenizer=tokenizer,
         segment_length=config.segment_length, placement=config.placement, seed=config.seed,
     )
     _check_room(config, output, np.dtype(generator.dtype).itemsize)
-    shortest = min(config.curriculum_segments + config.test_segments) * config.segment_length
-    if shortest < generator.min_tokens:
-        raise ValueError(
-            f"{shortest} tokens ({min(config.curriculum_segments + config.test_segments)} segment(s) of "
-            f"{config.segment_length}) cannot hold the {task.name} facts and question ({generator.min_tokens} "
-            "tokens): raise segment_length"
-        )
+    _check_lengths_hold_the_task(config, generator)
     config_hash = _sha256(
         json.dumps([config.canonical_json(), noise.sha256, vocabulary_sha256(tokenizer), GENERATOR_VERSION])
     )
-
     splits_card, samples = {}, []
     counts = {"train": config.train_examples, "valid": config.valid_examples}
     with atomic_directory(output, marker=DATASET_CARD, kind="a dataset") as staging:
         (staging / "noise.txt").write_text("\n".join(noise.sentences) + "\n")
         jobs = [(split, n) for split in STORED_SPLITS for n in config.curriculum_segments]
-        bar = progress_bar(jobs, desc=f"{task.name}: writing", unit="length", disable=not progress)
-        for split, segments in bar:
+        for split, segments in progress_bar(jobs, desc=f"{task.name}: writing", unit="length", disable=not progress):
             num_tokens = segments * config.segment_length
-            tokens = np.empty((counts[split], num_tokens), dtype=generator.dtype)
-            labels = np.empty(counts[split], dtype=np.int64)
-            fact_positions = []
-            for index in range(counts[split]):
-                layout, tokens[index] = generator.example(split, index, num_tokens)
-                labels[index] = layout.sample.label
-                fact_positions.extend(layout.fact_positions)
-            folder = staging / split / f"segments-{segments}"
-            folder.mkdir(parents=True)
-            _array_to(folder / "tokens.npy", tokens)
-            _array_to(folder / "labels.npy", labels)
-            splits_card.setdefault(split, {})[str(segments)] = _length_card(
-                tokens, labels, fact_positions, task.classes
-            )
+            splits_card.setdefault(split, {})[str(segments)] = _write_length(
+                staging / split / f"segments-{segments}", generator, split, counts[split], num_tokens)
             if segments == config.curriculum_segments[0]:
                 samples += [_sample_record(generator, tokenizer, split, i, num_tokens) for i in range(config.samples)]
         test_lengths = [
@@ -165,31 +144,64 @@ def build_dataset(config: DataConfig, output: str | Path, *, progress: bool = Tr
         with open(staging / "samples.jsonl", "w") as handle:
             handle.writelines(json.dumps(record, sort_keys=True) + "\n" for record in samples)
         _write_json(staging / "config.json", config.model_dump())
-        _write_json(staging / DATASET_CARD, {
-            "task": task.name,
-            "classes": list(task.classes),
-            "facts_per_example": task.num_facts,
-            "fact_position": task.fact_position if task.fact_position == "first" else f"random ({config.placement})",
-            "question_position": "last",
-            "seed": config.seed,
-            "config_hash": config_hash,
-            "generator_version": GENERATOR_VERSION,
-            "segment_length": config.segment_length,
-            "splits": splits_card,
-            "test": test_lengths,
-            "noise": {
-                "source": noise.source, "description": noise.description, "license": noise.license,
-                "sha256": noise.sha256, "sentences": len(noise.sentences),
-                "usable_tokens_per_split": {split: len(generator.noise[split].tokens) for split in SPLITS},
-                "usable_sentences_per_split": {split: generator.noise[split].num_sentences for split in SPLITS},
-            },
-            "tokenizer": {
-                "name": config.tokenizer, "class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
-                "vocabulary_sha256": vocabulary_sha256(tokenizer), "dtype": np.dtype(generator.dtype).name,
-            },
-            "built_with": {"python": platform.python_version()},
-        })
+        card = _dataset_card(config, generator, tokenizer, noise, config_hash=config_hash, splits=splits_card,
+                             test=test_lengths)
+        _write_json(staging / DATASET_CARD, card)  # last: it marks the folder as a whole dataset
     return output
+
+
+def _check_lengths_hold_the_task(config: DataConfig, generator: TaskGenerator) -> None:
+    shortest = min(config.curriculum_segments + config.test_segments)
+    if shortest * config.segment_length < generator.min_tokens:
+        raise ValueError(
+            f"{shortest * config.segment_length} tokens ({shortest} segment(s) of {config.segment_length}) cannot "
+            f"hold the {generator.task.name} facts and question ({generator.min_tokens} tokens): raise segment_length"
+        )
+
+
+def _write_length(folder: Path, generator: TaskGenerator, split: str, count: int, num_tokens: int) -> dict:
+    """The first `count` examples of a split at one length, as token and label arrays; their card."""
+    tokens = np.empty((count, num_tokens), dtype=generator.dtype)
+    labels = np.empty(count, dtype=np.int64)
+    fact_positions = []
+    for index in range(count):
+        layout, tokens[index] = generator.example(split, index, num_tokens)
+        labels[index] = layout.sample.label
+        fact_positions.extend(layout.fact_positions)
+    folder.mkdir(parents=True)
+    _array_to(folder / "tokens.npy", tokens)
+    _array_to(folder / "labels.npy", labels)
+    return _length_card(tokens, labels, fact_positions, generator.task.classes)
+
+
+def _dataset_card(config: DataConfig, generator: TaskGenerator, tokenizer, noise, *, config_hash: str, splits: dict,
+                  test: list[dict]) -> dict:
+    """What the dataset is: task, lengths, noise and tokenizer, and the hash that ties it to its settings."""
+    task = generator.task
+    return {
+        "task": task.name,
+        "classes": list(task.classes),
+        "facts_per_example": task.num_facts,
+        "fact_position": task.fact_position if task.fact_position == "first" else f"random ({config.placement})",
+        "question_position": "last",
+        "seed": config.seed,
+        "config_hash": config_hash,
+        "generator_version": GENERATOR_VERSION,
+        "segment_length": config.segment_length,
+        "splits": splits,
+        "test": test,
+        "noise": {
+            "source": noise.source, "description": noise.description, "license": noise.license,
+            "sha256": noise.sha256, "sentences": len(noise.sentences),
+            "usable_tokens_per_split": {split: len(generator.noise[split].tokens) for split in SPLITS},
+            "usable_sentences_per_split": {split: generator.noise[split].num_sentences for split in SPLITS},
+        },
+        "tokenizer": {
+            "name": config.tokenizer, "class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
+            "vocabulary_sha256": vocabulary_sha256(tokenizer), "dtype": np.dtype(generator.dtype).name,
+        },
+        "built_with": {"python": platform.python_version()},
+    }
 
 
 def _check_room(config: DataConfig, output: Path, bytes_per_token: int) -> None:

@@ -61,21 +61,9 @@ def flops(
 
     Normalized to one 512-token full-attention pass; prints full-attention / RMT FLOPs at the longest input.
     """
-    from rmt.profile.flops import (
-        FIGURE3_TOKENS, OPT_MODELS, PAPER_HEADLINE_RATIOS, Accounting, SegmentLayout, figure3_grid, ratios,
-        write_grid,
-    )
+    from rmt.profile.flops import Accounting, SegmentLayout, figure3_grid, ratios, write_grid
 
-    try:
-        lengths = [int(value.replace("_", "")) for value in _split(tokens)] or list(FIGURE3_TOKENS)
-    except ValueError as error:
-        raise typer.BadParameter(f"{error}: give whole token counts, e.g. 512,2048000", param_hint="--tokens") from None
-    if any(length < 1 for length in lengths):
-        raise typer.BadParameter("token counts must be at least 1", param_hint="--tokens")
-    try:
-        shapes = [_shape(name) for name in _split(models) or OPT_MODELS]
-    except (ValueError, KeyError) as error:
-        raise typer.BadParameter(str(error), param_hint="--models") from None
+    lengths, shapes = _flops_lengths(tokens), _flops_shapes(models)
     accounting = Accounting(embeddings=embeddings, logits=logits, softmax=softmax)
     layout = SegmentLayout(segment_length=segment_length, num_memory_tokens=memory_tokens,
                            memory_writes=memory_writes, num_special_tokens=special_tokens)
@@ -95,12 +83,40 @@ def flops(
         run.log_artifact(path)
     typer.echo(f"Accounting: {accounting.describe()}")
     typer.echo(f"RMT: {layout.describe()}")
+    _echo_ratios(ratios(grid, longest), longest)
+    typer.echo(f"Wrote {len(grid)} rows to {path}")
+
+
+def _flops_lengths(tokens: list[str]) -> list[int]:
+    from rmt.profile.flops import FIGURE3_TOKENS
+
+    try:
+        lengths = [int(value.replace("_", "")) for value in _split(tokens)] or list(FIGURE3_TOKENS)
+    except ValueError as error:
+        raise typer.BadParameter(f"{error}: give whole token counts, e.g. 512,2048000", param_hint="--tokens") from None
+    if any(length < 1 for length in lengths):
+        raise typer.BadParameter("token counts must be at least 1", param_hint="--tokens")
+    return lengths
+
+
+def _flops_shapes(models: list[str]) -> list:
+    from rmt.profile.flops import OPT_MODELS
+
+    try:
+        return [_shape(name) for name in _split(models) or OPT_MODELS]
+    except (ValueError, KeyError) as error:
+        raise typer.BadParameter(str(error), param_hint="--models") from None
+
+
+def _echo_ratios(by_model: dict[str, float], longest: int) -> None:
+    """Full attention / RMT at the longest input, beside the paper's where it gives one."""
+    from rmt.profile.flops import PAPER_HEADLINE_RATIOS
+
     typer.echo(f"Full attention / RMT forward FLOPs at {longest:,} tokens:")
-    for model, ratio in ratios(grid, longest).items():
+    for model, ratio in by_model.items():
         paper = PAPER_HEADLINE_RATIOS.get(model) if longest == 2_048_000 else None
         note = f"   (paper ~{paper:g}x, {ratio / paper - 1:+.1%})" if paper else ""
         typer.echo(f"  {model:>10}: {ratio:8.1f}x{note}")
-    typer.echo(f"Wrote {len(grid)} rows to {path}")
 
 
 @profile_app.command("attention")

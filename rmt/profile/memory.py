@@ -386,18 +386,19 @@ def profile_memory(
                                     budget=budget)
         bar.update(sum(not row["measured"] for row in rows))  # projected: nothing to run
         profile.inference += rows
-    for segments in train_segments:
-        for memory_efficient in (False, True):
-            result = point(Measurement(kind="train_step", segments=segments, memory_efficient=memory_efficient,
-                                       batch_size=train_batch_size, steps=train_steps, **common))
-            profile.training.append({"segments": segments, "tokens": segments * segment_length,
-                                     "backprop": backprop_name(memory_efficient),
-                                     "peak_memory_mb": result["peak_memory_mb"],
-                                     "step_seconds": round(result["step_seconds"], 4)})
+    profile.training += [_training_row(point(Measurement(
+        kind="train_step", segments=segments, memory_efficient=memory_efficient, batch_size=train_batch_size,
+        steps=train_steps, **common)), segments, segment_length, memory_efficient=memory_efficient)
+        for segments in train_segments for memory_efficient in (False, True)]
     bar.close()
     profile.summary = summarize(profile, model=model, segment_length=segment_length, budget=budget,
                                 batch_size=batch_size, train_batch_size=train_batch_size, device=devices[0])
     return profile
+
+
+def _training_row(result: dict, segments: int, segment_length: int, *, memory_efficient: bool) -> dict:
+    return {"segments": segments, "tokens": segments * segment_length, "backprop": backprop_name(memory_efficient),
+            "peak_memory_mb": result["peak_memory_mb"], "step_seconds": round(result["step_seconds"], 4)}
 
 
 def summarize(profile: MemoryProfile, *, model: ModelSettings, segment_length: int, budget: Budget,

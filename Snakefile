@@ -35,6 +35,18 @@ include: "workflow/rules/profile.smk"
 include: "workflow/rules/report.smk"
 
 
+onstart:
+    open_reproduction_run()
+
+
+onsuccess:
+    close_reproduction_run(failed=False)
+
+
+onerror:
+    close_reproduction_run(failed=True)
+
+
 rule all:
     input:
         all_outputs(),

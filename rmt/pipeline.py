@@ -18,6 +18,8 @@ run against the plan job by job: rule, command, inputs and outputs.
 from __future__ import annotations
 
 import ast
+import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +155,7 @@ class Step:
     metrics: tuple[str, ...] = ()  # read by `dvc metrics show`; cached like every output (results/ is not in git)
     plots: tuple[str, ...] = ()  # CSVs of accuracy against segments, for `dvc plots show`
     params: tuple[str, ...] = ()  # keys of params.yaml the step reads
+    task: str | None = None  # the task of an evaluation step (the parent run's headline results)
 
     @property
     def code(self) -> tuple[str, ...]:
@@ -241,9 +244,27 @@ def _curriculum_steps(task: str, seed: int, curriculum: list[int], *, data: str,
         command=f"rmt evaluate --checkpoint {previous}/best --data {data} --output {evaluation} "
                 f"--metrics {metrics} {configs}",
         deps=(f"{previous}/best", data), plots=(evaluation,), metrics=(metrics,),
-        params=keys("evaluate.segments", "evaluate.batch_size", f"tasks.{task}"),
+        params=keys("evaluate.segments", "evaluate.batch_size", f"tasks.{task}"), task=task,
     ))
     return steps
+
+
+def headline_results(steps: list[Step], root: str | Path = ".") -> dict[str, float]:
+    """What a reproduction's parent run shows, from the result files: per task, the last
+    stage's validation accuracy and the accuracy at every evaluated length, each the mean
+    over the seeds that have it (`memorize/accuracy_4096`)."""
+    values: dict[str, list[float]] = {}
+    for step in (s for s in steps if s.rule == "evaluate"):
+        evaluation, stage = Path(root, step.plots[0]), Path(root, step.deps[0]).parent  # <stage>/best
+        if evaluation.is_file():
+            with evaluation.open() as rows:
+                for row in csv.DictReader(rows):
+                    name = f"{step.task}/accuracy_{row['evaluated_segments']}"
+                    values.setdefault(name, []).append(float(row["accuracy"]))
+        if (stage / "metrics.json").is_file():
+            outcome = json.loads((stage / "metrics.json").read_text())
+            values.setdefault(f"{step.task}/last_stage_valid_accuracy", []).append(outcome["best_valid_accuracy"])
+    return {name: sum(found) / len(found) for name, found in values.items()}
 
 
 def dvc_yaml(steps: list[Step], params: str) -> dict:

@@ -59,11 +59,15 @@ PARENT_RUN_ENV = "RMT_PARENT_RUN_ID"
 ARTIFACTS_DIRECTORY = "mlartifacts"
 
 GROUP_TAG = "rmt.group"
-GIT_COMMIT_TAG = "rmt.git_commit"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own: the UI shows it as the run's source version
+SOURCE_NAME_TAG = "mlflow.source.name"
 HOSTNAME_TAG = "rmt.hostname"
 PID_TAG = "rmt.pid"  # with the hostname: whether the process of a RUNNING run is still alive
 PROCESS_START_TAG = "rmt.process_start"  # that process's start time: a reused PID is another process
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the run under this one
+# The UI opens an experiment in its model-training view (not the GenAI one) with this kind.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"
 
 # MLflow 3.x limits (mlflow.utils.validation): longer values are rejected, not truncated.
 MAX_PARAM_LENGTH = 6000
@@ -249,13 +253,18 @@ def _experiment_id(client, uri: str, name: str) -> str:
             try:
                 return _retry(
                     uri, f"creating experiment {name!r}", client.create_experiment,
-                    name, artifact_location=_artifact_location(uri, name),
+                    name, artifact_location=_artifact_location(uri, name), tags=EXPERIMENT_TAGS.get(name, {}),
                 )
             except MlflowException as error:
                 if error.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
                 # Another process created it between our read and our write.
                 experiment = _retry(uri, f"reading experiment {name!r}", client.get_experiment_by_name, name)
+        if name in EXPERIMENT_TAGS and EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older rmt
+            for key, value in EXPERIMENT_TAGS[name].items():
+                if key not in experiment.tags:  # never a user's own description
+                    _retry(uri, f"tagging experiment {name!r}", client.set_experiment_tag, experiment.experiment_id,
+                           key, value)
     if experiment.lifecycle_stage != "active":
         raise TrackingError(
             f"experiment {name!r} is deleted in {uri}: restore it "
@@ -302,6 +311,7 @@ class Run:
         group: str | None = None,
         system_metrics: bool = True,
         resume_run_id: str | None = None,
+        handle_sigterm: bool = True,
     ):
         self.experiment = experiment
         self.resume_run_id = resume_run_id
@@ -310,6 +320,7 @@ class Run:
         self.tags = dict(tags or {})
         self.group = group
         self.system_metrics = system_metrics
+        self.handle_sigterm = handle_sigterm  # False: a host process (Snakemake) keeps its own handler
         self._run_id: str | None = None
         self._monitor = None
         self._previous_sigterm = None
@@ -323,7 +334,7 @@ class Run:
         return self._run_id
 
     def _automatic_tags(self) -> dict[str, str]:
-        tags = {GIT_COMMIT_TAG: _git_commit(), HOSTNAME_TAG: socket.gethostname(), PID_TAG: os.getpid(),
+        tags = {GIT_COMMIT_TAG: _git_commit(), SOURCE_NAME_TAG: "rmt", HOSTNAME_TAG: socket.gethostname(), PID_TAG: os.getpid(),
                 PROCESS_START_TAG: _process_start(os.getpid())}
         if self.group is not None:
             tags[GROUP_TAG] = self.group
@@ -347,7 +358,8 @@ class Run:
                 experiment_id, run_name=self.name, tags=tags,
             )
             self._run_id = run.info.run_id
-        self._install_sigterm_handler()
+        if self.handle_sigterm:
+            self._install_sigterm_handler()
         try:
             if not resumed:  # a resumed run has its params already
                 self._log_params(self.params)
@@ -550,6 +562,13 @@ def search_runs(*, experiment: str, filter_string: str = "", history: tuple[str,
 
 
 EXPERIMENT = "rmt"  # the pipeline's experiment
+EXPERIMENT_TAGS = {EXPERIMENT: {
+    EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
+    DESCRIPTION_TAG: "Recurrent Memory Transformer reproductions (rmt). Each reproduction is a parent run named "
+                     "after its group, with the configuration and headline results; its steps (data, every "
+                     "training stage, evaluation, profiles) are its child runs. Compare seeds and configurations "
+                     "with the tags rmt.task, rmt.seed, rmt.stage and rmt.config.",
+}}
 
 
 def pipeline_run(step: str, *, name: str, params: dict, tags: dict | None = None,
@@ -559,3 +578,12 @@ def pipeline_run(step: str, *, name: str, params: dict, tags: dict | None = None
     run of an interrupted attempt of the same step."""
     return Run(experiment=EXPERIMENT, name=name, params=params, group=os.environ.get("RMT_GROUP"),
                tags={"rmt.step": step, **(tags or {})}, resume_run_id=resume_run_id)
+
+
+def reproduction_run(*, group: str, params: dict) -> Run:
+    """The parent run of one reproduction, opened by the workflow's driver (Snakemake) before
+    its first job: named after the group, it holds the whole configuration; the runs of the
+    jobs nest under it once its id is in RMT_PARENT_RUN_ID. The driver keeps its own SIGTERM
+    handling, and its system metrics would only measure the driver."""
+    return Run(experiment=EXPERIMENT, name=group, params=params, group=group, tags={"rmt.step": "reproduction"},
+               system_metrics=False, handle_sigterm=False)

@@ -49,7 +49,7 @@ def test_data_train_and_evaluate_are_tracked_as_one_group(tmp_path, monkeypatch)
     assert train["name"] == "memorize/seed-0/stage-1/train"
     assert train["tags"]["rmt.task"] == "memorize" and train["tags"]["rmt.stage"] == "1"
     assert train["tags"]["rmt.data_hash"] == runs["data"]["tags"]["rmt.data_hash"]
-    assert len(train["tags"]["rmt.git_commit"]) >= 7
+    assert len(train["tags"]["mlflow.source.git.commit"]) >= 7
     # One configuration: the seed summary groups the evaluation with the training that made it.
     assert train["tags"]["rmt.config"] == runs["evaluate"]["tags"]["rmt.config"]
     assert runs["evaluate"]["tags"]["rmt.config_files"] == str(config)

@@ -295,3 +295,35 @@ def test_only_the_tracking_module_imports_mlflow():
         str(path.relative_to(ROOT)) for path in (ROOT / "rmt").rglob("*.py") if pattern.search(path.read_text())
     )
     assert importers == ["rmt/tracking.py"]
+
+
+def test_the_pipeline_experiment_is_a_model_training_experiment(store):
+    with tracking.pipeline_run("data", name="memorize/data", params={}):
+        pass
+    experiment = client(store).get_experiment_by_name(tracking.EXPERIMENT)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"  # not the GenAI view
+    assert "parent run" in experiment.tags[tracking.DESCRIPTION_TAG]
+
+
+def test_an_older_experiment_gets_its_kind_and_keeps_its_description(store):
+    experiment_id = client(store).create_experiment(tracking.EXPERIMENT, tags={tracking.DESCRIPTION_TAG: "mine"})
+    with tracking.pipeline_run("data", name="memorize/data", params={}):
+        pass
+    tags = client(store).get_experiment(experiment_id).tags
+    assert tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development" and tags[tracking.DESCRIPTION_TAG] == "mine"
+
+
+def test_a_reproduction_is_a_parent_run_and_leaves_sigterm_to_its_driver(store, monkeypatch):
+    before = signal.getsignal(signal.SIGTERM)
+    parent = tracking.reproduction_run(group="reproduction-1", params={"seeds": [0, 1]}).__enter__()
+    assert signal.getsignal(signal.SIGTERM) is before  # Snakemake keeps its own handler
+    parent_id = parent.run_id
+    monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent_id)
+    with tracking.pipeline_run("train", name="memorize/seed-0/stage-1", params={}) as child:
+        child_id = child.run_id
+    parent.log_metrics({"memorize/accuracy_4096": 1.0}, step=0)
+    parent.__exit__(None, None, None)
+    recorded = client(store).get_run(parent_id)
+    assert recorded.info.status == "FINISHED" and recorded.info.run_name == "reproduction-1"
+    assert recorded.data.params["seeds"] == "[0, 1]" and recorded.data.metrics["memorize/accuracy_4096"] == 1.0
+    assert client(store).get_run(child_id).data.tags[tracking.PARENT_TAG] == parent_id

@@ -125,8 +125,16 @@ def test_the_tiny_pipeline_end_to_end(tmp_path):
                  "logs/train/memorize/seed-0/stage-2.log", "results/timings/train/memorize/seed-0/stage-2.tsv"):
         assert (project.root / path).is_file(), path
     runs = _mlflow_runs(project)
-    assert {run.data.tags["rmt.step"] for run in runs} == {"data", "train", "grid", "evaluate", "flops", "memory"}
+    assert {run.data.tags["rmt.step"] for run in runs} == {"reproduction", "data", "train", "grid", "evaluate",
+                                                          "flops", "memory"}
     assert len({run.data.tags["rmt.group"] for run in runs}) == 1  # one reproduction, one group
+    # ... and one parent run, with the configuration and the headline results; every step nests under it.
+    (parent,) = [run for run in runs if run.data.tags["rmt.step"] == "reproduction"]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == parent.data.tags["rmt.group"]
+    assert all(run.data.tags["mlflow.parentRunId"] == parent.info.run_id for run in runs if run is not parent)
+    assert parent.data.params["seeds"] == "[0]" and parent.data.params["config_files"] == "['params.yaml']"
+    assert {"memorize/accuracy_4", "memorize/last_stage_valid_accuracy"} <= set(parent.data.metrics)
+    assert all(len(run.data.tags["mlflow.source.git.commit"]) >= 1 for run in runs)
 
     # Done: nothing to do. One changed value reruns exactly what reads it.
     assert "Nothing to be done" in project.snakemake("-n").stdout

@@ -45,7 +45,29 @@ except (ValueError, FileNotFoundError) as error:
 STEPS = {step.name: step for step in plan(PIPELINE, CONFIG_FILES)}
 
 # One reproduction is one group in MLflow; jobs (also under SLURM) inherit the variable.
-os.environ.setdefault("RMT_GROUP", f"reproduction-{time.strftime('%Y%m%d-%H%M%S')}")
+GROUP = os.environ.setdefault("RMT_GROUP", f"reproduction-{time.strftime('%Y%m%d-%H%M%S')}")
+
+# ... and one parent run: opened when the workflow starts jobs (not for a dry run, nor when
+# nothing is to be done), with the configuration; the jobs' runs nest under it through
+# RMT_PARENT_RUN_ID (inherited, also under SLURM); closed with the headline results.
+REPRODUCTION = {}
+
+
+def open_reproduction_run():
+    from rmt.tracking import PARENT_RUN_ENV, reproduction_run
+
+    run = reproduction_run(group=GROUP, params={**SETTINGS, "config_files": CONFIG_FILES})
+    REPRODUCTION["run"] = run.__enter__()
+    os.environ[PARENT_RUN_ENV] = run.run_id
+
+
+def close_reproduction_run(failed):
+    from rmt.pipeline import headline_results
+
+    run = REPRODUCTION.pop("run", None)
+    if run is not None:
+        run.log_metrics(headline_results(list(STEPS.values())), step=0)
+        run.__exit__(RuntimeError if failed else None, None, None)
 
 TIMINGS = "results/timings"
 ENVIRONMENT = "../../environment.yml"  # for --software-deployment-method conda

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -100,7 +101,6 @@ def _tracked(step: str, *, task: str, seed: int, params: dict, tags: dict | None
              resume_run_id: str | None = None):
     """The MLflow run of one pipeline step; none in the other processes of a torchrun job.
     RMT_GROUP names the reproduction it belongs to (the workflow sets it)."""
-    import contextlib
 
     from rmt.tracking import pipeline_run
 
@@ -109,6 +109,18 @@ def _tracked(step: str, *, task: str, seed: int, params: dict, tags: dict | None
     name = "/".join([task, f"seed-{seed}", *([f"stage-{tags['rmt.stage']}"] if tags and "rmt.stage" in tags else []), step])
     return pipeline_run(step, name=name, params=params, tags={"rmt.task": task, "rmt.seed": seed, **(tags or {})},
                         resume_run_id=resume_run_id)
+
+
+def _log_dataset(run, dataset, context: str) -> None:
+    """The dataset as the run's MLflow input: named by task, segment length and seed,
+    identified by its config hash (which covers the noise and the vocabulary)."""
+    if run is None:  # a torchrun process other than the first
+        return
+    card = dataset.card
+    run.log_dataset(name=f"{card['task']}-{card['segment_length']}tok-seed{card['seed']}", digest=card["config_hash"],
+                    source=dataset.directory, context=context,
+                    profile={"task": card["task"], "classes": card["classes"], "noise": card["noise"]["source"],
+                             "segment_length": card["segment_length"], "seed": card["seed"]})
 
 
 def _config_tags(settings, configs: list[Path]) -> dict:
@@ -168,9 +180,13 @@ def train(
     if int(os.environ.get("RANK", "0")) == 0:
         check_store()  # a broken store fails the stage before its folder is written
 
+    @contextlib.contextmanager
     def tracking(previous_run_id: str | None):
-        return _tracked("train", task=dataset.config.task, seed=train_settings.seed, params=params, tags=tags,
-                        resume_run_id=previous_run_id)
+        with _tracked("train", task=dataset.config.task, seed=train_settings.seed, params=params, tags=tags,
+                      resume_run_id=previous_run_id) as run:
+            if previous_run_id is None:  # a resumed run has its input already
+                _log_dataset(run, dataset, "training")
+            yield run
 
     metrics = train_stage(data_dir=data, segments=segments, output=output, model=model_settings,
                           train=train_settings, init=init, tracking=tracking)
@@ -215,13 +231,17 @@ def evaluate(
     lengths = lengths or settings.segments
     batch_size = batch_size or settings.batch_size
     stage = stage_settings(checkpoint)
+    # With the settings of the stage that trained the checkpoint, so that the compare view
+    # tells two configurations' evaluations apart.
     params = {"checkpoint": str(checkpoint), "data": str(data), "grid": grid, "segments": lengths,
-              "max_examples": max_examples, "batch_size": batch_size}
+              "max_examples": max_examples, "batch_size": batch_size,
+              **({"stage": {key: stage[key] for key in ("model", "train", "init")}} if stage else {})}
     tags = {"rmt.data_hash": dataset.card["config_hash"], **({"rmt.stage": stage["segments"]} if stage else {}),
             **_config_tags(task_settings, configs)}
     seed = stage["train"]["seed"] if stage else dataset.config.seed
     with _tracked("grid" if grid else "evaluate", task=dataset.config.task, seed=seed, params=params,
                   tags=tags) as run:
+        _log_dataset(run, dataset, "evaluation")
         rows = evaluate_checkpoint(checkpoint=checkpoint, data_dir=data, output=output, metrics=metrics,
                                    segments=lengths, max_examples=max_examples, batch_size=batch_size,
                                    device=device, run=run)
@@ -298,7 +318,7 @@ def data_generate(
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Generate a task's dataset: curriculum lengths on disk, the test split as a manifest."""
-    from rmt.data.dataset import build_dataset
+    from rmt.data.dataset import TaskDataset, build_dataset
     from rmt.layout import DATASET_CARD
     from rmt.utils import claim_output, has_marker
     from rmt.data.tasks import TASKS
@@ -309,6 +329,7 @@ def data_generate(
     claim_output(output, kind="a dataset", ours=has_marker(DATASET_CARD))  # before the run opens
     with _tracked("data", task=task, seed=settings.seed, params=settings.model_dump()) as run:
         build_dataset(settings, output)
+        _log_dataset(run, TaskDataset(output), "generated")
         card = json.loads((output / DATASET_CARD).read_text())
         run.set_tags({"rmt.data_hash": card["config_hash"]})
         run.log_artifact(output / DATASET_CARD)

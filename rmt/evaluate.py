@@ -101,8 +101,10 @@ def evaluate_checkpoint(
             done[length] = _evaluate_length(model, data, checkpoint, length, examples, batch_size, device_)
             partial.save(list(done.values()))
         if run is not None:  # also the lengths an interrupted attempt finished
-            run.log_metrics({key: value for key, value in done[length].items()
-                             if key in LOGGED_FIELDS or key.startswith("accuracy_")}, step=length)
+            # Against length (step) for the curve, and by name for the runs table (accuracy_4096).
+            run.log_metrics({**{key: value for key, value in done[length].items()
+                                if key in LOGGED_FIELDS or key.startswith("accuracy_")},
+                             f"accuracy_{length}": done[length]["accuracy"]}, step=length)
     rows = [done[length] for length in lengths]
     written = [write_atomic(output, _csv(rows), kind="an evaluation table", ours=_is_evaluation_table)]
     if metrics is not None:

@@ -470,6 +470,21 @@ class Run:
         for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
             _retry(self.uri, f"tagging run {self.name!r}", self._client.log_batch, self.run_id, tags=chunk)
 
+    def log_dataset(self, *, name: str, digest: str, source: str | os.PathLike, context: str,
+                    profile: Mapping | None = None) -> None:
+        """A dataset the run used, as MLflow's own input (the runs table's Dataset column):
+        `context` says how (training, evaluation), `digest` identifies its content."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="local",
+                          source=json.dumps({"uri": str(Path(source).resolve())}),
+                          profile=json.dumps(dict(profile)) if profile else None)
+        _retry(self.uri, f"logging the dataset of run {self.name!r}", self._client.log_inputs, self.run_id,
+               datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
     def log_artifact(self, path: str | os.PathLike, *, artifact_path: str | None = None) -> None:
         """Copy a file, or a directory's contents, into the run's artifacts."""
         path = Path(path)

@@ -60,6 +60,21 @@ def test_data_train_and_evaluate_are_tracked_as_one_group(tmp_path, monkeypatch)
         assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run["metrics"])
     evaluate = metric_history(runs["evaluate"]["run_id"], "accuracy")
     assert [step for step, _ in evaluate] == [1, 3]  # step = number of segments
+    # By name too, for the runs table; and with the settings that trained the checkpoint.
+    assert {"accuracy_1", "accuracy_3"} <= set(runs["evaluate"]["metrics"])
+    assert runs["evaluate"]["params"]["stage.model.num_memory_tokens"] == "2"
+    assert runs["evaluate"]["params"]["stage.train.max_steps"] == "4"
+    # The dataset is each run's MLflow input, the same one throughout, by context.
+    from mlflow.tracking import MlflowClient
+
+    from rmt.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    inputs = {step: client.get_run(run["run_id"]).inputs.dataset_inputs for step, run in runs.items()}
+    contexts = {step: [tag.value for tag in found[0].tags] for step, found in inputs.items()}
+    assert contexts == {"data": ["generated"], "train": ["training"], "evaluate": ["evaluation"]}
+    assert len({found[0].dataset.digest for found in inputs.values()}) == 1
+    assert inputs["train"][0].dataset.name == "memorize-32tok-seed0"
 
 
 def _memorize_data(runner, data):

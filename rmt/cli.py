@@ -259,10 +259,11 @@ def report(
     """Figures and tables of the reproduction, from its result files; the seed summary of
     every configuration from the tracking store (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
     from rmt.config import load_config
-    from rmt.report import build_report
+    from rmt.report import build_report, claim_report_folder
     from rmt.tracking import EXPERIMENT, search_runs
 
     config = load_config(*configs)
+    claim_report_folder(output)  # before the tracking store is read
     curricula = {task: config.for_task(task).curriculum for task in config.tasks}
     runs = search_runs(experiment=EXPERIMENT, filter_string="tags.\"rmt.step\" = 'evaluate'", history=("accuracy",))
     written = build_report(tasks=list(config.tasks), seeds=config.seeds, curricula=curricula, output=output,

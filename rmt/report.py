@@ -30,7 +30,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from rmt.paper import paper_accuracy  # noqa: E402
-from rmt.layout import ATTENTION, ATTENTION_TASKS, EVALUATION, FLOPS, GRID, MEMORY  # noqa: E402
+from rmt.layout import ATTENTION, ATTENTION_TASKS, EVALUATION, FLOPS, GRID, MEMORY, report_files  # noqa: E402
+from rmt.utils import claim_output  # noqa: E402
 
 FIGURE_FORMATS = ("png", "svg")
 
@@ -241,11 +242,24 @@ def attention_figure(result: dict, output: Path) -> list[Path]:
     return _save(figure, output, f"attention-{result['task']}")
 
 
+def _holds_only_report_files(folder: Path) -> bool:
+    """A folder rmt may write its report into: nothing in it but the files `rmt report`
+    writes (for any task) and Snakemake's `--report` page."""
+    from rmt.data.tasks import TASKS
+
+    known = {*report_files(TASKS), "report.html"}
+    return folder.is_dir() and all(child.name in known and child.is_file() for child in folder.iterdir())
+
+
+def claim_report_folder(output: str | Path) -> Path:
+    return claim_output(output, kind="a report folder", ours=_holds_only_report_files)
+
+
 def build_report(*, tasks: list[str], seeds: list[int], curricula: dict[str, list[int]], output: str | Path,
                  root: str | Path = ".", runs: list[dict] = ()) -> list[Path]:
     """Every figure and table of the report, from the result files under `root`, and the
     seed summary from `runs` (the tracking store's, rmt.tracking.search_runs)."""
-    output, root = Path(output), Path(root)
+    output, root = claim_report_folder(output), Path(root)
     evaluations = _read({root / EVALUATION.format(task=t, seed=s): s for t in tasks for s in seeds}, "evaluation")
     grid = _read({root / GRID.format(task=t, seed=s, segments=n): s for t in tasks for s in seeds for n in curricula[t]},
                  "grid")

@@ -282,6 +282,8 @@ CASES = [
     # rmt report
     Case("report: missing config", ["report", "--output", "{work}/r", "--config", "{work}/no.yaml"], "no.yaml",
          "does not exist"),
+    Case("report: output is a user's folder", ["report", "--output", "{work}/mine", "--config", "params.yaml"], "mine",
+         "choose another output", "_user_files"),
     # the tracking store
     Case("generate: the tracking store is not a database", ["data", "generate", "memorize", "{work}/d"], "mlflow.db",
          "move it away", "_garbage_store", store="sqlite:///{work}/mlflow.db"),

@@ -194,3 +194,14 @@ def test_an_empty_store_gives_an_empty_summary_that_says_so():
     table = seed_summary([])
     assert list(table.columns) == list(SEED_SUMMARY_FIELDS) and table.empty
     assert "No finished evaluation runs" in seed_summary_markdown(table)
+
+
+def test_the_report_never_writes_into_a_folder_of_other_files(tmp_path):
+    from rmt.utils import OutputConflict
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(OutputConflict, match="not a report folder written by rmt"):
+        build_report(tasks=["memorize"], seeds=[0], curricula={"memorize": [1]}, output=mine, root=tmp_path)
+    assert [path.name for path in mine.iterdir()] == ["notes.txt"]

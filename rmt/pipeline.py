@@ -220,7 +220,9 @@ def _curriculum_steps(task: str, seed: int, curriculum: list[int], *, data: str,
             command=f"rmt train --data {data} --segments {segments} --seed {seed} --output {stage}{init} {configs}",
             deps=(data, *((f"{previous}/best",) if previous else ())),
             outs=(f"{stage}/best", f"{stage}/history.jsonl"),
-            persist=(f"{stage}/checkpoints", f"{stage}/config.json"), metrics=(f"{stage}/metrics.json",),
+            # checkpoints/ (resume state, ~4x best/ with the optimizer) is no DVC output at all:
+            # DVC neither caches it nor deletes it before a rerun, so a killed stage resumes.
+            persist=(f"{stage}/config.json",), metrics=(f"{stage}/metrics.json",),
             params=keys("model", "train", "stage_train", f"tasks.{task}"),
         ))
         grid = GRID.format(task=task, seed=seed, segments=segments)
@@ -270,14 +272,14 @@ def headline_results(steps: list[Step], root: str | Path = ".") -> dict[str, flo
 def dvc_yaml(steps: list[Step], params: str) -> dict:
     """dvc.yaml for the planned steps: a first stage that fails when dvc.yaml no longer
     matches `params` (a seed added, a task removed), then a stage per step. Resume state is
-    kept but not cached (only results are); the grid of every stage is one plot per run."""
+    kept but not tracked (only results are); the grid of every stage is one plot per run."""
     check = {"cmd": f"rmt pipeline dvc --check --params {params}", "deps": [params, *code_dependencies("rmt.pipeline")],
-             "outs": [{DVC_CHECKED: {"cache": False}}]}
+             "outs": [DVC_CHECKED]}  # cached: `dvc pull` restores it with the results that follow it
     stages, grids = {"check-dvc-yaml": check}, {}
     produced = {path for step in steps for path in (*step.outs, *step.metrics, *step.plots)}
     for step in steps:
         grid = step.plots if step.rule == "grid" else ()
-        outs = [*step.outs, *grid, *({path: {"persist": True, "cache": False}} for path in step.persist)]
+        outs = [*step.outs, *grid, *({path: {"persist": True}} for path in step.persist)]
         first = not any(path in produced or f"{path}/best" in produced for path in step.deps)  # runs after the check
         stage = {"cmd": step.command, "deps": [*step.code, *step.deps, *((DVC_CHECKED,) if first else ())]}
         if step.params:

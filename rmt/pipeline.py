@@ -280,7 +280,7 @@ def dvc_yaml(steps: list[Step], params: str) -> dict:
     for step in steps:
         grid = step.plots if step.rule == "grid" else ()
         outs = [*step.outs, *grid, *({path: {"persist": True}} for path in step.persist)]
-        first = not any(path in produced or f"{path}/best" in produced for path in step.deps)  # runs after the check
+        first = not any(path in produced for path in step.deps)  # no upstream step: runs after the check
         stage = {"cmd": step.command, "deps": [*step.code, *step.deps, *((DVC_CHECKED,) if first else ())]}
         if step.params:
             stage["params"] = list(step.params)

@@ -328,7 +328,7 @@ def check_dvc_yaml(params: str | Path = "params.yaml", output: str | Path = "dvc
     expected = dvc_yaml_text(params)
     if not Path(output).is_file() or Path(output).read_text() != expected:
         raise UserError(f"{output} does not match {params} and the code (a task, seed, stage or a step's imports changed): "
-                        f"run `rmt pipeline dvc` to write it anew, then `dvc repro` again")
+                        f"run `rmt pipeline dvc` to write it anew (--params {params} --output {output}), then `dvc repro` again")
     # The same text whenever the check passes: the stages after it rerun for their own reasons only.
     return write_atomic(DVC_CHECKED, f"{output} matches {params}\n", kind="a dvc.yaml check",
                         ours=text_starts_with(f"{output} matches "))

@@ -135,9 +135,11 @@ def run_one(job: dict) -> dict:
 def reuse_stages(source: Path, folder: Path) -> None:
     """Start from another benchmark's finished stages of the same run (hard links: nothing of
     theirs is changed). Each stage whose settings are the same is only published again;
-    the first that differs, and every stage after it, trains afresh (rmt.train)."""
-    if not (source / "run.json").is_file():
-        raise FileNotFoundError(f"{source} holds no finished run to reuse")
+    the first that differs, and every stage after it, trains afresh (rmt.train). The source
+    needs its curriculum trained, not its evaluation finished."""
+    stages = sorted(source.glob("stage-*"))
+    if not stages or not all((stage / "metrics.json").is_file() for stage in stages):
+        raise FileNotFoundError(f"{source} holds no finished curriculum to reuse")
     shutil.copytree(source, folder, copy_function=os.link, ignore=shutil.ignore_patterns("run.json", "evaluation-*"))
     for config in folder.glob("stage-*/config.json"):
         text = config.read_text().replace(str(source), str(folder))  # `init` names the stage before

@@ -17,6 +17,7 @@ from rmt.data.dataset import TaskDataset
 from rmt.hub import load_tokenizer
 from rmt.layout import StageFiles
 from rmt.model.base import read_checkpoint_config
+from rmt.objective import Objective, objective_for
 
 def stage_settings(checkpoint: str | Path) -> dict | None:
     """The resolved settings of the stage a checkpoint (stage/best) comes from, if any."""
@@ -34,15 +35,19 @@ def trained_segments(checkpoint: str | Path) -> int | None:
     return stage["segments"] if stage else None
 
 
-def check_fits(checkpoint: str | Path, data: TaskDataset, *, option: str, same_segment_length: bool) -> None:
+def check_fits(checkpoint: str | Path, data: TaskDataset, *, option: str, same_segment_length: bool) -> Objective:
     """Refuse a checkpoint that cannot be used on `data`: damaged, another vocabulary,
-    another number of classes, another task (when its stage says which), and, where the
-    length of a segment matters (evaluation), another segment length."""
+    another number of classes (or, for a decoder, answers its vocabulary cannot write in
+    one token), another task (when its stage says which), and, where the length of a
+    segment matters (evaluation), another segment length. Returns the checkpoint's
+    objective on this data."""
     checkpoint = Path(checkpoint)
     config = read_checkpoint_config(checkpoint)
-    data.check_vocabulary(load_tokenizer(str(checkpoint)), f"{option} {checkpoint}")
+    tokenizer = load_tokenizer(str(checkpoint))
+    data.check_vocabulary(tokenizer, f"{option} {checkpoint}")
+    objective = objective_for(config.architecture, classes=data.card["classes"], tokenizer=tokenizer)
     classes = len(data.card["classes"])
-    if config.num_labels != classes:
+    if config.architecture == "encoder" and config.num_labels != classes:
         raise ValueError(f"{option} {checkpoint} classifies {config.num_labels} classes, the data in "
                          f"{data.directory} has {classes}: give a checkpoint trained on this task")
     if same_segment_length and config.segment_length != data.config.segment_length:
@@ -54,6 +59,7 @@ def check_fits(checkpoint: str | Path, data: TaskDataset, *, option: str, same_s
     if trained_task is not None and trained_task != data.config.task:
         raise ValueError(f"{option} {checkpoint} was trained on {trained_task}, the data in {data.directory} is "
                          f"{data.config.task}: give a checkpoint of this task, or data of that one")
+    return objective
 
 
 def _task_of(data_dir: str) -> str | None:

@@ -9,6 +9,7 @@ stays inside [0, 1] and is honest at 100% accuracy on few examples.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -17,7 +18,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +26,6 @@ import torch
 from rmt.checkpoint import check_fits, trained_segments
 from rmt.data.dataset import STREAMED_SPLIT, TaskDataset
 from rmt.peak_memory import PeakMemory
-from rmt.model import RecurrentMemoryEncoder
 from rmt.model.base import WEIGHTS_NAME
 from rmt.utils import claim_output, json_with, progress_bar, resolve_device, text_starts_with, write_atomic
 
@@ -83,7 +83,7 @@ def evaluate_checkpoint(
     first length it lacks."""
     checkpoint, output = Path(checkpoint), Path(output)
     data = TaskDataset(data_dir)
-    check_fits(checkpoint, data, option="--checkpoint", same_segment_length=True)
+    objective = check_fits(checkpoint, data, option="--checkpoint", same_segment_length=True)
     claim_output(output, kind="an evaluation table", ours=_is_evaluation_table)
     if metrics is not None:
         claim_output(metrics, kind="an evaluation metrics file", ours=_is_metrics_file)
@@ -91,14 +91,15 @@ def evaluate_checkpoint(
     counts = {entry["segments"]: entry["examples"] for entry in data.test_lengths}
     lengths = sorted(segments) if segments else sorted(counts)
     device_ = resolve_device(device)
-    model = RecurrentMemoryEncoder.from_pretrained(checkpoint, segment_length=data.config.segment_length).to(device_)
+    model = objective.load(checkpoint, segment_length=data.config.segment_length).to(device_)
+    scores = functools.partial(objective.stream_class_logits, model)
     done = {row["evaluated_segments"]: row for row in partial.load()}  # by length
     _ = data.generator  # built now (noise tokenized) so that no length's timing includes it
     for length in progress_bar(lengths, desc="lengths", unit="length", disable=not progress):
         examples = counts.get(length, data.config.test_examples_at(length))
         examples = examples if max_examples is None else min(examples, max_examples)
         if length not in done or done[length]["examples"] != examples:
-            done[length] = _evaluate_length(model, data, checkpoint, length, examples, batch_size, device_)
+            done[length] = _evaluate_length(scores, data, checkpoint, length, examples, batch_size, device_)
             partial.save(list(done.values()))
         if run is not None:  # also the lengths an interrupted attempt finished
             # Against length (step) for the curve, and by name for the runs table (accuracy_4096).
@@ -121,16 +122,17 @@ LOGGED_FIELDS = ("accuracy", "ci_low", "ci_high", "examples_per_second", "peak_m
 
 
 @torch.inference_mode()
-def _evaluate_length(model, data: TaskDataset, checkpoint: Path, length: int, examples: int, batch_size: int,
-                     device) -> dict:
-    """One CSV row: accuracy of `examples` test examples of `length` segments, streamed."""
+def _evaluate_length(scores: Callable[..., torch.Tensor], data: TaskDataset, checkpoint: Path, length: int,
+                     examples: int, batch_size: int, device) -> dict:
+    """One CSV row: accuracy of `examples` test examples of `length` segments, streamed into
+    `scores` (chunks -> (B, classes) scores: the objective's view of the model)."""
     hits, started = [], time.perf_counter()
     num_tokens = length * data.config.segment_length
     with PeakMemory(device) as meter:
         for start in range(0, examples, batch_size):
             indices = range(start, min(start + batch_size, examples))
             labels, chunks = data.stream(length, indices)
-            logits = model.stream((np.asarray(c, dtype=np.int64) for c in chunks), num_tokens=num_tokens).logits
+            logits = scores((np.asarray(c, dtype=np.int64) for c in chunks), num_tokens=num_tokens)
             hits += (logits.argmax(-1).cpu() == torch.as_tensor(labels)).tolist()
     seconds = time.perf_counter() - started
     correct = sum(hits)

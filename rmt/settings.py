@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rmt.hub import MINILM
-from rmt.model.config import RMTConfig
+from rmt.model.config import Architecture, RMTConfig
 
 # The memory wrapper's own defaults (RMTConfig, the paper's), shared rather than repeated.
 _WRAPPER_DEFAULTS = {field.name: field.default for field in dataclasses.fields(RMTConfig)}
@@ -23,6 +23,8 @@ class ModelSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    architecture: Architecture = Field(default="encoder", description="encoder: the paper's classifier on the last "
+                                       "[CLS]; decoder: a causal LM backbone that writes the answer (rmt.objective)")
     backbone: str = Field(default=MINILM, description="Hugging Face id or local directory of the backbone")
     pretrained: bool = Field(default=True, description="Load its weights, or build it from its config, randomly initialised")
     # Changes to the backbone's config, e.g. a small variant for the CPU (pretrained=False), or
@@ -58,7 +60,7 @@ class ModelSettings(BaseModel):
 
 
 def _keeps_weight_shapes(key: str) -> bool:
-    return key == "num_hidden_layers" or "dropout" in key
+    return key in ("num_hidden_layers", "is_decoder") or "dropout" in key
 
 
 class TrainSettings(BaseModel):

@@ -33,16 +33,15 @@ from typing import TYPE_CHECKING, Callable, ContextManager
 import numpy as np
 import torch
 from filelock import SoftFileLock, Timeout
-from transformers import (AutoConfig, AutoModel, get_constant_schedule_with_warmup,
-                          get_linear_schedule_with_warmup)
+from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from rmt.checkpoint import check_fits
 from rmt.data.dataset import TaskDataset
 from rmt.data.tasks import get_task
 from rmt.distributed import Distributed
-from rmt.hub import load_tokenizer, resolve
+from rmt.hub import load_tokenizer
 from rmt.layout import StageFiles
-from rmt.model import RMTConfig, RecurrentMemoryEncoder
+from rmt.objective import Objective, objective_for
 from rmt.model.config import CONFIG_NAME
 from rmt.settings import TRAINING_WRAPPER_SETTINGS, ModelSettings, TrainSettings
 from rmt.utils import UserError, atomic_directory, claim_output, progress_bar, recover_directory, write_atomic
@@ -54,20 +53,6 @@ if TYPE_CHECKING:
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
-
-
-def build_model(settings: ModelSettings, *, segment_length: int, num_labels: int) -> RecurrentMemoryEncoder:
-    rmt = dict(**settings.wrapper_settings(), segment_length=segment_length, num_labels=num_labels)
-    location = resolve(settings.backbone)
-    if settings.pretrained:
-        model = RecurrentMemoryEncoder.from_pretrained(location, backbone_kwargs=settings.backbone_overrides, **rmt)
-        model.config = model.config.replace(backbone=settings.backbone)  # the name, not this machine's path
-        return model
-    backbone_config = AutoConfig.from_pretrained(location, **settings.backbone_overrides)
-    backbone = AutoModel.from_config(backbone_config)
-    tokenizer = load_tokenizer(settings.backbone)
-    config = RMTConfig.for_tokenizer(tokenizer, backbone=settings.backbone, **rmt)
-    return RecurrentMemoryEncoder(backbone=backbone, config=config)
 
 
 class StageBusy(UserError):
@@ -141,6 +126,7 @@ class _StageInputs:
     valid_tokens: np.ndarray
     valid_labels: np.ndarray
     valid_kinds: np.ndarray | None  # the question kind of each validation example, where the task has kinds
+    objective: Objective  # the model kind: how it is built, its loss and its answers
 
     @classmethod
     def check(cls, data_dir, segments: int, *, model: ModelSettings, train: TrainSettings, init) -> "_StageInputs":
@@ -150,14 +136,16 @@ class _StageInputs:
         train_arrays = {n: data.arrays("train", n) for n in (*lengths, segments)}
         valid_tokens, valid_labels = validation_set(data, segments * train.valid_length_factor, train.eval_examples)
         if init is not None:
-            check_fits(init, data, option="--init", same_segment_length=False)
+            objective = check_fits(init, data, option="--init", same_segment_length=False)
         else:
-            data.check_vocabulary(load_tokenizer(model.backbone), f"the backbone '{model.backbone}'")
+            tokenizer = load_tokenizer(model.backbone)
+            data.check_vocabulary(tokenizer, f"the backbone '{model.backbone}'")
+            objective = objective_for(model.architecture, classes=data.card["classes"], tokenizer=tokenizer)
         valid_kinds = None
         if get_task(data.config.task).kinds:
             count = len(valid_labels) if train.eval_examples is None else min(train.eval_examples, len(valid_labels))
             valid_kinds = data.kinds("valid", segments * train.valid_length_factor, range(count))
-        return cls(data, train_arrays, valid_tokens, valid_labels, valid_kinds)
+        return cls(data, train_arrays, valid_tokens, valid_labels, valid_kinds, objective)
 
     def resolved_settings(self, segments: int, *, model: ModelSettings, train: TrainSettings, init) -> dict:
         """What the stage's config.json records: a rerun with other values starts afresh."""
@@ -299,8 +287,8 @@ class _Trainer:
         segment_length = inputs.data.config.segment_length
         if source is not None:
             try:
-                network = RecurrentMemoryEncoder.from_pretrained(
-                    source, segment_length=segment_length, **model.wrapper_settings(TRAINING_WRAPPER_SETTINGS))
+                network = inputs.objective.load(source, segment_length=segment_length,
+                                                **model.wrapper_settings(TRAINING_WRAPPER_SETTINGS))
                 tokenizer = load_tokenizer(str(source))
             except (ValueError, OSError) as error:
                 if not resume:
@@ -308,7 +296,7 @@ class _Trainer:
                 raise ValueError(f"The stage's resume checkpoint is unusable: {error}. Delete "
                                  f"{folder.checkpoints} to train the stage afresh") from None
         else:
-            network = build_model(model, segment_length=segment_length, num_labels=len(inputs.data.card["classes"]))
+            network = inputs.objective.new_model(model, segment_length=segment_length)
             tokenizer = load_tokenizer(model.backbone)
         network.to(device).train()
         trainer = cls(inputs=inputs, folder=folder, segments=segments, train=train, parallel=parallel, device=device,
@@ -387,7 +375,7 @@ class _Trainer:
             last_micro_batch = start + self.micro >= share
             # Gradients are averaged across processes once per step, on the last micro-batch.
             with contextlib.nullcontext() if last_micro_batch or parallel.world_size == 1 else self.network.no_sync():
-                loss = self.network(inputs, labels=targets).loss / accumulation
+                loss = self.inputs.objective.loss(self.network, inputs, targets) / accumulation
                 finite = parallel.sum(float(torch.isfinite(loss)), device) == parallel.world_size
                 if finite:
                     loss.backward()
@@ -409,8 +397,8 @@ class _Trainer:
         """Score the validation set, keep the best checkpoint, decide whether to stop."""
         inputs, progress = self.inputs, self.progress
         accuracy, valid_loss, *by_kind = evaluate_arrays(
-            self.model, inputs.valid_tokens, inputs.valid_labels, self.train.eval_examples, self.micro, self.device,
-            self.parallel, kinds=inputs.valid_kinds)
+            self.model, inputs.objective, inputs.valid_tokens, inputs.valid_labels, self.train.eval_examples,
+            self.micro, self.device, self.parallel, kinds=inputs.valid_kinds)
         by_kind = by_kind[0] if by_kind else {}
         self.model.train()
         record = {"step": progress.step, "train_loss": float(np.mean(losses)), "learning_rate": self.learning_rate,
@@ -510,11 +498,12 @@ def stage_lock(output: Path, parallel: Distributed = Distributed(), device: torc
 
 
 @torch.no_grad()
-def evaluate_arrays(model, tokens, labels, limit: int | None, batch_size: int, device,
+def evaluate_arrays(model, objective: Objective, tokens, labels, limit: int | None, batch_size: int, device,
                     parallel: Distributed = Distributed(), kinds: np.ndarray | None = None):
-    """Accuracy and mean cross-entropy on stored examples (the first `limit` of them), shared
-    out among processes; with the question `kinds` of the examples, also the accuracy of
-    each kind: (accuracy, loss, {kind: accuracy})."""
+    """Accuracy and mean cross-entropy over the classes (as the objective scores them) on
+    stored examples (the first `limit` of them), shared out among processes; with the
+    question `kinds` of the examples, also the accuracy of each kind: (accuracy, loss,
+    {kind: accuracy})."""
     model.eval()
     count = len(labels) if limit is None else min(limit, len(labels))
     mine = np.arange(parallel.rank, count, parallel.world_size)
@@ -522,7 +511,7 @@ def evaluate_arrays(model, tokens, labels, limit: int | None, batch_size: int, d
     for start in range(0, len(mine), batch_size):
         rows = mine[start : start + batch_size]
         targets = torch.as_tensor(labels[rows], device=device, dtype=torch.long)
-        logits = model(_token_tensor(tokens[rows], device)).logits
+        logits = objective.class_logits(model, _token_tensor(tokens[rows], device))
         hits[rows] = (logits.argmax(-1) == targets).cpu().numpy()
         loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
     accuracy, loss = parallel.sum(int(hits.sum()), device) / count, parallel.sum(loss_sum, device) / count

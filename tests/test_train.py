@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 import rmt.train as train_module
 from rmt.data.dataset import DataConfig, build_dataset
+from rmt.model import RecurrentMemoryEncoder
 from rmt.settings import ModelSettings, TrainSettings
 from rmt.train import TrainingDiverged, train_stage
 
@@ -115,7 +116,7 @@ def test_accuracy_ties_keep_the_checkpoint_with_the_lower_validation_loss(data, 
 def test_a_longer_validation_length_chooses_and_stops_the_stage(data, tmp_path, monkeypatch):
     seen = []
 
-    def record(model, tokens, labels, *args, **kwargs):
+    def record(model, objective, tokens, labels, *args, **kwargs):
         seen.append((tokens.shape, len(labels)))
         return 0.5, 1.0
 
@@ -210,10 +211,10 @@ def test_a_pretrained_backbone_can_keep_its_first_layers():
     from transformers import AutoModel
 
     from rmt.hub import resolve
-    from rmt.train import build_model
+    from rmt.objective import new_model
 
-    truncated = build_model(ModelSettings(pretrained=True, backbone_overrides={"num_hidden_layers": 2}),
-                            segment_length=32, num_labels=6)
+    truncated = new_model(ModelSettings(pretrained=True, backbone_overrides={"num_hidden_layers": 2}),
+                          segment_length=32, classes=[str(n) for n in range(6)])
     full = AutoModel.from_pretrained(resolve(MODEL.backbone))
     assert len(truncated.backbone.encoder.layer) == 2
     for name, tensor in truncated.backbone.encoder.layer[1].state_dict().items():
@@ -221,7 +222,7 @@ def test_a_pretrained_backbone_can_keep_its_first_layers():
 
 
 def test_a_nan_loss_stops_with_the_last_good_checkpoint(data, tmp_path, monkeypatch):
-    original, calls = train_module.RecurrentMemoryEncoder.forward, {"count": 0}
+    original, calls = RecurrentMemoryEncoder.forward, {"count": 0}
 
     def poisoned(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
@@ -231,7 +232,7 @@ def test_a_nan_loss_stops_with_the_last_good_checkpoint(data, tmp_path, monkeypa
                 out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(train_module.RecurrentMemoryEncoder, "forward", poisoned)
+    monkeypatch.setattr(RecurrentMemoryEncoder, "forward", poisoned)
     with pytest.raises(TrainingDiverged, match="step 9"):
         train_stage(data_dir=data, segments=1, output=tmp_path / "nan", model=MODEL, train=TRAIN, progress=False)
     saved = torch.load(tmp_path / "nan" / "checkpoints" / "last" / "training_state.pt", weights_only=True)
@@ -330,3 +331,48 @@ def test_evaluation_reports_accuracy_by_question_kind(reasoning, tmp_path):
         assert min(kinds) - 1e-9 <= row["accuracy"] <= max(kinds) + 1e-9  # a weighted mean of the two
     header = (tmp_path / "eval.csv").read_text().splitlines()[0]
     assert header.endswith("accuracy_end_room,accuracy_middle_room")
+
+
+DECODER = MODEL.model_copy(update={"architecture": "decoder", "backbone_overrides": {**TINY_BERT, "is_decoder": True}})
+
+
+def test_a_decoder_curriculum_trains_and_evaluates_through_the_same_loop(data, tmp_path):
+    """The objective seam: a causal-LM RMT (here BERT as a decoder, built from its config)
+    learns to write the answer's word, stage after stage, and is scored streamed like the
+    encoder, with no change to the loop, validation or evaluation."""
+    from rmt.evaluate import evaluate_checkpoint
+    from rmt.model import RecurrentMemoryDecoder
+    from rmt.data.tasks.base import PLACES
+    from rmt.hub import load_tokenizer
+    from rmt.objective import objective_for
+
+    train = TRAIN.model_copy(update={"learning_rate": 1e-2, "max_steps": 12})
+    first = train_stage(data_dir=data, segments=1, output=tmp_path / "stage-1", model=DECODER, train=train,
+                        progress=False)
+    second = train_stage(data_dir=data, segments=2, output=tmp_path / "stage-2", model=DECODER, train=train,
+                         init=tmp_path / "stage-1" / "best", progress=False)
+    losses = [json.loads(line)["train_loss"] for stage in ("stage-1", "stage-2")
+              for line in (tmp_path / stage / "history.jsonl").read_text().splitlines()]
+    # The answer's next-token loss starts near ln(vocabulary size) = 10.3 and falls as the
+    # model learns to write one of the six answers' words; stage 2 goes on from there.
+    assert losses[0] > 9.5 and losses[-1] < losses[0] - 2, losses
+    assert first["steps"] == second["steps"] == train.max_steps
+    best = tmp_path / "stage-2" / "best"
+    model = RecurrentMemoryDecoder.from_pretrained(best)
+    objective = objective_for("decoder", classes=PLACES, tokenizer=load_tokenizer(str(best)))
+    rows = evaluate_checkpoint(checkpoint=best, data_dir=data, output=tmp_path / "evaluation.csv", segments=[1, 3],
+                               max_examples=16, progress=False)
+    assert [row["evaluated_segments"] for row in rows] == [1, 3]
+    # Streamed scores are the in-memory forward's logits of the answers after the text.
+    tokens = torch.randint(1000, 2000, (2, 3 * 32))
+    with torch.no_grad():
+        full = model(tokens).logits[:, -1, objective.answer_ids]
+    assert torch.allclose(objective.class_logits(model, tokens), full, atol=1e-5)
+
+
+def test_a_decoder_needs_answers_of_one_token():
+    from rmt.hub import load_tokenizer
+    from rmt.objective import objective_for
+
+    with pytest.raises(ValueError, match="splits the answers"):
+        objective_for("decoder", classes=["bathroom", "walk-in wardrobe"], tokenizer=load_tokenizer(MODEL.backbone))

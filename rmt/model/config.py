@@ -78,10 +78,13 @@ class RMTConfig:
     @classmethod
     def for_tokenizer(cls, tokenizer, **settings) -> "RMTConfig":
         """An encoder config with the special token ids of `tokenizer` filled in."""
-        special = dict(
-            cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id
-        )
-        return cls(**{"architecture": "encoder", **special, **settings})
+        return cls(**{"architecture": "encoder", **cls.special_token_ids(tokenizer), **settings})
+
+    @staticmethod
+    def special_token_ids(tokenizer) -> dict:
+        """The encoder's segment tokens, as `tokenizer` numbers them."""
+        return dict(cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
 
     @property
     def num_special_tokens(self) -> int:

@@ -38,7 +38,7 @@ from rmt.utils import exists
 @dataclass
 class RMTDecoderOutput(ModelOutput):
     loss: Tensor | None = None  # () mean next-token cross-entropy over every predicted token
-    logits: Tensor | None = None  # (B, T, V) at the input's token positions
+    logits: Tensor | None = None  # (B, T, V) at the input's token positions; stream: (B, V) after the text
     memory_states: tuple[Tensor, ...] | None = None  # (B, m, H) before the first segment and after each one
     attentions: tuple[tuple[Tensor, ...], ...] | None = None  # per segment, per layer (A, heads, S, S)
     num_predictions: int | None = None  # tokens the loss averages over
@@ -180,9 +180,11 @@ class RecurrentMemoryDecoder(RecurrentMemoryModel):
 
     @torch.inference_mode()
     def stream(self, chunks: Iterable, *, num_tokens: int) -> RMTDecoderOutput:
-        """Mean next-token loss over a text far too long to hold: `chunks` yields token chunks,
-        (B, c) or (c,), that make `num_tokens` tokens per example. One segment is kept at a
-        time (plus the first token of the next one, the target of the segment's last token)."""
+        """Read a text far too long to hold: `chunks` yields token chunks, (B, c) or (c,), that
+        make `num_tokens` tokens per example. Returns the mean next-token loss over the text and
+        the logits (B, V) of the token that would follow it (a prompt's answer). One segment is
+        kept at a time (plus the first token of the next one, the target of the segment's last
+        token)."""
         count = self._num_stream_segments(num_tokens)
         segments = self._stream_segments(chunks, num_tokens)
         current = next(segments)
@@ -195,11 +197,12 @@ class RecurrentMemoryDecoder(RecurrentMemoryModel):
             targets[:, :length] = torch.cat([tokens[:, 1:], last], dim=1)
             step = self._full_batch_step(tokens, index, count, token_labels=targets)
             memory = self.initial_memory(batch) if memory is None else memory
-            memory, result = self._step(memory, step, return_logits=False)
+            memory, result = self._step(memory, step, return_logits=following is None)
             loss_sum += float(result.loss_sum)
             predictions += int((targets != IGNORE_INDEX).sum())
             current = following
-        return RMTDecoderOutput(loss=torch.tensor(loss_sum / max(predictions, 1)), num_predictions=predictions)
+        return RMTDecoderOutput(loss=torch.tensor(loss_sum / max(predictions, 1)), num_predictions=predictions,
+                                logits=result.logits[:, length - 1])  # (B, V) after the last token
 
     @torch.inference_mode()
     def generate(

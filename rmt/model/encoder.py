@@ -60,12 +60,7 @@ class RecurrentMemoryEncoder(RecurrentMemoryModel):
 
     @classmethod
     def _settings_from_backbone(cls, name_or_path: str) -> dict:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        return dict(
-            cls_token_id=tokenizer.cls_token_id,
-            sep_token_id=tokenizer.sep_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        return RMTConfig.special_token_ids(AutoTokenizer.from_pretrained(name_or_path))
 
     @property
     def text_start(self) -> int:

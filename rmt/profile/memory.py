@@ -110,12 +110,14 @@ def _timed(call, first_seconds: float) -> float:
 
 
 def _rmt_model(spec: Measurement):
-    from rmt.train import build_model
+    from rmt.data.tasks import get_task
+    from rmt.objective import new_model
 
-    # Built from its config: the cost of a pretrained backbone is that of its shape.
+    # Built from its config: the cost of a pretrained backbone is that of its shape (and the
+    # fact tasks' six answers, which every task shares).
     settings = ModelSettings(**spec.model).model_copy(
         update={"pretrained": False, "memory_efficient_backprop": spec.memory_efficient})
-    return build_model(settings, segment_length=spec.segment_length, num_labels=6)
+    return new_model(settings, segment_length=spec.segment_length, classes=get_task("memorize").classes)
 
 
 def _full_attention_backbone(spec: Measurement):

@@ -202,15 +202,13 @@ def _with_defaults(recorded: dict) -> dict:
         return recorded
 
 
-class _StageFolder:
-    """The stage's files: its settings, working checkpoints, history and published outputs.
-    Only the main process writes; the others wait for it at the barriers."""
+@dataclass(frozen=True)
+class _StageFolder(StageFiles):
+    """The stage's files (their names: StageFiles) as this run writes them: its settings,
+    working checkpoints, history and published outputs. Only the main process writes; the
+    others wait for it at the barriers."""
 
-    def __init__(self, output: Path, parallel: Distributed):
-        self.output, self.parallel = output, parallel
-        files = StageFiles(output)
-        self.settings, self.history, self.metrics, self.best = files.settings, files.history, files.metrics, files.best
-        self.checkpoints, self.last, self.best_so_far = files.checkpoints, files.last, files.best_so_far
+    parallel: Distributed = field(default_factory=Distributed)
 
     def prepare(self, resolved: dict) -> None:
         """Start afresh when the folder holds a run of other settings; repair a checkpoint
@@ -219,7 +217,7 @@ class _StageFolder:
         self.parallel.barrier()  # every process has checked the folder before the first one writes to it
         if self.parallel.is_main:
             if changed:
-                print(f"{self.output} holds a stage run with other settings: starting the stage afresh", file=sys.stderr)
+                print(f"{self.folder} holds a stage run with other settings: starting the stage afresh", file=sys.stderr)
                 for folder in (self.checkpoints, self.best):
                     shutil.rmtree(folder, ignore_errors=True)
                 for path in (self.metrics, self.history):

@@ -164,6 +164,7 @@ def train(
         overrides = [*overrides, f"train.seed={seed}"]
     from rmt.data.dataset import TaskDataset
     from rmt.tracking import check_store
+    from rmt.layout import StageFiles
     from rmt.train import train_stage
 
     try:
@@ -187,6 +188,10 @@ def train(
             if previous_run_id is None:  # a resumed run has its input already
                 _log_dataset(run, dataset, "training")
             yield run
+            if run is not None and segments == max(dataset.config.curriculum_segments):
+                # The curriculum's result: the model the runs table and the Models tab compare.
+                run.log_model(StageFiles(output).best, name=f"{task}-seed-{train_settings.seed}",
+                              classes=dataset.card["classes"], step=segments)
 
     metrics = train_stage(data_dir=data, segments=segments, output=output, model=model_settings,
                           train=train_settings, init=init, tracking=tracking)

@@ -485,6 +485,38 @@ class Run:
         _retry(self.uri, f"logging the dataset of run {self.name!r}", self._client.log_inputs, self.run_id,
                datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
+    def log_model(self, checkpoint: str | os.PathLike, *, name: str, classes: list[str], step: int = 0) -> str:
+        """A checkpoint as an MLflow model this run produced (the runs table's Models column,
+        the Models tab's comparison): rmt/mlflow_model.py as its code, the checkpoint folder
+        as its artifact and the rmt package beside it, so `mlflow.pyfunc.load_model` neither
+        unpickles anything nor needs rmt installed. Returns the model id; a run that already
+        has its model (a resumed step) keeps it."""
+        import tempfile
+
+        import mlflow.pyfunc
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        from rmt.mlflow_model import CHECKPOINT_ARTIFACT
+
+        run = _retry(self.uri, f"reading run {self.name!r}", self._client.get_run, self.run_id)
+        if run.outputs is not None and run.outputs.model_outputs:
+            return run.outputs.model_outputs[0].model_id
+        package = Path(__file__).resolve().parent
+        with tempfile.TemporaryDirectory() as staging:
+            local = Path(staging) / "model"
+            mlflow.pyfunc.save_model(local, python_model=str(package / "mlflow_model.py"),
+                                     artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
+                                     model_config={"classes": list(classes)}, code_paths=[str(package)],
+                                     pip_requirements=_runtime_requirements())
+            model = _retry(self.uri, f"creating the model of run {self.name!r}", self._client.create_logged_model,
+                           run.info.experiment_id, name=name, source_run_id=self.run_id, model_type="rmt")
+            _retry(self.uri, f"uploading the model of run {self.name!r}", self._client.log_model_artifacts,
+                   model.model_id, str(local))
+        self._client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        _retry(self.uri, f"linking the model of run {self.name!r}", self._client.log_outputs, self.run_id,
+               [LoggedModelOutput(model.model_id, step)])
+        return model.model_id
+
     def log_artifact(self, path: str | os.PathLike, *, artifact_path: str | None = None) -> None:
         """Copy a file, or a directory's contents, into the run's artifacts."""
         path = Path(path)
@@ -492,6 +524,32 @@ class Run:
             raise FileNotFoundError(f"artifact {path} does not exist: write it before logging it")
         log = self._client.log_artifacts if path.is_dir() else self._client.log_artifact
         _retry(self.uri, f"logging artifact {path} of run {self.name!r}", log, self.run_id, str(path), artifact_path)
+
+
+def _runtime_requirements() -> list[str]:
+    """rmt's own pinned requirements (pyproject.toml), without the optional extras."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        return [entry for entry in requires("rmt") or [] if "extra ==" not in entry]
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return []
+
+
+def checkpoint_of(model_uri: str, destination: str | os.PathLike | None = None) -> Path:
+    """The checkpoint folder of an MLflow model `Run.log_model` logged (e.g. "models:/<id>"),
+    downloaded: `RecurrentMemoryEncoder.from_pretrained` loads it as it is."""
+    import mlflow.artifacts
+    from mlflow.models import Model
+
+    from rmt.mlflow_model import CHECKPOINT_ARTIFACT
+
+    model = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=destination,
+                                                     tracking_uri=_resolve(tracking_uri())))
+    artifacts = Model.load(model).flavors["python_function"].get("artifacts", {})
+    if CHECKPOINT_ARTIFACT not in artifacts:
+        raise TrackingError(f"{model_uri} is not a model rmt logged (no {CHECKPOINT_ARTIFACT!r} artifact)")
+    return model / artifacts[CHECKPOINT_ARTIFACT]["path"]
 
 
 def _process_start(pid: int) -> str:

@@ -75,6 +75,11 @@ def test_data_train_and_evaluate_are_tracked_as_one_group(tmp_path, monkeypatch)
     assert contexts == {"data": ["generated"], "train": ["training"], "evaluate": ["evaluation"]}
     assert len({found[0].dataset.digest for found in inputs.values()}) == 1
     assert inputs["train"][0].dataset.name == "memorize-32tok-seed0"
+    # The curriculum's last stage (here its only one) is an MLflow model of its train run.
+    outputs = client.get_run(train["run_id"]).outputs.model_outputs
+    assert [output.step for output in outputs] == [1]
+    model = client.get_logged_model(outputs[0].model_id)
+    assert model.name == "memorize-seed-0" and model.source_run_id == train["run_id"]
 
 
 def _memorize_data(runner, data):

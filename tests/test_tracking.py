@@ -294,7 +294,8 @@ def test_only_the_tracking_module_imports_mlflow():
     importers = sorted(
         str(path.relative_to(ROOT)) for path in (ROOT / "rmt").rglob("*.py") if pattern.search(path.read_text())
     )
-    assert importers == ["rmt/tracking.py"]
+    # ... and the code of the MLflow model it logs, which only MLflow itself imports.
+    assert importers == ["rmt/mlflow_model.py", "rmt/tracking.py"]
 
 
 def test_the_pipeline_experiment_is_a_model_training_experiment(store):
@@ -327,3 +328,35 @@ def test_a_reproduction_is_a_parent_run_and_leaves_sigterm_to_its_driver(store, 
     assert recorded.info.status == "FINISHED" and recorded.info.run_name == "reproduction-1"
     assert recorded.data.params["seeds"] == "[0, 1]" and recorded.data.metrics["memorize/accuracy_4096"] == 1.0
     assert client(store).get_run(child_id).data.tags[tracking.PARENT_TAG] == parent_id
+
+
+def test_a_logged_checkpoint_is_an_mlflow_model_that_loads_back_without_pickle(store, tmp_path, minilm_path):
+    import torch
+    from conftest import make_encoder, random_text
+    from mlflow import MlflowClient
+    from mlflow.pyfunc import load_model
+    from transformers import AutoTokenizer
+
+    from rmt.model import RecurrentMemoryEncoder
+
+    checkpoint = tmp_path / "best"
+    model = make_encoder(num_labels=6)
+    model.save_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(checkpoint)
+    classes = ["bathroom", "hallway", "garden", "office", "bedroom", "kitchen"]
+    with tracking.Run(experiment="rmt", name="memorize/seed-0/stage-2/train", system_metrics=False) as run:
+        model_id = run.log_model(checkpoint, name="memorize-seed-0", classes=classes, step=2)
+        assert run.log_model(checkpoint, name="memorize-seed-0", classes=classes) == model_id  # once per run
+        run_id = run.run_id
+
+    logged = MlflowClient(store).get_logged_model(model_id)
+    assert logged.source_run_id == run_id and logged.status.to_proto() == 2  # READY
+    outputs = MlflowClient(store).get_run(run_id).outputs.model_outputs
+    assert [(output.model_id, output.step) for output in outputs] == [(model_id, 2)]
+    texts = [random_text(70, seed=seed).tolist() for seed in range(3)]
+    expected = [classes[int(model(torch.tensor([text])).logits.argmax())] for text in texts]
+    assert load_model(f"models:/{model_id}").predict(texts) == expected
+    assert not list(Path(tracking.ARTIFACTS_DIRECTORY).rglob("*.pkl"))  # models from code: nothing pickled
+    reloaded = RecurrentMemoryEncoder.from_pretrained(tracking.checkpoint_of(f"models:/{model_id}", tmp_path / "dl"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name

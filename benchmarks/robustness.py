@@ -112,7 +112,7 @@ def run_one(job: dict) -> dict:
         stages.append({key: metrics[key] for key in ("segments", "steps", "best_step", "best_valid_accuracy",
                                                     "stop_reason", "seconds")})
         init = folder / f"stage-{segments}" / "best"
-    train_seconds = time.perf_counter() - started
+    train_seconds = sum(stage["seconds"] for stage in stages)  # also of stages an earlier attempt trained
     accuracy = {}
     for length in lengths:
         if job["skip_below"] is not None and any(a is None or a["accuracy"] < job["skip_below"]

@@ -142,7 +142,7 @@ def _evaluate_length(scores: Callable[..., torch.Tensor], data: TaskDataset, che
         "trained_segments": trained_segments(checkpoint), "evaluated_segments": length, "tokens": num_tokens,
         "examples": examples, "accuracy": correct / examples, "ci_low": low, "ci_high": high,
         "seconds": round(seconds, 3), "examples_per_second": round(examples / seconds, 3),
-        "peak_memory_mb": round(meter.growth_mb, 1), **_accuracy_by_kind(data, length, np.array(hits)),
+        "peak_memory_mb": round(meter.absolute_mb, 1), **_accuracy_by_kind(data, length, np.array(hits)),
     }
 
 

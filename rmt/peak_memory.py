@@ -24,8 +24,9 @@ def _status_mb(field: str) -> float:
 class PeakMemory:
     """`with PeakMemory(device) as meter: ...` then `meter.peak_mb`: the peak during the block
     above the baseline taken when the meter was made (make it before building the model to
-    count weights too, as CUDA's max_memory_allocated does), and `meter.growth_mb`: the peak
-    above what was resident when the block started."""
+    count weights too, as CUDA's max_memory_allocated does), `meter.growth_mb`: the peak
+    above what was resident when the block started, and `meter.absolute_mb`: the peak itself
+    (the process's resident set, or every CUDA tensor), what a machine must have."""
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.cuda = torch.device(device).type == "cuda"
@@ -51,5 +52,6 @@ class PeakMemory:
             peak = _status_mb("VmHWM")
         else:  # no high-water mark outside Linux: the end of the block is the best we know
             peak = max(self._current_mb(), self.start_mb)
+        self.absolute_mb = peak
         self.peak_mb = peak - self.baseline_mb
         self.growth_mb = peak - self.start_mb

@@ -42,6 +42,7 @@ from rmt.distributed import Distributed
 from rmt.hub import load_tokenizer
 from rmt.layout import StageFiles
 from rmt.objective import Objective, objective_for
+from rmt.peak_memory import PeakMemory
 from rmt.model.config import CONFIG_NAME
 from rmt.settings import TRAINING_WRAPPER_SETTINGS, ModelSettings, TrainSettings
 from rmt.utils import UserError, atomic_directory, claim_output, progress_bar, recover_directory, write_atomic
@@ -97,10 +98,11 @@ def train_stage(
             trainer.progress.run_id = run.run_id if run is not None else None
             finished_before = trainer.progress.stop_reason is not None  # only its outputs are published again
             if not finished_before:
-                trainer.run(run, show_progress=progress)
+                with PeakMemory(device) as memory:
+                    trainer.run(run, show_progress=progress)
             metrics = folder.publish(trainer.progress, segments)
             if run is not None and not finished_before:
-                _log_outcome(run, metrics, folder)
+                _log_outcome(run, metrics, folder, peak_memory_mb=memory.absolute_mb)
     return metrics
 
 
@@ -109,8 +111,11 @@ def _untracked(_previous_run_id):
     yield None
 
 
-def _log_outcome(run: "Run", metrics: dict, folder: "_StageFolder") -> None:
-    run.log_metrics({"best_valid_accuracy": metrics["best_valid_accuracy"]}, step=metrics["steps"])
+def _log_outcome(run: "Run", metrics: dict, folder: "_StageFolder", *, peak_memory_mb: float) -> None:
+    """The stage's headline figures (columns of the runs table) and its files. The time is
+    the stage's over all its attempts; the peak memory this attempt's, absolute."""
+    run.log_metrics({"best_valid_accuracy": metrics["best_valid_accuracy"], "seconds": metrics["seconds"],
+                     "peak_memory_mb": round(peak_memory_mb, 1)}, step=metrics["steps"])
     run.set_tags({"rmt.stop_reason": metrics["stop_reason"]})
     for path in (folder.metrics, folder.history, folder.settings):
         run.log_artifact(path)

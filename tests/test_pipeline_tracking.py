@@ -56,6 +56,9 @@ def test_data_train_and_evaluate_are_tracked_as_one_group(tmp_path, monkeypatch)
     assert train["params"]["train.max_steps"] == "4" and train["params"]["model.num_memory_tokens"] == "2"
     assert [step for step, _ in metric_history(train["run_id"], "train_loss")] == [1, 2, 3, 4]
     assert [step for step, _ in metric_history(train["run_id"], "valid_accuracy")] == [2, 4]
+    # Time and peak memory as columns: the peak is absolute (the process, weights and all).
+    assert train["metrics"]["seconds"] > 0 and train["metrics"]["peak_memory_mb"] > 100
+    assert runs["evaluate"]["metrics"]["peak_memory_mb"] > 100
     for run in runs.values():  # CPU and memory use sampled while each command ran
         assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run["metrics"])
     evaluate = metric_history(runs["evaluate"]["run_id"], "accuracy")

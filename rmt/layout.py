@@ -7,6 +7,7 @@ plain Python, so that any layer can read them.
     results/<task>/seed-<s>/evaluation.csv|json    the last stage at long inputs
     results/<task>/seed-<s>/grid/stage-<n>.csv     every stage on 1..15 segments
     results/profile/                               FLOPs, attention maps, memory profile
+    results/timings/<rule>/...tsv                  each job's time and memory (Snakemake)
     reports/                                       figures and tables (report_files)
 
 A checkpoint folder (stage-<n>/best/) is a Hugging Face model folder: the backbone's
@@ -32,6 +33,7 @@ MEMORY_FILES = tuple(f"{MEMORY}/{name}" for name in ("inference.csv", "training.
 REPORT = "reports"
 DVC_CHECKED = "results/dvc-yaml-checked.txt"  # written by `dvc repro`'s first stage when dvc.yaml is current
 LOGS = "logs"
+TIMINGS = "results/timings"  # Snakemake's benchmark file of every job: {rule}/...tsv
 
 # What the report shows, in the order of Snakemake's HTML report: figures (one file per
 # format) and tables, each with its caption there (workflow/report/<caption>.rst) and category.

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -135,6 +136,13 @@ def test_the_tiny_pipeline_end_to_end(tmp_path):
     assert parent.data.params["seeds"] == "[0]" and parent.data.params["config_files"] == "['params.yaml']"
     assert {"memorize/accuracy_4", "memorize/last_stage_valid_accuracy"} <= set(parent.data.metrics)
     assert all(len(run.data.tags["mlflow.source.git.commit"]) >= 1 for run in runs)
+    # Where the time went: one row per job from Snakemake's benchmark files, summed.
+    timing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reproduce_time.py"), "--project",
+                             str(project.root), "--output", str(tmp_path / "time.md")], capture_output=True, text=True,
+                            timeout=120)
+    assert timing.returncode == 0, timing.stderr
+    assert "| train/memorize/seed-0/stage-2 |" in timing.stdout and "| train | 2 |" in timing.stdout
+    assert "Sum over 9 jobs:" in timing.stdout
 
     # Done: nothing to do. One changed value reruns exactly what reads it.
     assert "Nothing to be done" in project.snakemake("-n").stdout

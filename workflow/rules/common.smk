@@ -19,6 +19,7 @@ from rmt.layout import (
     MEMORY,
     REPORT,
     STAGE,
+    TIMINGS,
     report_files,
 )
 from rmt.pipeline import STEP_NAMES, plan
@@ -69,7 +70,6 @@ def close_reproduction_run(failed):
         run.log_metrics(headline_results(list(STEPS.values())), step=0)
         run.__exit__(RuntimeError if failed else None, None, None)
 
-TIMINGS = "results/timings"
 ENVIRONMENT = "../../environment.yml"  # for --software-deployment-method conda
 
 

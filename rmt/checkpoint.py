@@ -1,8 +1,8 @@
 """A trained checkpoint (a stage's best/ folder) and the data it may be used with.
 
     stage-N/config.json   the stage's settings (rmt.train): the task's data, segments, ...
-    stage-N/best/         the checkpoint: rmt_config.json, config.json (backbone),
-                          model.safetensors, the tokenizer's files
+    stage-N/best/         the checkpoint: config.json (the RMT's, the backbone's nested:
+                          rmt/model/auto.py), model.safetensors, the tokenizer's files
 
 Evaluation, attention maps and a stage's --init all check here, before any work, that the
 checkpoint is whole and fits the dataset it is given.

@@ -10,8 +10,8 @@ plain Python, so that any layer can read them.
     results/timings/<rule>/...tsv                  each job's time and memory (Snakemake)
     reports/                                       figures and tables (report_files)
 
-A checkpoint folder (stage-<n>/best/) is a Hugging Face model folder: the backbone's
-config.json and weights, the tokenizer, and rmt.model.config.CONFIG_NAME.
+A checkpoint folder (stage-<n>/best/) is a Hugging Face model folder: config.json (the
+RMT's, with the backbone's nested: rmt/model/auto.py), the weights and the tokenizer.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from rmt.hub import load_tokenizer
 from rmt.layout import StageFiles
 from rmt.objective import Objective, objective_for
 from rmt.peak_memory import PeakMemory
-from rmt.model.config import CONFIG_NAME
+from rmt.model.auto import is_checkpoint_folder
 from rmt.settings import TRAINING_WRAPPER_SETTINGS, ModelSettings, TrainSettings
 from rmt.utils import UserError, atomic_directory, claim_output, progress_bar, recover_directory, write_atomic
 
@@ -239,7 +239,7 @@ class _StageFolder(StageFiles):
     def save(self, folder: Path, model, tokenizer, state: dict | None = None) -> None:
         if not self.parallel.is_main:
             return
-        with atomic_directory(folder, marker=CONFIG_NAME, kind="an RMT checkpoint") as staging:
+        with atomic_directory(folder, ours=is_checkpoint_folder, kind="an RMT checkpoint") as staging:
             model.save_into(staging)
             tokenizer.save_pretrained(staging)
             if state is not None:
@@ -256,8 +256,8 @@ class _StageFolder(StageFiles):
                    "stop_reason": progress.stop_reason, "seconds": round(progress.seconds, 1)}
         if self.parallel.is_main:
             self.write_history(progress)
-            if not (self.best / CONFIG_NAME).is_file():
-                with atomic_directory(self.best, marker=CONFIG_NAME, kind="an RMT checkpoint") as staging:
+            if not (self.best.is_dir() and any(self.best.iterdir())):
+                with atomic_directory(self.best, ours=is_checkpoint_folder, kind="an RMT checkpoint") as staging:
                     shutil.copytree(self.best_so_far, staging, dirs_exist_ok=True)
             # Last: its presence means the stage is complete.
             write_atomic(self.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")

@@ -150,18 +150,21 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_directory(target: str | os.PathLike, *, marker: str, kind: str = "a folder") -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike, *, marker: str | None = None,
+                     ours: Callable[[Path], bool] | None = None, kind: str = "a folder") -> Iterator[Path]:
     """Write a directory all at once: yields a temporary sibling, renamed onto `target` on
     success. A crash leaves either the old directory or the new one, never a mix; on error
     the temporary directory is removed and `target` is untouched. An existing `target` is
-    replaced only if it holds `marker`, a file every such folder of rmt's holds."""
-    target = claim_output(target, kind=kind, ours=has_marker(marker))
+    replaced only if it holds `marker`, a file every such folder of rmt's holds (or, where
+    a file name is not enough, if `ours(target)` says it is rmt's)."""
+    ours = ours or has_marker(marker)
+    target = claim_output(target, kind=kind, ours=ours)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide results from a cluster group
     try:
         yield staging
-        claim_output(target, kind=kind, ours=has_marker(marker))  # nothing else appeared there meanwhile
+        claim_output(target, kind=kind, ours=ours)  # nothing else appeared there meanwhile
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

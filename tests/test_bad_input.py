@@ -5,6 +5,7 @@ no traceback, and every file that was there before is unchanged, with nothing ad
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -65,12 +66,19 @@ def _damage_garbage_weights(work: Path, root: Path) -> None:
 
 def _damage_rmt_config(work: Path, root: Path) -> None:
     shutil.copytree(root / "stage-1" / "best", work / "best")
-    (work / "best" / "rmt_config.json").write_text('{"architecture": "encoder", "num_labels": "six"}')
+    _edit_config(work / "best", "rmt_config", num_labels="six")
 
 
 def _damage_backbone_config(work: Path, root: Path) -> None:
     shutil.copytree(root / "stage-1" / "best", work / "best")
-    (work / "best" / "config.json").write_text('{"model_type": "bert", "hidden_size": "wide"}')
+    _edit_config(work / "best", "backbone_config", hidden_size="wide")
+
+
+def _edit_config(checkpoint: Path, part: str, **values) -> None:
+    """Change values of the RMT's or the backbone's part of a checkpoint's config.json."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    config[part].update(values)
+    (checkpoint / "config.json").write_text(json.dumps(config))
 
 
 def _damage_card(work: Path, root: Path) -> None:

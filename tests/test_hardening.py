@@ -1,6 +1,7 @@
 """The edges (issue 16): nothing a command did not write is replaced, no file is unpickled
 beyond tensors, one trainer per stage, damaged files are named, not tracebacks."""
 
+import json
 import os
 import signal
 import subprocess
@@ -142,7 +143,9 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(stage, tmp_path, damage):
     elif damage == "garbage weights":
         (checkpoint / "model.safetensors").write_bytes(b"not a safetensors file at all")
     elif damage == "rmt config types":
-        (checkpoint / "rmt_config.json").write_text('{"architecture": "encoder", "num_labels": "six"}')
+        config = json.loads((checkpoint / "config.json").read_text())
+        config["rmt_config"]["num_labels"] = "six"
+        (checkpoint / "config.json").write_text(json.dumps(config))
     else:
         (checkpoint / "config.json").write_text('{"model_type": "bert", "hidden_size":')
     with pytest.raises(ValueError, match=f"The checkpoint {checkpoint} is damaged or incomplete.*train its stage again"):

@@ -21,7 +21,7 @@ from conftest import (
 )
 from rmt import RecurrentMemoryDecoder, RecurrentMemoryEncoder
 
-FILES = {"rmt_config.json", "config.json", "model.safetensors"}
+FILES = {"config.json", "model.safetensors"}  # a Hugging Face model folder
 
 
 def encoder_inputs() -> list[list[int]]:
@@ -288,17 +288,17 @@ def test_wrong_architecture_errors(tmp_path, encoder_checkpoint):
 def test_edited_backbone_config_errors(encoder_checkpoint):
     path = encoder_checkpoint / "config.json"
     values = json.loads(path.read_text())
-    assert values["hidden_size"] == 32
-    values["hidden_size"] = 64
+    assert values["backbone_config"]["hidden_size"] == 32
+    values["backbone_config"]["hidden_size"] = 64
     path.write_text(json.dumps(values))
     with pytest.raises(ValueError, match="do not match its config files"):
         RecurrentMemoryEncoder.from_pretrained(encoder_checkpoint)
 
 
 def test_unknown_rmt_config_field_errors(encoder_checkpoint):
-    path = encoder_checkpoint / "rmt_config.json"
+    path = encoder_checkpoint / "config.json"
     values = json.loads(path.read_text())
-    values["future_setting"] = 1
+    values["rmt_config"]["future_setting"] = 1
     path.write_text(json.dumps(values))
     with pytest.raises(ValueError, match="future_setting"):
         RecurrentMemoryEncoder.from_pretrained(encoder_checkpoint)
@@ -346,3 +346,53 @@ def test_unknown_backbone_name(cls):
 def test_missing_local_directory(tmp_path):
     with pytest.raises(OSError, match="Could not load"):
         RecurrentMemoryDecoder.from_pretrained(tmp_path / "nothing-here")
+
+
+def test_the_auto_classes_load_a_checkpoint_as_the_rmt_it_is(tmp_path):
+    """Not as the bare backbone with re-initialised weights: config.json is the RMT's own
+    (model_type rmt_encoder / rmt_decoder, the backbone's config nested)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    encoder, decoder = make_encoder(), make_decoder("gpt2")
+    encoder.save_pretrained(tmp_path / "encoder")
+    decoder.save_pretrained(tmp_path / "decoder")
+    assert json.loads((tmp_path / "encoder" / "config.json").read_text())["model_type"] == "rmt_encoder"
+    assert AutoConfig.from_pretrained(tmp_path / "decoder").backbone().model_type == "gpt2"
+    loaded = AutoModel.from_pretrained(tmp_path / "encoder")
+    assert type(loaded) is RecurrentMemoryEncoder
+    assert_same_encoder_outputs(encoder_outputs(encoder), encoder_outputs(loaded))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "decoder")
+    assert type(loaded) is RecurrentMemoryDecoder
+    assert_same_state(decoder, loaded)
+    with pytest.raises(ValueError, match="Unrecognized configuration class"):
+        AutoModel.from_pretrained(tmp_path / "decoder")  # loudly: a decoder is no AutoModel
+
+
+def test_a_checkpoint_loads_from_a_hub_repository(tmp_path):
+    """By repository id through the hub's cache, offline: a local mirror of a hub repo."""
+    encoder = make_encoder()
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--someone--rmt-tiny"
+    encoder.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for load in (RecurrentMemoryEncoder.from_pretrained, AutoModel.from_pretrained):
+        loaded = load("someone/rmt-tiny", cache_dir=str(tmp_path / "cache"), local_files_only=True)
+        assert type(loaded) is RecurrentMemoryEncoder
+        assert_same_encoder_outputs(encoder_outputs(encoder), encoder_outputs(loaded))
+
+
+def test_a_checkpoint_of_the_earlier_layout_still_loads(tmp_path):
+    """Before model_type: the backbone's config.json beside rmt_config.json."""
+    from safetensors.torch import save_model
+
+    encoder = make_encoder()
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "rmt_config.json").write_text(json.dumps(encoder.config.to_dict()))
+    encoder.backbone.config.save_pretrained(folder)
+    save_model(encoder, str(folder / "model.safetensors"))
+    assert_same_encoder_outputs(encoder_outputs(encoder), encoder_outputs(RecurrentMemoryEncoder.from_pretrained(folder)))
+    assert rmt.model.base.read_checkpoint_config(folder) == encoder.config
+    encoder.save_pretrained(folder)  # an RMT checkpoint: rmt may replace it
+    assert {p.name for p in folder.iterdir()} == FILES

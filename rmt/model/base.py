@@ -18,9 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig
+from transformers import PretrainedConfig
 
-from rmt.model.config import CONFIG_NAME, RMTConfig
+from rmt.model.auto import (HF_CONFIG_NAME, RecurrentMemoryConfig, checkpoint_configs, is_checkpoint_folder,
+                            is_rmt_config_file)
+from rmt.model.config import RMTConfig
 from rmt.model.segments import Alignment, SegmentStep, first_tokens, num_segments_for, stream_segments
 from rmt.utils import atomic_directory, exists
 
@@ -31,19 +33,48 @@ def read_checkpoint_config(path: str | Path) -> RMTConfig:
     """The RMTConfig of the checkpoint folder `path`, once its files are known to be whole:
     the RMT config, the backbone's config and the weights' header all parse. A missing,
     truncated or garbled file is one problem for the user, whatever the parser says."""
-    path = Path(path)
-    if not (path / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{path} is not an RMT checkpoint (no {CONFIG_NAME}): give a stage's best/ folder")
+    return _read_checkpoint(Path(path))[0]
+
+
+def _read_checkpoint(path: Path) -> tuple[RMTConfig, PretrainedConfig]:
     try:
-        config = RMTConfig.load(path)
-        AutoConfig.from_pretrained(path)
-        with safe_open(path / WEIGHTS_NAME, framework="pt") as weights:
-            weights.keys()
-    except Exception as error:  # noqa: BLE001 - see the docstring
+        configs = checkpoint_configs(path)
+        if configs is not None:
+            with safe_open(path / WEIGHTS_NAME, framework="pt") as weights:
+                weights.keys()
+    except Exception as error:  # noqa: BLE001 - see read_checkpoint_config
         raise ValueError(f"The checkpoint {path} is damaged or incomplete ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else 'unreadable'}): train its stage again, "
                          "or give another checkpoint") from None
-    return config
+    if configs is None:
+        raise FileNotFoundError(f"{path} is not an RMT checkpoint (its {HF_CONFIG_NAME} is missing or not an RMT's): "
+                                "give a stage's best/ folder")
+    return configs
+
+
+def _checkpoint_folder(name_or_path: str | Path, hub: dict) -> Path | None:
+    """The local folder of the RMT checkpoint `name_or_path` names: the folder itself, or a
+    hub repository's snapshot (fetched, or from the cache when offline); None when it names
+    no RMT checkpoint (a backbone, or nothing: the backbone loader then says what is wrong)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path if is_checkpoint_folder(path) and any(path.iterdir()) else None
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        config_file = hf_hub_download(str(name_or_path), HF_CONFIG_NAME, **hub)
+    except Exception:  # noqa: BLE001 - not a repository the hub (or its cache) has: no checkpoint here
+        return None
+    if not is_rmt_config_file(Path(config_file)):
+        return None
+    return Path(snapshot_download(str(name_or_path), **{k: v for k, v in hub.items() if k != "subfolder"}))
+
+
+# Options of the Auto classes' from_pretrained: where to fetch a checkpoint from the hub ...
+HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+# ... and ones that mean nothing for an RMT checkpoint (its own code is this package).
+AUTO_CLASS_OPTIONS = ("trust_remote_code", "adapter_kwargs", "_from_auto", "_commit_hash", "subfolder")
+
 # Loading a backbone never silently downcasts: the paper trains in full precision, and
 # transformers 5 otherwise keeps a checkpoint's own dtype (often bf16).
 DEFAULT_BACKBONE_KWARGS = {"dtype": torch.float32}
@@ -232,16 +263,16 @@ class RecurrentMemoryModel(nn.Module):
 
     # ---------------------------------------------------------------- save / load
     def save_pretrained(self, directory: str | Path) -> None:
-        """Backbone config (config.json), RMT config (rmt_config.json) and every weight
-        (model.safetensors) in one directory, written atomically."""
-        with atomic_directory(directory, marker=CONFIG_NAME, kind="an RMT checkpoint") as staging:
+        """The config (config.json: the RMT's, with the backbone's nested; model_type
+        rmt_encoder or rmt_decoder) and every weight (model.safetensors) in one directory,
+        written atomically: a Hugging Face model folder that the Auto classes load."""
+        with atomic_directory(directory, ours=is_checkpoint_folder, kind="an RMT checkpoint") as staging:
             self.save_into(staging)
 
     def save_into(self, directory: Path) -> None:
         """The checkpoint's files, written into an existing directory (for callers that put
         more beside them, such as a tokenizer or training state, in one atomic write)."""
-        self.config.save(directory)
-        self.backbone.config.save_pretrained(directory)
+        RecurrentMemoryConfig.of(self.config, self.backbone.config).save_pretrained(directory)
         # save_model drops tied duplicates (GPT-2's lm_head is its input embedding).
         save_model(self, str(Path(directory) / WEIGHTS_NAME), metadata={"format": "pt"})
 
@@ -251,15 +282,20 @@ class RecurrentMemoryModel(nn.Module):
         name_or_path: str | Path,
         *,
         backbone_kwargs: dict | None = None,
+        config: PretrainedConfig | None = None,
         **settings,
     ) -> "RecurrentMemoryModel":
-        """An RMT checkpoint written by save_pretrained, or a backbone to wrap: a Hugging Face
-        model id or a local directory. `settings` are RMTConfig fields; for a checkpoint only
-        those that keep the weights' shapes may change (segment_length, bptt_depth, ...).
-        Like Hugging Face models, the result is in eval mode: call .train() to train it."""
-        path = Path(name_or_path)
-        if (path / CONFIG_NAME).is_file():
-            return cls._from_checkpoint(path, settings)
+        """An RMT checkpoint written by save_pretrained (a local folder or a Hugging Face hub
+        repository), or a backbone to wrap (a hub id or a local folder). `settings` are
+        RMTConfig fields; for a checkpoint only those that keep the weights' shapes may
+        change (segment_length, bptt_depth, ...). The Auto classes call this with the
+        `config` they read and their hub options (revision, cache_dir, ...), which fetch the
+        checkpoint. Like Hugging Face models, the result is in eval mode."""
+        hub = {name: settings.pop(name) for name in HUB_OPTIONS if name in settings}
+        settings = {name: value for name, value in settings.items() if name not in AUTO_CLASS_OPTIONS}
+        checkpoint = _checkpoint_folder(name_or_path, hub)
+        if checkpoint is not None:
+            return cls._from_checkpoint(checkpoint, settings)
         backbone = cls._load_backbone(str(name_or_path), {**DEFAULT_BACKBONE_KWARGS, **(backbone_kwargs or {})})
         config = RMTConfig(
             architecture=cls.architecture,
@@ -279,14 +315,14 @@ class RecurrentMemoryModel(nn.Module):
             return cls.auto_model_class.from_pretrained(name_or_path, **kwargs)
         except OSError as error:
             raise OSError(
-                f"Could not load the backbone '{name_or_path}': it is neither an RMT checkpoint (no {CONFIG_NAME}) "
+                f"Could not load the backbone '{name_or_path}': it is neither an RMT checkpoint "
                 "nor a model directory, and the Hugging Face hub did not provide it (offline, or a wrong id). "
                 "Pass a local directory, or download the model once with network access."
             ) from error
 
     @classmethod
     def _from_checkpoint(cls, path: Path, settings: dict) -> "RecurrentMemoryModel":
-        saved = read_checkpoint_config(path)
+        saved, backbone_config = _read_checkpoint(path)
         if saved.architecture != cls.architecture:
             other = "RecurrentMemoryEncoder" if saved.architecture == "encoder" else "RecurrentMemoryDecoder"
             raise ValueError(f"{path} holds a {saved.architecture} RMT: load it with {other}.from_pretrained")
@@ -298,7 +334,7 @@ class RecurrentMemoryModel(nn.Module):
         if conflicts:
             detail = ", ".join(f"{name}: checkpoint {old!r}, asked {new!r}" for name, (old, new) in conflicts.items())
             raise ValueError(f"The checkpoint {path} does not match the requested config ({detail}): these change the weights")
-        backbone = cls.auto_model_class.from_config(AutoConfig.from_pretrained(path))
+        backbone = cls.auto_model_class.from_config(backbone_config)
         model = cls(backbone=backbone, config=saved.replace(**settings))
         try:
             load_model(model, str(path / WEIGHTS_NAME), strict=True)

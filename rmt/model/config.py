@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-CONFIG_NAME = "rmt_config.json"
-
 Architecture = Literal["encoder", "decoder"]
 
 
@@ -117,9 +115,8 @@ class RMTConfig:
             raise ValueError(f"Unknown RMTConfig fields {unknown}: the checkpoint was written by a newer rmt, upgrade it")
         return cls(**values)
 
-    def save(self, directory: str | Path) -> None:
-        Path(directory, CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
     @classmethod
-    def load(cls, directory: str | Path) -> "RMTConfig":
-        return cls.from_dict(json.loads(Path(directory, CONFIG_NAME).read_text()))
+    def load_file(cls, path: str | Path) -> "RMTConfig":
+        """The RMT settings of a checkpoint written before checkpoints had a model_type of
+        their own (rmt/model/auto.py reads both layouts)."""
+        return cls.from_dict(json.loads(Path(path).read_text()))

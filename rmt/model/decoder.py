@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 from transformers.utils import ModelOutput
 
+from rmt.model.auto import RecurrentMemoryDecoderConfig
 from rmt.model.base import RecurrentMemoryModel, SegmentResult
 from rmt.model.config import RMTConfig
 from rmt.model.segments import IGNORE_INDEX, SegmentStep, schedule_segments, token_rows
@@ -47,7 +48,8 @@ class RMTDecoderOutput(ModelOutput):
 class RecurrentMemoryDecoder(RecurrentMemoryModel):
     architecture = "decoder"
     align = "left"
-    auto_model_class = AutoModelForCausalLM
+    auto_model_class = AutoModelForCausalLM  # of the backbone
+    config_class = RecurrentMemoryDecoderConfig  # of the checkpoint, for the Auto classes
 
     def __init__(self, *, backbone: nn.Module, config: RMTConfig):
         super().__init__(backbone=backbone, config=config)
@@ -286,3 +288,7 @@ class RecurrentMemoryDecoder(RecurrentMemoryModel):
             threshold = logits.topk(top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < threshold, float("-inf"))
         return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+# AutoModelForCausalLM.from_pretrained(<an decoder RMT checkpoint>) returns this class.
+AutoModelForCausalLM.register(RecurrentMemoryDecoderConfig, RecurrentMemoryDecoder, exist_ok=True)

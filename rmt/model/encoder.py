@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import ModelOutput
 
+from rmt.model.auto import RecurrentMemoryEncoderConfig
 from rmt.model.base import RecurrentMemoryModel, SegmentResult
 from rmt.model.config import RMTConfig
 from rmt.model.segments import SegmentStep, schedule_segments, token_rows
@@ -43,7 +44,8 @@ class RMTEncoderOutput(ModelOutput):
 class RecurrentMemoryEncoder(RecurrentMemoryModel):
     architecture = "encoder"
     align = "right"
-    auto_model_class = AutoModel
+    auto_model_class = AutoModel  # of the backbone
+    config_class = RecurrentMemoryEncoderConfig  # of the checkpoint, for the Auto classes
 
     def __init__(self, *, backbone: nn.Module, config: RMTConfig):
         super().__init__(backbone=backbone, config=config)
@@ -177,3 +179,7 @@ class RecurrentMemoryEncoder(RecurrentMemoryModel):
             memory = self.initial_memory(len(step.rows)) if memory is None else memory
             memory, result = self._step(memory, step)
         return RMTEncoderOutput(logits=result.logits)
+
+
+# AutoModel.from_pretrained(<an encoder RMT checkpoint>) returns this class.
+AutoModel.register(RecurrentMemoryEncoderConfig, RecurrentMemoryEncoder, exist_ok=True)

@@ -8,9 +8,13 @@ import json
 import os
 from pathlib import Path
 
-import click
-import typer
-from typer.core import TyperGroup
+try:
+    import click
+    import typer
+    from typer.core import TyperGroup
+except ImportError as error:  # `pip install rmt` is the model library alone
+    raise SystemExit(f"The rmt command needs the pipeline's dependencies ({error.name} is missing): "
+                     "pip install 'rmt[pipeline]', or `make install` in a checkout") from None
 
 from rmt import __version__
 from rmt.utils import UserError

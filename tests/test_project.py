@@ -1,6 +1,8 @@
 """The project's own promises: pinned dependencies in step, the commands the README names."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ def pip_pins(requirements) -> dict[str, str]:
 
 def test_environment_yml_has_the_same_pins_as_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = pip_pins(project["dependencies"] + project["optional-dependencies"]["dev"])
+    declared = pip_pins(project["optional-dependencies"]["pipeline"] + project["optional-dependencies"]["dev"])
     environment = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(item["pip"] for item in environment["dependencies"] if isinstance(item, dict))
     listed = pip_pins([line for line in pip_section if not line.startswith("-e")])
@@ -35,7 +37,8 @@ def test_installed_versions_are_the_pinned_ones():
     from importlib.metadata import version
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for name, pinned in pip_pins(project["dependencies"] + project["optional-dependencies"]["dev"]).items():
+    for name, pinned in pip_pins(project["optional-dependencies"]["pipeline"]
+                                 + project["optional-dependencies"]["dev"]).items():
         assert version(name).split("+")[0] == pinned, name
 
 
@@ -67,3 +70,20 @@ def test_the_slurm_profile_examples_pass_the_plugins_own_validation():
     known = "".join(path.read_text() for path in Path(plugin.__file__).parent.glob("*.py"))
     for name in resources:
         assert f'"{name}"' in known, f"the plugin does not read the resource {name}"
+
+
+def test_the_library_needs_only_torch_transformers_and_safetensors():
+    """`pip install rmt` is the model library; the pipeline pins are the `pipeline` extra,
+    which keeps every library requirement within its range."""
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    library = {Requirement(entry).name: Requirement(entry).specifier for entry in project["dependencies"]}
+    assert sorted(library) == ["safetensors", "torch", "transformers"]
+    pins = pip_pins(project["optional-dependencies"]["pipeline"])
+    assert all(specifier.contains(pins[name]) for name, specifier in library.items())
+    modules = subprocess.run([sys.executable, "-c", "import sys, rmt.model.encoder, rmt.model.decoder; "
+                              "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    for pipeline_only in ("typer", "mlflow", "snakemake", "dvc", "pydantic", "pandas", "jsonschema", "matplotlib", "psutil"):
+        assert pipeline_only not in modules, pipeline_only

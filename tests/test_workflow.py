@@ -24,9 +24,17 @@ def snakemake(*arguments, cwd=ROOT, timeout=120):
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
+# The one lint the workflow keeps on purpose: its rules name no conda environment, because
+# `--sdm conda` builds one from a copy of environment.yml in .snakemake/conda/, where its
+# `-e .` is not the project; jobs run in the environment Snakemake was started from (README,
+# "On a cluster").
+NO_CONDA_LINT = "Specify a conda environment or container for each rule."
+
+
 def test_lint_is_clean():
     result = snakemake("--lint")
-    assert result.returncode == 0 and "Congratulations" in result.stdout, result.stdout
+    findings = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("* ")]
+    assert findings and all(finding == f"* {NO_CONDA_LINT}:" for finding in findings), result.stdout
 
 
 def test_committed_files_are_generated_from_the_current_sources(tmp_path):

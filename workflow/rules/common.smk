@@ -70,7 +70,6 @@ def close_reproduction_run(failed):
         run.log_metrics(headline_results(list(STEPS.values())), step=0)
         run.__exit__(RuntimeError if failed else None, None, None)
 
-ENVIRONMENT = "../../environment.yml"  # for --software-deployment-method conda
 
 
 def planned_step(rule, wildcards):

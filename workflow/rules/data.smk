@@ -11,8 +11,6 @@ rule data:
     params:
         command=step_command("data"),
         settings=lambda wildcards: task_settings(wildcards, "data"),
-    conda:
-        ENVIRONMENT
     log:
         f"{LOGS}/data/{{task}}.log",
     benchmark:

@@ -11,8 +11,6 @@ rule evaluate:
     params:
         command=step_command("evaluate"),
         settings=lambda wildcards: evaluation_settings(wildcards, grid=False),
-    conda:
-        ENVIRONMENT
     log:
         f"{LOGS}/evaluate/{{task}}/seed-{{seed}}.log",
     benchmark:
@@ -29,8 +27,6 @@ rule grid:
     params:
         command=step_command("grid"),
         settings=lambda wildcards: evaluation_settings(wildcards, grid=True),
-    conda:
-        ENVIRONMENT
     log:
         f"{LOGS}/grid/{{task}}/seed-{{seed}}/stage-{{segments}}.log",
     benchmark:

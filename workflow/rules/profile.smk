@@ -10,8 +10,6 @@ rule flops:
         FLOPS,
     params:
         command=step_command("flops"),
-    conda:
-        ENVIRONMENT
     log:
         f"{LOGS}/profile/flops.log",
     benchmark:
@@ -27,8 +25,6 @@ rule attention:
         ATTENTION,
     params:
         command=step_command("attention"),
-    conda:
-        ENVIRONMENT
     log:
         f"{LOGS}/profile/attention-{{task}}.log",
     benchmark:
@@ -47,8 +43,6 @@ rule memory:
     params:
         command=step_command("memory"),
         settings=memory_profile_settings,
-    conda:
-        ENVIRONMENT
     log:
         f"{LOGS}/profile/memory.log",
     benchmark:

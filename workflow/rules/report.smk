@@ -9,8 +9,6 @@ rule report:
         report_outputs(),
     params:
         command=step_command("report"),
-    conda:
-        ENVIRONMENT
     log:
         f"{LOGS}/report.log",
     benchmark:

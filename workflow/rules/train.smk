@@ -13,8 +13,6 @@ rule train:
         command=step_command("train"),
         settings=stage_settings,
         launcher=launcher,
-    conda:
-        ENVIRONMENT
     log:
         f"{LOGS}/train/{{task}}/seed-{{seed}}/stage-{{segments}}.log",
     benchmark:

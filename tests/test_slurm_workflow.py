@@ -1,14 +1,20 @@
 """`snakemake --profile slurm` runs the tiny pipeline through a real SLURM cluster
 (cluster/local-slurm, with accounting): every job goes through sbatch and shows in sacct,
-the results equal a local run's, and a failing job fails the workflow and its MLflow run."""
+the results equal a local run's, and a failing job fails the workflow and its MLflow run.
+The paper's path, `--workflow-profile profiles/gpu`, sends GPU jobs to the GPU partition
+with their GPU requests (GRES on the test cluster, no GPU needed) and trains a stage with
+torchrun, one process per GPU."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
+import time
 
 import pytest
+import yaml
 
 from workflow_project import BIN, ROOT, TINY, make_project
 
@@ -19,6 +25,26 @@ pytestmark = pytest.mark.slow
 CLUSTER_JOBS = 9
 # Timing figures differ between runs; everything else must not.
 TIMING_COLUMNS = {"seconds", "examples_per_second", "peak_memory_mb"}
+
+# config/paper.yaml's shape (sections laid over params.yaml, a task's own settings, settings
+# of one stage) at TINY's size: one task, a 1-layer model, a curriculum of 2 stages.
+TINY_PAPER = {
+    "data": {"segment_length": 16, "curriculum_segments": [1, 2], "train_examples": 64, "valid_examples": 16},
+    "model": TINY["model"],
+    # micro_batch_size: rmt train refuses a batch without one under torchrun ("batch_size 8
+    # must split evenly over 2 processes x micro_batch_size 8").
+    "train": {"learning_rate": 1e-3, "warmup_steps": 1, "max_steps": 4, "batch_size": 8, "micro_batch_size": 4,
+              "clip_value": 5.0, "eval_every": 2, "eval_examples": 16, "patience": 15, "target_accuracy": None},
+    "tasks": {"memorize": {"stage_train": {2: {"learning_rate": 5e-4}}}},
+}
+# What profiles/gpu asks of the rules run, cut to the test cluster's node (2 cores, 2 GPUs
+# as GRES); everything else, partitions first, is the profile's. The test passes them all as
+# --set-resources, which replaces the workflow profile's whole set-resources.
+NODE_SIZES = {
+    "data": {"cpus_per_task": 1, "mem_mb": 1000, "runtime": 5},
+    "train": {"gpu": 2, "cpus_per_gpu": 1, "mem_mb": 3000, "runtime": 10},
+    "evaluate": {"mem_mb": 2000, "runtime": 10},
+}
 
 
 def slurm_snakemake(project, tmp_path, *arguments, check=True):
@@ -80,3 +106,70 @@ def test_a_failing_slurm_job_fails_the_workflow_and_its_run(local_slurm, tmp_pat
     runs = client.search_runs([client.get_experiment_by_name("rmt").experiment_id])
     statuses = {run.data.tags["rmt.step"]: run.info.status for run in runs}
     assert statuses["data"] == "FINISHED" and statuses["train"] == "FAILED", statuses
+
+
+def gpu_profile_resources() -> dict[str, dict]:
+    """profiles/gpu's resources of the rules in NODE_SIZES, with those sizes."""
+    profile = yaml.safe_load((ROOT / "profiles" / "gpu" / "config.yaml").read_text())["set-resources"]
+    return {rule: {**profile.get(rule, {}), **sizes} for rule, sizes in NODE_SIZES.items()}
+
+
+def sacct_jobs(cluster, run_id: str, since: str) -> list[dict[str, str]]:
+    """The jobs of one Snakemake run (its SLURM run ID is every job's name) as sacct has them;
+    the plugin writes each job's rule and wildcards in its comment."""
+    fields = ["Comment", "JobName", "Partition", "AllocTRES", "ReqCPUS", "ReqMem", "Timelimit", "State"]
+    result = cluster.run(["sacct", "-X", "-n", "-P", "-S", since, "--name", run_id, "-o", ",".join(fields)],
+                         timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [dict(zip(fields, line.split("|"))) for line in result.stdout.splitlines() if line.strip()]
+
+
+def test_the_paper_recipe_runs_on_gpu_nodes_through_slurm(local_slurm, tmp_path):
+    """The cluster path a researcher takes with config/paper.yaml, at a tiny size: every GPU
+    job in the GPU partition with its GPUs, CPUs, memory and time limit, as sacct reads them
+    back, and a training stage with 2 GPUs trained by 2 processes (torchrun, gloo on the CPU)."""
+    node = local_slurm.run(["scontrol", "show", "node", "localhost"], timeout=30).stdout
+    gpus = int(re.search(r"\bGres=gpu:(\d+)", node).group(1))
+    resources = gpu_profile_resources()
+    partition = resources["train"]["slurm_partition"]
+    assert resources["evaluate"]["slurm_partition"] == partition == "gpu", resources
+    assert resources["evaluate"]["gpu"] == 1 and resources["train"]["gpu"] == gpus == 2
+    # SLURM schedules against the GPU count: a job asking for more is refused.
+    refused = local_slurm.run(["sbatch", "-p", partition, f"--gpus={gpus + 1}", "-t", "1", "--wrap", "true"])
+    assert refused.returncode != 0 and "node configuration is not available" in refused.stderr, refused
+
+    project = make_project(tmp_path / "project")
+    (project.root / "tiny-paper.yaml").write_text(yaml.safe_dump(TINY_PAPER, sort_keys=False))
+    since = time.strftime("%Y-%m-%dT%H:%M:%S")
+    settings = [f"{rule}:{key}={value}" for rule, values in resources.items() for key, value in values.items()]
+    result = slurm_snakemake(project, tmp_path, "results/memorize/seed-0/evaluation.csv",
+                             "--workflow-profile", "profiles/gpu", "--configfile", "tiny-paper.yaml",
+                             "--set-resources", *settings)
+
+    run_id = re.search(r"SLURM run ID: (\S+)", result.stdout).group(1)
+    jobs = {job["Comment"].removeprefix("rule_"): job for job in sacct_jobs(local_slurm, run_id, since)}
+    print("\n".join("|".join(job.values()) for job in jobs.values()))  # shown with -s, and on failure
+    cpus = {"data": 1, "train": gpus * resources["train"]["cpus_per_gpu"], "evaluate": 1}
+    expected = {"data_wildcards_memorize": "data", "train_wildcards_memorize_0_1": "train",
+                "train_wildcards_memorize_0_2": "train", "evaluate_wildcards_memorize_0": "evaluate"}
+    assert sorted(jobs) == sorted(expected), jobs
+    for name, rule in expected.items():
+        job, wanted = jobs[name], resources[rule]
+        tres = dict(item.split("=", 1) for item in job["AllocTRES"].split(","))
+        assert job["State"] == "COMPLETED", job
+        assert job["Partition"] == wanted.get("slurm_partition", local_slurm.partition), job
+        assert tres.get("gres/gpu") == (str(wanted["gpu"]) if "gpu" in wanted else None), job
+        assert tres["cpu"] == str(cpus[rule]), job
+        assert job["ReqMem"] == tres["mem"] == f"{wanted['mem_mb']}M", job
+        assert job["Timelimit"] == f"00:{wanted['runtime']:02d}:00", job
+
+    # Each stage was trained by 2 processes: both saved their random state to resume from.
+    import torch
+
+    for stage in (1, 2):
+        folder = project.root / f"results/memorize/seed-0/stage-{stage}"
+        assert (folder / "metrics.json").is_file()
+        state = torch.load(folder / "checkpoints" / "last" / "training_state.pt", weights_only=True)
+        assert len(state["rng"]) == gpus, stage
+    assert f"torchrun --standalone --nproc-per-node {gpus} -m rmt train" in result.stdout
+    assert (project.root / "results/memorize/seed-0/evaluation.csv").is_file()

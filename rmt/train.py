@@ -80,7 +80,7 @@ def train_stage(
     output = Path(output)
     inputs = _StageInputs.check(data_dir, segments, model=model, train=train, init=init)
     parallel = Distributed.from_environment()
-    micro = train.micro_batch_size or train.batch_size
+    micro = micro_batch_size(train, parallel.world_size)
     if train.batch_size % (parallel.world_size * micro):
         raise ValueError(
             f"batch_size {train.batch_size} must split evenly over {parallel.world_size} processes x "
@@ -104,6 +104,12 @@ def train_stage(
             if run is not None and not finished_before:
                 _log_outcome(run, metrics, folder, peak_memory_mb=memory.absolute_mb)
     return metrics
+
+
+def micro_batch_size(train: TrainSettings, world_size: int) -> int:
+    """Examples per forward pass: as set, else each process's whole share of the batch (the
+    paper's batch of 32 on 4 GPUs is 8 per GPU, with no accumulation)."""
+    return train.micro_batch_size or max(train.batch_size // world_size, 1)
 
 
 @contextlib.contextmanager
@@ -273,7 +279,7 @@ class _Trainer:
         self.inputs, self.folder, self.segments, self.train = inputs, folder, segments, train
         self.parallel, self.device, self.model, self.tokenizer = parallel, device, model, tokenizer
         self.progress = progress
-        self.micro = train.micro_batch_size or train.batch_size
+        self.micro = micro_batch_size(train, parallel.world_size)
         self.network = parallel.wrap(model, device)  # what the step calls: DDP with several processes
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
         self.scheduler = (get_linear_schedule_with_warmup(self.optimizer, train.warmup_steps, train.max_steps)

@@ -31,9 +31,8 @@ TIMING_COLUMNS = {"seconds", "examples_per_second", "peak_memory_mb"}
 TINY_PAPER = {
     "data": {"segment_length": 16, "curriculum_segments": [1, 2], "train_examples": 64, "valid_examples": 16},
     "model": TINY["model"],
-    # micro_batch_size: rmt train refuses a batch without one under torchrun ("batch_size 8
-    # must split evenly over 2 processes x micro_batch_size 8").
-    "train": {"learning_rate": 1e-3, "warmup_steps": 1, "max_steps": 4, "batch_size": 8, "micro_batch_size": 4,
+    # No micro_batch_size, as in config/paper.yaml: each of the 2 processes takes half a batch.
+    "train": {"learning_rate": 1e-3, "warmup_steps": 1, "max_steps": 4, "batch_size": 8,
               "clip_value": 5.0, "eval_every": 2, "eval_examples": 16, "patience": 15, "target_accuracy": None},
     "tasks": {"memorize": {"stage_train": {2: {"learning_rate": 5e-4}}}},
 }

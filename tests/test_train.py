@@ -264,7 +264,8 @@ def test_bad_input_is_refused_before_training(data, tmp_path):
 @pytest.mark.slow
 def test_two_processes_under_torchrun_train_like_one(data, tmp_path):
     """DDP on the CPU (gloo): each process takes half of every batch; gradients averaged
-    across them equal one process's over the whole batch (dropout off to compare)."""
+    across them equal one process's over the whole batch (dropout off to compare). Without a
+    micro_batch_size (the paper's config), each process's share is one forward pass."""
     import subprocess
     import sys
 
@@ -276,7 +277,8 @@ def test_two_processes_under_torchrun_train_like_one(data, tmp_path):
     train_stage(data_dir=data, segments=2, output=tmp_path / "single", model=model, train=settings, progress=False)
 
     config = tmp_path / "stage.yaml"
-    config.write_text(yaml.safe_dump({"model": model.model_dump(), "train": settings.model_dump()}))
+    config.write_text(yaml.safe_dump({"model": model.model_dump(),
+                                      "train": settings.model_copy(update={"micro_batch_size": None}).model_dump()}))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "rmt", "train", "--data", str(data), "--segments", "2", "--output", str(tmp_path / "ddp"),
                "--config", str(config)]

@@ -87,3 +87,17 @@ def test_the_library_needs_only_torch_transformers_and_safetensors():
                              capture_output=True, text=True, check=True).stdout.split()
     for pipeline_only in ("typer", "mlflow", "snakemake", "dvc", "pydantic", "pandas", "jsonschema", "matplotlib", "psutil"):
         assert pipeline_only not in modules, pipeline_only
+
+
+def test_the_gpu_profiles_resources_are_the_plugins_or_snakemakes():
+    """profiles/gpu's per-rule resources are ones the pinned SLURM plugin turns into sbatch
+    flags (partition, GPUs, CPUs per GPU ...) or Snakemake's own (memory, run time)."""
+    import snakemake_executor_plugin_slurm as plugin
+
+    known = "".join(path.read_text() for path in Path(plugin.__file__).parent.glob("*.py"))
+    snakemakes = {"mem_mb", "runtime", "disk_mb", "threads"}
+    rules = yaml.safe_load((ROOT / "profiles" / "gpu" / "config.yaml").read_text())["set-resources"]
+    names = {name for resources in rules.values() for name in resources}
+    assert {"slurm_partition", "gpu", "cpus_per_gpu"} <= names
+    for name in names - snakemakes:
+        assert f'"{name}"' in known, f"the plugin does not read the resource {name}"

@@ -101,3 +101,10 @@ def test_the_gpu_profiles_resources_are_the_plugins_or_snakemakes():
     assert {"slurm_partition", "gpu", "cpus_per_gpu"} <= names
     for name in names - snakemakes:
         assert f'"{name}"' in known, f"the plugin does not read the resource {name}"
+
+
+def test_every_workflow_profile_runs_locally():
+    """A workflow profile given with --workflow-profile replaces profiles/default whole, so
+    each names the cores: without them a local run stops before its first job."""
+    for profile in ("default", "gpu"):
+        assert yaml.safe_load((ROOT / "profiles" / profile / "config.yaml").read_text())["cores"] == "all", profile

@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: reproduce test test-fast bench install clean
+.PHONY: reproduce test test-fast bench install clean mlflow-ui
 
 install: $(STAMP)
 
@@ -31,6 +31,17 @@ test: $(STAMP)
 # Developer loop: skip the slow end-to-end tests.
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m 'not slow'
+
+# The MLflow UI over the project's tracking store, the one rmt.tracking writes (its
+# DEFAULT_TRACKING_URI, artifacts in its ARTIFACTS_DIRECTORY), on this machine only:
+# http://127.0.0.1:$(UI_PORT). Without MLflow's job runner (GenAI jobs, seven worker
+# processes), which the runs, compare and model pages do not use.
+UI_PORT ?= 5000
+STORE = $(shell $(BIN)/python -c 'import rmt.tracking as t; print(t.DEFAULT_TRACKING_URI, t.ARTIFACTS_DIRECTORY)')
+
+mlflow-ui: $(STAMP)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --host 127.0.0.1 --port $(UI_PORT) \
+		--backend-store-uri $(word 1,$(STORE)) --artifacts-destination $(word 2,$(STORE))
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/model_bench.py

@@ -194,8 +194,10 @@ def train(
             yield run
             if run is not None and segments == max(dataset.config.curriculum_segments):
                 # The curriculum's result: the model the runs table and the Models tab compare.
+                outcome = json.loads(StageFiles(output).metrics.read_text())
                 run.log_model(StageFiles(output).best, name=f"{task}-seed-{train_settings.seed}",
-                              classes=dataset.card["classes"], step=segments)
+                              classes=dataset.card["classes"], step=outcome["steps"],
+                              metrics={"best_valid_accuracy": outcome["best_valid_accuracy"]})
 
     metrics = train_stage(data_dir=data, segments=segments, output=output, model=model_settings,
                           train=train_settings, init=init, tracking=tracking)

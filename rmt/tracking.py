@@ -485,12 +485,14 @@ class Run:
         _retry(self.uri, f"logging the dataset of run {self.name!r}", self._client.log_inputs, self.run_id,
                datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
-    def log_model(self, checkpoint: str | os.PathLike, *, name: str, classes: list[str], step: int = 0) -> str:
+    def log_model(self, checkpoint: str | os.PathLike, *, name: str, classes: list[str], step: int = 0,
+                  metrics: Mapping[str, float] | None = None) -> str:
         """A checkpoint as an MLflow model this run produced (the runs table's Models column,
         the Models tab's comparison): rmt/mlflow_model.py as its code, the checkpoint folder
         as its artifact and the rmt package beside it, so `mlflow.pyfunc.load_model` neither
-        unpickles anything nor needs rmt installed. Returns the model id; a run that already
-        has its model (a resumed step) keeps it."""
+        unpickles anything nor needs rmt installed. The run's params and `metrics` (at
+        `step`) are the model's too, the columns the Models tab compares. Returns the model
+        id; a run that already has its model (a resumed step) keeps it."""
         import tempfile
 
         import mlflow.pyfunc
@@ -515,6 +517,12 @@ class Run:
         self._client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
         _retry(self.uri, f"linking the model of run {self.name!r}", self._client.log_outputs, self.run_id,
                [LoggedModelOutput(model.model_id, step)])
+        if self.params:
+            _retry(self.uri, f"logging the model's params of run {self.name!r}", self._client.log_model_params,
+                   model.model_id, self.params)
+        for key, value in (metrics or {}).items():  # also a point of the run's own, at the same step
+            _retry(self.uri, f"logging the model's metrics of run {self.name!r}", self._client.log_metric,
+                   self.run_id, key, value, step=step, model_id=model.model_id)
         return model.model_id
 
     def log_artifact(self, path: str | os.PathLike, *, artifact_path: str | None = None) -> None:

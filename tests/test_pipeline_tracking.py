@@ -80,9 +80,10 @@ def test_data_train_and_evaluate_are_tracked_as_one_group(tmp_path, monkeypatch)
     assert inputs["train"][0].dataset.name == "memorize-32tok-seed0"
     # The curriculum's last stage (here its only one) is an MLflow model of its train run.
     outputs = client.get_run(train["run_id"]).outputs.model_outputs
-    assert [output.step for output in outputs] == [1]
+    assert [output.step for output in outputs] == [4]  # the stage's last training step
     model = client.get_logged_model(outputs[0].model_id)
     assert model.name == "memorize-seed-0" and model.source_run_id == train["run_id"]
+    assert model.params["train.max_steps"] == "4" and [m.key for m in model.metrics] == ["best_valid_accuracy"]
 
 
 def _memorize_data(runner, data):

@@ -344,13 +344,18 @@ def test_a_logged_checkpoint_is_an_mlflow_model_that_loads_back_without_pickle(s
     model.save_pretrained(checkpoint)
     AutoTokenizer.from_pretrained(minilm_path).save_pretrained(checkpoint)
     classes = ["bathroom", "hallway", "garden", "office", "bedroom", "kitchen"]
-    with tracking.Run(experiment="rmt", name="memorize/seed-0/stage-2/train", system_metrics=False) as run:
-        model_id = run.log_model(checkpoint, name="memorize-seed-0", classes=classes, step=2)
+    with tracking.Run(experiment="rmt", name="memorize/seed-0/stage-2/train", system_metrics=False,
+                      params={"train": {"max_steps": 4}}) as run:
+        model_id = run.log_model(checkpoint, name="memorize-seed-0", classes=classes, step=2,
+                                 metrics={"best_valid_accuracy": 0.75})
         assert run.log_model(checkpoint, name="memorize-seed-0", classes=classes) == model_id  # once per run
         run_id = run.run_id
 
     logged = MlflowClient(store).get_logged_model(model_id)
     assert logged.source_run_id == run_id and logged.status.to_proto() == 2  # READY
+    # What the Models tab compares: the run's settings and headline figures.
+    assert logged.params == {"train.max_steps": "4"}
+    assert [(metric.key, metric.value, metric.step) for metric in logged.metrics] == [("best_valid_accuracy", 0.75, 2)]
     outputs = MlflowClient(store).get_run(run_id).outputs.model_outputs
     assert [(output.model_id, output.step) for output in outputs] == [(model_id, 2)]
     texts = [random_text(70, seed=seed).tolist() for seed in range(3)]

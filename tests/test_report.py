@@ -73,7 +73,7 @@ def test_the_attention_command_refuses_what_is_not_a_checkpoint(tmp_path, traine
     result = CliRunner().invoke(app, ["profile", "attention", "--checkpoint", str(tmp_path), "--data", str(data),
                                       "--output", str(tmp_path / "attention.json")])
     message = " ".join(result.output.replace("│", " ").split())  # typer draws the error in a box
-    assert result.exit_code == 2 and "is not an RMT checkpoint (no rmt_config.json)" in message, result.output
+    assert result.exit_code == 2 and "is not an RMT checkpoint (its config.json is missing" in message, result.output
     assert not (tmp_path / "attention.json").exists()
 
 

@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from rmt.hub import load_tokenizer, resolve
 from rmt.model import RecurrentMemoryDecoder, RecurrentMemoryEncoder, RMTConfig
@@ -31,9 +31,7 @@ from rmt.settings import ModelSettings
 class Objective:
     """An encoder classifier (the paper's)."""
 
-    architecture = "encoder"
     model_class: type[RecurrentMemoryModel] = RecurrentMemoryEncoder
-    auto_backbone_class = AutoModel
 
     def __init__(self, *, classes: Sequence[str], tokenizer) -> None:
         self.classes, self.tokenizer = list(classes), tokenizer
@@ -51,8 +49,9 @@ class Objective:
             model = self.model_class.from_pretrained(location, backbone_kwargs=settings.backbone_overrides, **rmt)
             model.config = model.config.replace(backbone=settings.backbone)  # the name, not this machine's path
             return model
-        backbone = self.auto_backbone_class.from_config(AutoConfig.from_pretrained(location, **settings.backbone_overrides))
-        config = RMTConfig(architecture=self.architecture, backbone=settings.backbone, **rmt)
+        backbone_config = AutoConfig.from_pretrained(location, **settings.backbone_overrides)
+        backbone = self.model_class.auto_model_class.from_config(backbone_config)
+        config = RMTConfig(architecture=self.model_class.architecture, backbone=settings.backbone, **rmt)
         return self.model_class(backbone=backbone, config=config)
 
     def load(self, checkpoint: str | Path, **settings) -> RecurrentMemoryModel:
@@ -76,9 +75,7 @@ class Objective:
 class AnswerObjective(Objective):
     """A decoder LM that writes the answer's word after the question."""
 
-    architecture = "decoder"
     model_class = RecurrentMemoryDecoder
-    auto_backbone_class = AutoModelForCausalLM
 
     def __init__(self, *, classes: Sequence[str], tokenizer) -> None:
         super().__init__(classes=classes, tokenizer=tokenizer)
@@ -107,7 +104,7 @@ class AnswerObjective(Objective):
         return next_token[:, self.answer_ids.to(next_token.device)]
 
 
-OBJECTIVES = {objective.architecture: objective for objective in (Objective, AnswerObjective)}
+OBJECTIVES = {objective.model_class.architecture: objective for objective in (Objective, AnswerObjective)}
 
 
 def objective_for(architecture: str, *, classes: Sequence[str], tokenizer) -> Objective:

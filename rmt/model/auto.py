@@ -6,7 +6,7 @@ the RMT it is, never as a bare backbone with re-initialised weights.
                           "backbone_config": {...the backbone's config.json...}, ...}
     model.safetensors    every weight (backbone, memory embeddings, head)
 
-    import rmt.model                                   # registers the classes below
+    from rmt import RecurrentMemoryEncoder             # importing a model class registers it
     AutoModel.from_pretrained(folder_or_repo)          # -> RecurrentMemoryEncoder
     AutoModelForCausalLM.from_pretrained(...)          # -> RecurrentMemoryDecoder (rmt_decoder)
 
@@ -65,6 +65,7 @@ class RecurrentMemoryDecoderConfig(RecurrentMemoryConfig):
 
 
 CONFIG_CLASSES = {kind.architecture: kind for kind in (RecurrentMemoryEncoderConfig, RecurrentMemoryDecoderConfig)}
+BY_MODEL_TYPE = {kind.model_type: kind for kind in CONFIG_CLASSES.values()}
 for _kind in CONFIG_CLASSES.values():
     AutoConfig.register(_kind.model_type, _kind, exist_ok=True)
 
@@ -77,17 +78,16 @@ def checkpoint_configs(path: Path) -> tuple[RMTConfig, PretrainedConfig] | None:
     if not (path / HF_CONFIG_NAME).is_file():
         return None
     values = json.loads((path / HF_CONFIG_NAME).read_text())
-    kinds = {kind.model_type: kind for kind in CONFIG_CLASSES.values()}
-    if values.get("model_type") not in kinds:
+    if values.get("model_type") not in BY_MODEL_TYPE:
         return None
-    config = kinds[values["model_type"]].from_dict(values)
+    config = BY_MODEL_TYPE[values["model_type"]].from_dict(values)
     return config.rmt(), config.backbone()
 
 
 def is_rmt_config_file(path: Path) -> bool:
     """Whether a config.json (e.g. one file fetched from the hub) describes an RMT."""
     try:
-        return json.loads(Path(path).read_text()).get("model_type") in {k.model_type for k in CONFIG_CLASSES.values()}
+        return json.loads(Path(path).read_text()).get("model_type") in BY_MODEL_TYPE
     except (OSError, ValueError, AttributeError):
         return False
 

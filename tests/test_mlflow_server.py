@@ -110,7 +110,7 @@ class Reproduction:
 def reproduction(mlflow_server, tmp_path_factory) -> Reproduction:
     """One tiny reproduction tracked on the server, as `snakemake` runs it: the parent run
     opened by the driver (rmt.tracking.reproduction_run, its id in RMT_PARENT_RUN_ID), the
-    planned commands of the data, both curriculum stages and the evaluation, then the
+    planned commands of the data, both curriculum stages, their grids and the evaluation, then the
     headline results on the parent. The commands run from the checkout (the commit tag is
     its HEAD) and write into a project folder of their own."""
     from rmt.cli import app
@@ -123,7 +123,7 @@ def reproduction(mlflow_server, tmp_path_factory) -> Reproduction:
     config.write_text(yaml.safe_dump(TINY, sort_keys=False))
     settings = read_config_files(config)
     steps = [step for step in plan(validate_config(settings, [str(config)]), [str(config)])
-             if step.rule in ("data", "train", "evaluate")]
+             if step.rule in ("data", "train", "grid", "evaluate")]
     group = f"reproduction-test-{os.getpid()}-{int(time.time())}"
     runner = CliRunner()
 
@@ -169,6 +169,7 @@ def _runs_of_group(base: str, experiment_id: str, group: str) -> dict[str, dict]
 
 STAGE_1, STAGE_2 = "memorize/seed-0/stage-1/train", "memorize/seed-0/stage-2/train"
 DATA, EVALUATE = "memorize/seed-0/data", "memorize/seed-0/stage-2/evaluate"
+GRID_1, GRID_2 = "memorize/seed-0/stage-1/grid", "memorize/seed-0/stage-2/grid"
 
 
 def _is_commit_of_this_checkout(commit: str) -> bool:
@@ -186,7 +187,7 @@ def test_the_rest_api_shows_one_reproduction_as_a_parent_run_with_its_steps(repr
     assert tags["mlflow.note.content"].startswith("Recurrent Memory Transformer reproductions")
 
     runs = _runs_of_group(base, experiment["experiment_id"], group)
-    assert sorted(runs) == sorted([group, DATA, STAGE_1, STAGE_2, EVALUATE])
+    assert sorted(runs) == sorted([group, DATA, STAGE_1, STAGE_2, GRID_1, GRID_2, EVALUATE])
     assert {run["info"]["status"] for run in runs.values()} == {"FINISHED"}
     parent = runs.pop(group)
     assert parent["info"]["run_id"] == reproduction.parent_id and "mlflow.parentRunId" not in parent["tags"]
@@ -211,7 +212,8 @@ def test_the_rest_api_shows_one_reproduction_as_a_parent_run_with_its_steps(repr
         assert json.loads(logged["dataset"]["source"]) == {"uri": str(reproduction.data)}
         contexts[name] = {tag["key"]: tag["value"] for tag in logged["tags"]}["mlflow.data.context"]
         digests.add(logged["dataset"]["digest"])
-    assert contexts == {DATA: "generated", STAGE_1: "training", STAGE_2: "training", EVALUATE: "evaluation"}
+    assert contexts == {DATA: "generated", STAGE_1: "training", STAGE_2: "training", GRID_1: "evaluation",
+                        GRID_2: "evaluation", EVALUATE: "evaluation"}
     assert len(digests) == 1
 
     # Metrics the runs table and compare view use as columns; the curve stays as steps.
@@ -243,6 +245,45 @@ def test_the_rest_api_shows_one_reproduction_as_a_parent_run_with_its_steps(repr
                                 "artifact_file_path=MLmodel", timeout=60) as response:
         mlmodel = yaml.safe_load(response.read())
     assert mlmodel["flavors"]["python_function"]["artifacts"]["checkpoint"]["path"] == "artifacts/best"
+
+
+def _readme_filters() -> list[str]:
+    """The run filters the README's comparisons tell users to paste into the search box."""
+    readme = (ROOT / "README.md").read_text()
+    return re.findall(r"^\s*(tags\.`rmt\.task` = .*)$", readme, flags=re.MULTILINE)
+
+
+def test_the_readmes_comparison_filters_find_the_runs_they_promise(reproduction, monkeypatch):
+    base, group = reproduction.base, reproduction.group
+    experiment_id = _experiment(base)["experiment_id"]
+    ours = {run["info"]["run_id"]: name for name, run in _runs_of_group(base, experiment_id, group).items()}
+
+    def found(filter_string: str) -> set[str]:  # the names of this reproduction's runs it finds
+        runs = rest(base, "/api/2.0/mlflow/runs/search", {
+            "experiment_ids": [experiment_id], "filter": filter_string, "max_results": 1000})["runs"]
+        return {ours[run["info"]["run_id"]] for run in runs if run["info"]["run_id"] in ours}
+
+    stages, configurations = _readme_filters()
+    assert found(stages) == {GRID_1, GRID_2}  # stage against stage: one grid per stage
+    assert found(stages.replace("'grid'", "'train'")) == {STAGE_1, STAGE_2}
+    # Configuration against configuration: the evaluations, grouped by their configuration tags.
+    assert found(configurations.replace("detect_and_memorize", "memorize")) == {EVALUATE}
+    runs = _runs_of_group(base, experiment_id, group)
+    assert runs[EVALUATE]["tags"]["rmt.config_files"] and runs[EVALUATE]["tags"]["rmt.config"]
+    # The README's Python version: search_runs' columns by those names, one row per configuration.
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", base)
+    client = mlflow.MlflowClient()
+    frame = mlflow.search_runs(experiment_ids=[experiment_id], filter_string=configurations.replace(
+        "detect_and_memorize", "memorize") + f" AND tags.`rmt.group` = '{group}'")
+    assert client.get_run(frame["run_id"].item()).info.run_name == EVALUATE
+    summary = frame.groupby("tags.rmt.config_files")["metrics.accuracy_4"].agg(["mean", "std", "count"])
+    assert summary["count"].tolist() == [1]
+    for name in (GRID_1, GRID_2):  # the stage chart: accuracy against segments (step), per stage
+        history = rest(base, "/api/2.0/mlflow/metrics/get-history", run_id=runs[name]["info"]["run_id"],
+                       metric_key="accuracy")
+        assert sorted(point["step"] for point in history["metrics"]) == [1, 2, 3], name
 
 
 SWATCH = re.compile(r"#[0-9a-f]{6}")  # the label of a run's colour picker, beside its name

@@ -281,6 +281,20 @@ def report(
                            root=results, runs=runs)
     for path in written:
         typer.echo(f"Wrote {path}")
+    _log_dvc_headline_results(config, configs, results)
+
+
+def _log_dvc_headline_results(config, configs: list[Path], results: Path) -> None:
+    """Under `dvc repro`, whose last stage the report is: the headline results into the
+    invocation's parent run, as Snakemake's driver logs them into its own when it ends."""
+    from rmt.pipeline import headline_results, plan
+    from rmt.tracking import dvc_reproduction_run
+
+    parent = dvc_reproduction_run()
+    if parent is None:  # by hand, or under Snakemake
+        return
+    with parent:
+        parent.log_metrics(headline_results(plan(config, [str(path) for path in configs]), root=results), step=0)
 
 
 from rmt.profile.commands import profile_app  # noqa: E402  (torch loads inside its commands)

@@ -32,7 +32,11 @@ to; it works across experiments, and `search_runs(filter_string="tags.\"rmt.grou
 or the UI's tag filter show one reproduction together. When the driver of the pipeline
 opens a Run of its own and exports its id as RMT_PARENT_RUN_ID, the runs of its jobs also
 get the `mlflow.parentRunId` tag, which the UI uses to nest them under it (MLflow only
-nests runs of the same experiment, hence the group tag as well).
+nests runs of the same experiment, hence the group tag as well). `dvc repro` has no driver
+of ours and names no invocation: a step it runs (env DVC_STAGE) takes its group from the
+`dvc` process it runs under (`dvc-repro-<start time>-<pid>`, `dvc_group`), and the first
+such step creates the group's parent run, which the others find (`dvc_reproduction`); the
+report, the last stage, logs the headline results into it. RMT_GROUP, when set, wins.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ T = TypeVar("T")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARENT_RUN_ENV = "RMT_PARENT_RUN_ID"
+GROUP_ENV = "RMT_GROUP"
 ARTIFACTS_DIRECTORY = "mlartifacts"
 
 GROUP_TAG = "rmt.group"
@@ -643,6 +648,7 @@ def search_runs(*, experiment: str, filter_string: str = "", history: tuple[str,
 
 
 EXPERIMENT = "rmt"  # the pipeline's experiment
+REPRODUCTION_STEP = "reproduction"  # the rmt.step tag of a reproduction's parent run
 EXPERIMENT_TAGS = {EXPERIMENT: {
     EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
     DESCRIPTION_TAG: "Recurrent Memory Transformer reproductions (rmt). Each reproduction is a parent run named "
@@ -655,16 +661,120 @@ EXPERIMENT_TAGS = {EXPERIMENT: {
 def pipeline_run(step: str, *, name: str, params: dict, tags: dict | None = None,
                  resume_run_id: str | None = None) -> Run:
     """The run of one pipeline step in the pipeline's experiment, in the reproduction that
-    RMT_GROUP names (the workflow sets it for all its jobs); `resume_run_id` continues the
-    run of an interrupted attempt of the same step."""
-    return Run(experiment=EXPERIMENT, name=name, params=params, group=os.environ.get("RMT_GROUP"),
-               tags={"rmt.step": step, **(tags or {})}, resume_run_id=resume_run_id)
+    RMT_GROUP names (the Snakemake workflow sets it for all its jobs) or, under `dvc repro`,
+    which sets none, in the reproduction of that invocation, nested under its parent run
+    (`dvc_reproduction`); `resume_run_id` continues the run of an interrupted attempt of the
+    same step."""
+    group, parent = os.environ.get(GROUP_ENV) or None, None
+    if group is None and (reproduction := dvc_reproduction()) is not None:
+        group, parent = reproduction
+    nesting = {PARENT_TAG: parent} if parent else {}  # else RMT_PARENT_RUN_ID's, when the driver set it
+    return Run(experiment=EXPERIMENT, name=name, params=params, group=group,
+               tags={"rmt.step": step, **nesting, **(tags or {})}, resume_run_id=resume_run_id)
 
 
-def reproduction_run(*, group: str, params: dict) -> Run:
+def reproduction_run(*, group: str, params: dict, resume_run_id: str | None = None) -> Run:
     """The parent run of one reproduction, opened by the workflow's driver (Snakemake) before
     its first job: named after the group, it holds the whole configuration; the runs of the
     jobs nest under it once its id is in RMT_PARENT_RUN_ID. The driver keeps its own SIGTERM
-    handling, and its system metrics would only measure the driver."""
-    return Run(experiment=EXPERIMENT, name=group, params=params, group=group, tags={"rmt.step": "reproduction"},
-               system_metrics=False, handle_sigterm=False)
+    handling, and its system metrics would only measure the driver. `resume_run_id` reopens
+    it to log more (a DVC reproduction's headline results)."""
+    return Run(experiment=EXPERIMENT, name=group, params=params, group=group, tags={"rmt.step": REPRODUCTION_STEP},
+               system_metrics=False, handle_sigterm=False, resume_run_id=resume_run_id)
+
+
+# DVC sets DVC_STAGE (and DVC_ROOT) for every stage command it runs, but names no invocation
+# of `dvc repro`: the `dvc` process that runs the stages does, by its start time and pid.
+DVC_STAGE_ENV, DVC_ROOT_ENV = "DVC_STAGE", "DVC_ROOT"
+DVC_GROUP_PREFIX = "dvc-repro"
+
+
+def dvc_group() -> str | None:
+    """The group of the `dvc repro` (or `dvc exp run`) running this process as a stage
+    command: `dvc-repro-<its start time>-<its pid>`, one for all the stages of one
+    invocation and another for the next; None outside DVC."""
+    if not os.environ.get(DVC_STAGE_ENV):
+        return None
+    found = _dvc_process()
+    if found is None:
+        return None
+    pid, started = found
+    return f"{DVC_GROUP_PREFIX}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}-{pid}"
+
+
+def _dvc_process() -> tuple[int, float] | None:
+    """The pid and start time of the closest ancestor process that is `dvc` (between it and
+    this process: the shell DVC runs the command in, perhaps torchrun), or None."""
+    import psutil
+
+    try:
+        ancestors = psutil.Process().parents()
+    except psutil.Error:
+        return None
+    for process in ancestors:
+        try:
+            if _is_dvc_command(process.cmdline()):
+                return process.pid, process.create_time()
+        except psutil.Error:  # gone, or another user's: not the dvc that started us
+            continue
+    return None
+
+
+def _is_dvc_command(command: list[str]) -> bool:
+    """`dvc ...` (a binary), `python .../bin/dvc ...` (the pip entry point) or `python -m dvc ...`."""
+    names = [Path(part).name for part in command[:3]]
+    return bool(names) and (names[0] in ("dvc", "dvc.exe") or names[1:2] == ["dvc"] or names[1:3] == ["-m", "dvc"])
+
+
+def dvc_reproduction() -> tuple[str, str] | None:
+    """Under `dvc repro` with no RMT_GROUP: the invocation's group and the id of its parent
+    run, which the first of its steps to track creates (named after the group, with the
+    configuration, FINISHED at once: the children nest under it by their tag, and no driver
+    is there to end it) and the others find. None outside DVC, or when RMT_GROUP is set."""
+    if os.environ.get(GROUP_ENV):
+        return None
+    group = dvc_group()
+    if group is None:
+        return None
+    uri = _resolve(tracking_uri())
+    client = _client(uri)
+    experiment_id = _experiment_id(client, uri, EXPERIMENT)
+    parent = _reproduction_run_id(client, uri, experiment_id, group)
+    if parent is None:
+        with reproduction_run(group=group, params=_dvc_configuration()) as created:
+            ours = created.run_id
+        # DVC runs one stage at a time; should two processes still have raced to create the
+        # parent, both keep the first created, and the other is deleted by its creator.
+        parent = _reproduction_run_id(client, uri, experiment_id, group)
+        if parent != ours:
+            _retry(uri, f"deleting a second parent run of {group!r}", client.delete_run, ours)
+    return group, parent
+
+
+def _reproduction_run_id(client, uri: str, experiment_id: str, group: str) -> str | None:
+    """The parent run of a group, the first created should there be several."""
+    found = _retry(uri, f"searching the parent run of {group!r}", client.search_runs, [experiment_id],
+                   f"tags.`{GROUP_TAG}` = '{group}' and tags.`rmt.step` = '{REPRODUCTION_STEP}'",
+                   order_by=["attributes.start_time ASC"], max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def _dvc_configuration() -> dict:
+    """What a DVC reproduction's parent run records as its params, as Snakemake's does: the
+    configuration the stages read (DVC_PARAMS at the repository's root) and its file."""
+    from rmt.config import read_config_files
+    from rmt.pipeline import DVC_PARAMS
+
+    path = Path(os.environ.get(DVC_ROOT_ENV, "."), DVC_PARAMS)
+    return {**read_config_files(path), "config_files": [DVC_PARAMS]} if path.is_file() else {}
+
+
+def dvc_reproduction_run() -> Run | None:
+    """Under `dvc repro`: its parent run, reopened for a step to log the headline results
+    into (the report, the last stage; Snakemake's driver logs them itself). None outside
+    DVC, or when RMT_GROUP is set."""
+    reproduction = dvc_reproduction()
+    if reproduction is None:
+        return None
+    group, parent = reproduction
+    return reproduction_run(group=group, params={}, resume_run_id=parent)

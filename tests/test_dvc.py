@@ -21,6 +21,32 @@ pytestmark = pytest.mark.slow
 STAGE_1 = "results/memorize/seed-0/stage-1"
 
 
+def assert_each_dvc_repro_is_one_reproduction(database, *, invocations: int) -> None:
+    """In MLflow, as under Snakemake: one group and one parent run per `dvc repro` that ran
+    stages, each step's run nested under its invocation's parent, and the last invocation's
+    parent holding the headline results (the report stage logs them)."""
+    from mlflow import MlflowClient
+
+    from rmt.tracking import EXPERIMENT, GROUP_TAG, PARENT_TAG
+
+    client = MlflowClient(f"sqlite:///{database}")
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], "", max_results=1000)
+    parents = [run for run in runs if run.data.tags["rmt.step"] == "reproduction"]
+    by_group = {run.data.tags[GROUP_TAG]: run for run in parents}
+    assert len(parents) == len(by_group) == invocations, sorted(by_group)
+    assert all(group.startswith("dvc-repro-") and run.info.status == "FINISHED" for group, run in by_group.items())
+    steps: dict[str, set[str]] = {group: set() for group in by_group}
+    for run in (run for run in runs if run.data.tags["rmt.step"] != "reproduction"):
+        group = run.data.tags[GROUP_TAG]
+        assert run.data.tags[PARENT_TAG] == by_group[group].info.run_id, run.info.run_name
+        steps[group].add(run.data.tags["rmt.step"])
+    last = max(parents, key=lambda run: run.info.start_time)
+    # The interrupted training stage's run continues in the invocation that finished it.
+    assert {"train", "grid", "evaluate", "flops", "memory"} <= steps[last.data.tags[GROUP_TAG]]
+    assert {"memorize/accuracy_4", "memorize/last_stage_valid_accuracy"} <= set(last.data.metrics)
+    assert last.data.params["config_files"] == "['params.yaml']"
+
+
 def test_dvc_reproduces_resumes_and_moves_the_pipeline(tmp_path):
     config = json.loads(json.dumps(TINY))
     config["stage_train"] = {1: {"max_steps": 300, "eval_every": 2, "eval_examples": 4, "patience": 1000}}
@@ -54,6 +80,7 @@ def test_dvc_reproduces_resumes_and_moves_the_pipeline(tmp_path):
 
     # Nothing changed: nothing runs. One value changed: only the stages that read it.
     assert "Data and pipelines are up to date" in project.run(dvc, "repro").stdout
+    assert_each_dvc_repro_is_one_reproduction(project.root / "mlflow.db", invocations=2)  # none for the no-op
     # Validation accuracy of every stage, test accuracy at every length.
     shown = json.loads(project.run(dvc, "metrics", "show", "--json").stdout)
     (metrics,) = (revision["data"] for revision in shown.values())  # the workspace's (named "" without git)

@@ -330,6 +330,85 @@ def test_a_reproduction_is_a_parent_run_and_leaves_sigterm_to_its_driver(store, 
     assert client(store).get_run(child_id).data.tags[tracking.PARENT_TAG] == parent_id
 
 
+DVC_STARTED = 1_700_000_000.0  # when the faked `dvc` process started
+
+
+def under_dvc(monkeypatch, root: Path, *, pid: int = 4242) -> str:
+    """This process as a stage command of a `dvc repro` whose process is `pid`: DVC's
+    variables set, no RMT_GROUP, and that process's start time faked. Returns its group."""
+    monkeypatch.delenv(tracking.GROUP_ENV, raising=False)
+    monkeypatch.setenv(tracking.DVC_STAGE_ENV, "train-memorize-seed0-stage1")
+    monkeypatch.setenv(tracking.DVC_ROOT_ENV, str(root))
+    monkeypatch.setattr(tracking, "_dvc_process", lambda: (pid, DVC_STARTED))
+    return f"dvc-repro-{time.strftime('%Y%m%d-%H%M%S', time.localtime(DVC_STARTED))}-{pid}"
+
+
+def reproduction_runs(uri: str, group: str | None = None) -> list:
+    experiment = client(uri).get_experiment_by_name(tracking.EXPERIMENT)
+    mine = f" and tags.`{tracking.GROUP_TAG}` = '{group}'" if group else ""
+    return client(uri).search_runs([experiment.experiment_id], f"tags.`rmt.step` = 'reproduction'{mine}")
+
+
+def test_the_steps_of_one_dvc_repro_share_a_group_and_nest_under_one_parent_run(store, tmp_path, monkeypatch):
+    (tmp_path / "params.yaml").write_text("seeds: [0, 1]\n")  # the configuration the stages read
+    group = under_dvc(monkeypatch, tmp_path)
+    children = []
+    for step in ("data", "train"):
+        with tracking.pipeline_run(step, name=f"memorize/{step}", params={}) as run:
+            children.append(run.run_id)
+    (parent,) = reproduction_runs(store, group)
+    assert parent.info.run_name == group and parent.info.status == "FINISHED"  # nothing left RUNNING
+    assert parent.data.params["seeds"] == "[0, 1]" and parent.data.params["config_files"] == "['params.yaml']"
+    for run_id in children:
+        tags = client(store).get_run(run_id).data.tags
+        assert tags[tracking.GROUP_TAG] == group and tags[tracking.PARENT_TAG] == parent.info.run_id
+
+    # The report, the last stage, logs the headline results into it and leaves it FINISHED.
+    with tracking.dvc_reproduction_run() as reopened:
+        assert reopened.run_id == parent.info.run_id
+        reopened.log_metrics({"memorize/accuracy_4": 0.75}, step=0)
+    (parent,) = reproduction_runs(store, group)
+    assert parent.info.status == "FINISHED" and parent.data.metrics == {"memorize/accuracy_4": 0.75}
+
+    # The next `dvc repro` (another dvc process) is another reproduction.
+    following = under_dvc(monkeypatch, tmp_path, pid=4343)
+    with tracking.pipeline_run("data", name="memorize/data", params={}) as run:
+        later = run.run_id
+    (next_parent,) = reproduction_runs(store, following)
+    assert client(store).get_run(later).data.tags[tracking.PARENT_TAG] == next_parent.info.run_id
+    assert len(reproduction_runs(store)) == 2
+
+
+def test_rmt_group_wins_under_dvc_and_a_command_run_by_hand_joins_no_reproduction(store, tmp_path, monkeypatch):
+    under_dvc(monkeypatch, tmp_path)
+    monkeypatch.setenv(tracking.GROUP_ENV, "mine")
+    with tracking.pipeline_run("data", name="memorize/data", params={}) as run:
+        tags = client(store).get_run(run.run_id).data.tags
+    assert tags[tracking.GROUP_TAG] == "mine" and tracking.PARENT_TAG not in tags
+    assert tracking.dvc_reproduction_run() is None
+
+    monkeypatch.delenv(tracking.GROUP_ENV)
+    monkeypatch.delenv(tracking.DVC_STAGE_ENV)
+    with tracking.pipeline_run("data", name="memorize/data", params={}) as run:
+        tags = client(store).get_run(run.run_id).data.tags
+    assert tracking.GROUP_TAG not in tags and tracking.PARENT_TAG not in tags
+    assert reproduction_runs(store) == []
+
+
+def test_the_dvc_group_is_named_by_the_dvc_process_a_stage_runs_under(tmp_path):
+    # A stand-in for pip's `dvc` entry point: it runs a stage command through a shell, as DVC does.
+    stage = LOAD_TRACKING.replace("import mlflow", "pass") + "print(tracking.dvc_group())"
+    dvc = tmp_path / "dvc"
+    dvc.write_text(f"#!{sys.executable}\nimport os, subprocess, sys\nprint(os.getpid(), flush=True)\n"
+                   f"subprocess.run(['/bin/sh', '-c', sys.executable + ' -c \"$STAGE\"'], check=True, "
+                   f"env={{**os.environ, 'DVC_STAGE': 'report', 'STAGE': {stage!r}}})\n")
+    dvc.chmod(0o755)
+    pid, group = subprocess.run([str(dvc)], capture_output=True, text=True, check=True).stdout.split()
+    assert re.fullmatch(rf"dvc-repro-\d{{8}}-\d{{6}}-{pid}", group), group
+    assert not tracking._is_dvc_command(["timeout", "300", "dvc", "repro"])  # a wrapper, not dvc itself
+    assert tracking._is_dvc_command(["python3", "-m", "dvc", "repro"]) and tracking._is_dvc_command(["/usr/bin/dvc"])
+
+
 def test_a_logged_checkpoint_is_an_mlflow_model_that_loads_back_without_pickle(store, tmp_path, minilm_path):
     import torch
     from conftest import make_encoder, random_text

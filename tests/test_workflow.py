@@ -114,6 +114,17 @@ def test_values_outside_the_config_files_are_refused():
     assert result.returncode != 0 and "--configfile" in result.stdout
 
 
+def test_a_command_line_without_the_machine_share_is_refused_with_the_fix():
+    result = snakemake("-n", "--cores", "2", "--resources", "gpu=1")
+    assert result.returncode != 0 and "add machine_share with the profile's total" in result.stdout, result.stdout
+
+
+def _overlapping(runs) -> list[tuple[str, str]]:
+    """The pairs of runs whose times overlap."""
+    spans = sorted((run.info.start_time, run.info.end_time, run.info.run_name) for run in runs)
+    return [(a[2], b[2]) for i, a in enumerate(spans) for b in spans[i + 1:] if b[0] < a[1]]
+
+
 def _mlflow_runs(project):
     from mlflow.tracking import MlflowClient
 
@@ -125,7 +136,7 @@ def _mlflow_runs(project):
 @pytest.mark.slow
 def test_the_tiny_pipeline_end_to_end(tmp_path):
     project = make_project(tmp_path / "project")
-    project.snakemake()
+    project.snakemake("-j", "2")  # -j N locally: Snakemake itself would no longer count threads
     metrics = json.loads((project.root / "results/memorize/seed-0/stage-2/metrics.json").read_text())
     assert metrics["steps"] == 4
     for path in ("reports/accuracy.png", "reports/generalization.svg", "reports/accuracy.md", "reports/flops.png",
@@ -137,6 +148,13 @@ def test_the_tiny_pipeline_end_to_end(tmp_path):
     assert {run.data.tags["rmt.step"] for run in runs} == {"reproduction", "data", "train", "grid", "evaluate",
                                                           "flops", "memory"}
     assert len({run.data.tags["rmt.group"] for run in runs}) == 1  # one reproduction, one group
+    # Threads never exceed the 2 cores (the workflow profile gives these steps 2 threads each),
+    # and the memory profile, which measures, ran alone.
+    steps = [run for run in runs if run.data.tags["rmt.step"] != "reproduction"]
+    busy = [run for run in steps if run.data.tags["rmt.step"] in ("train", "grid", "evaluate", "memory")]
+    assert not _overlapping(busy), _overlapping(busy)
+    (memory,) = [run for run in steps if run.data.tags["rmt.step"] == "memory"]
+    assert not [pair for pair in _overlapping(steps) if memory.info.run_name in pair], _overlapping(steps)
     # ... and one parent run, with the configuration and the headline results; every step nests under it.
     (parent,) = [run for run in runs if run.data.tags["rmt.step"] == "reproduction"]
     assert parent.info.status == "FINISHED" and parent.info.run_name == parent.data.tags["rmt.group"]

@@ -1,6 +1,7 @@
 # Helpers shared by the rules: the validated configuration, the planned steps, settings.
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -70,6 +71,41 @@ def close_reproduction_run(failed):
         run.log_metrics(headline_results(list(STEPS.values())), step=0)
         run.__exit__(RuntimeError if failed else None, None, None)
 
+
+
+# Jobs run on this machine share its cores through the resource `machine_share`, whose total
+# the workflow profile declares (profiles/default/config.yaml): a job holds the share of the
+# machine its threads are, and a measurement job holds all of it, so it runs alone. Snakemake
+# counts threads against --cores itself, but not under -j N run locally (it reads -j as a
+# number of cluster nodes and lifts the core limit: two 2-thread jobs ran at once on 2
+# cores); the shares keep -j N and --cores N alike. On a cluster every job has an allocation
+# of its own, and holds no share.
+MACHINE_SHARE = "machine_share"
+
+
+def _machine_total():
+    declared = {name: resource.value for name, resource in workflow.global_resources.items()}.get(MACHINE_SHARE)
+    # A cluster job's own snakemake gets the job's share (0) as its total: declared, and enough.
+    if workflow.local_exec and declared is None:
+        raise WorkflowError(
+            f"Jobs on this machine share its cores through the resource {MACHINE_SHARE}, which the workflow "
+            "profile (profiles/default/config.yaml) declares; --resources on the command line replaces the "
+            f"profile's: add {MACHINE_SHARE} with the profile's total to it (or run with the workflow profile)")
+    return declared
+
+
+MACHINE_TOTAL = _machine_total()
+
+
+def machine_share(wildcards, threads):
+    """The share of this machine a local job holds: its threads' part of the cores, rounded
+    up, so that the jobs running at once never have more threads than the machine has cores."""
+    return 0 if workflow.non_local_exec else math.ceil(MACHINE_TOTAL * threads / workflow.cores)
+
+
+def whole_machine(wildcards):
+    """A measurement job's share: all of this machine, so that nothing runs beside it."""
+    return 0 if workflow.non_local_exec else MACHINE_TOTAL
 
 
 def planned_step(rule, wildcards):

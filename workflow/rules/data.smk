@@ -11,6 +11,8 @@ rule data:
     params:
         command=step_command("data"),
         settings=lambda wildcards: task_settings(wildcards, "data"),
+    resources:
+        machine_share=machine_share,
     log:
         f"{LOGS}/data/{{task}}.log",
     benchmark:

@@ -11,6 +11,8 @@ rule evaluate:
     params:
         command=step_command("evaluate"),
         settings=lambda wildcards: evaluation_settings(wildcards, grid=False),
+    resources:
+        machine_share=machine_share,
     log:
         f"{LOGS}/evaluate/{{task}}/seed-{{seed}}.log",
     benchmark:
@@ -27,6 +29,8 @@ rule grid:
     params:
         command=step_command("grid"),
         settings=lambda wildcards: evaluation_settings(wildcards, grid=True),
+    resources:
+        machine_share=machine_share,
     log:
         f"{LOGS}/grid/{{task}}/seed-{{seed}}/stage-{{segments}}.log",
     benchmark:

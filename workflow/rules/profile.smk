@@ -10,6 +10,8 @@ rule flops:
         FLOPS,
     params:
         command=step_command("flops"),
+    resources:
+        machine_share=machine_share,
     log:
         f"{LOGS}/profile/flops.log",
     benchmark:
@@ -25,6 +27,8 @@ rule attention:
         ATTENTION,
     params:
         command=step_command("attention"),
+    resources:
+        machine_share=machine_share,
     log:
         f"{LOGS}/profile/attention-{{task}}.log",
     benchmark:
@@ -43,6 +47,8 @@ rule memory:
     params:
         command=step_command("memory"),
         settings=memory_profile_settings,
+    resources:
+        machine_share=whole_machine,
     log:
         f"{LOGS}/profile/memory.log",
     benchmark:

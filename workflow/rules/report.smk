@@ -9,6 +9,8 @@ rule report:
         report_outputs(),
     params:
         command=step_command("report"),
+    resources:
+        machine_share=machine_share,
     log:
         f"{LOGS}/report.log",
     benchmark:

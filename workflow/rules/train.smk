@@ -13,6 +13,8 @@ rule train:
         command=step_command("train"),
         settings=stage_settings,
         launcher=launcher,
+    resources:
+        machine_share=machine_share,
     log:
         f"{LOGS}/train/{{task}}/seed-{{seed}}/stage-{{segments}}.log",
     benchmark:

@@ -95,6 +95,11 @@ class TrainSettings(BaseModel):
     # every stored curriculum length up to the stage's asks for one rule at all of them.
     mixed_lengths: bool = Field(default=False, description="Each step trains on a number of segments drawn from the "
                                 "stored curriculum lengths up to the stage's (validation stays at the stage's)")
+    # Steps at the stage's length leave what the memory does beyond it untrained: every k-th
+    # step can train on examples as long as the validation's instead (generated from the
+    # training split's noise, never stored), so that the long run is learned, not hoped for.
+    long_step_every: int | None = Field(default=None, ge=1, description="Every this many steps, train on examples "
+                                        "valid_length_factor times the stage's length (off: null)")
     seed: int = 0
     device: str = "auto"
 
@@ -104,4 +109,7 @@ class TrainSettings(BaseModel):
             raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide batch_size {self.batch_size}")
         if self.min_steps > self.max_steps:
             raise ValueError(f"min_steps {self.min_steps} exceeds max_steps {self.max_steps}: lower it or raise max_steps")
+        if self.long_step_every is not None and self.valid_length_factor == 1:
+            raise ValueError(f"long_step_every {self.long_step_every} trains on examples valid_length_factor times the "
+                             "stage's length, and valid_length_factor is 1: set it above 1, or long_step_every to null")
         return self

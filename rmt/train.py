@@ -363,10 +363,23 @@ class _Trainer:
         """The arrays and row indices of step `step`'s batch: a function of (seed, step) only,
         so that a resumed run sees the same data, and every process draws the same rows."""
         rng = np.random.default_rng([self.train.seed, step])
+        every = self.train.long_step_every
+        if every is not None and step % every == every - 1:
+            return self._long_batch(rng)
         lengths = sorted(self.inputs.train_arrays)
         length = lengths[rng.integers(len(lengths))] if len(lengths) > 1 else lengths[0]
         tokens, labels = self.inputs.train_arrays[length]
         return tokens, labels, rng.choice(len(labels), size=self.train.batch_size)
+
+    def _long_batch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A batch at the validation length, generated from training examples drawn by `rng`."""
+        data = self.inputs.data
+        num_tokens = self.segments * self.train.valid_length_factor * data.config.segment_length
+        drawn = rng.choice(data.config.train_examples, size=self.train.batch_size)
+        pairs = [data.generator.example("train", int(index), num_tokens) for index in drawn]
+        tokens = np.stack([tokens for _, tokens in pairs])  # (batch, num_tokens)
+        labels = np.array([layout.sample.label for layout, _ in pairs])
+        return tokens, labels, np.arange(len(labels))
 
     def step(self, step: int) -> float:
         """One optimizer step; the mean training loss over the processes."""

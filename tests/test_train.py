@@ -2,7 +2,9 @@
 
 import json
 import shutil
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -188,6 +190,35 @@ def test_mixed_lengths_train_on_every_curriculum_length_up_to_the_stage(data, tm
     train_stage(data_dir=data, segments=2, output=tmp_path / "one", model=MODEL, progress=False,
                 train=TRAIN.model_copy(update={"max_steps": 12, "micro_batch_size": None}))
     assert set(seen) == {2}
+
+
+def test_long_steps_train_every_kth_step_on_generated_examples_at_the_validation_length(data, tmp_path, monkeypatch):
+    seen = []
+    original = train_module._token_tensor
+
+    def record(tokens, device):
+        seen.append(tokens.shape[1] // 32)  # segments of 32 tokens
+        return original(tokens, device)
+
+    monkeypatch.setattr(train_module, "_token_tensor", record)
+    long = TRAIN.model_copy(update={"valid_length_factor": 3, "long_step_every": 4, "max_steps": 8,
+                                    "eval_every": 8, "eval_examples": 4, "micro_batch_size": None})
+    train_stage(data_dir=data, segments=2, output=tmp_path / "long", model=MODEL, train=long, progress=False)
+    assert seen[:8] == [2, 2, 2, 6, 2, 2, 2, 6]  # steps 4 and 8 at 3 x 2 segments (then validation)
+    # The long batch: training examples drawn by (seed, step), generated from the training split.
+    trainer_batch = train_module._Trainer._long_batch
+    rng = np.random.default_rng([long.seed, 3])
+    dataset = train_module.TaskDataset(data)
+    drawn = np.random.default_rng([long.seed, 3]).choice(dataset.config.train_examples, size=long.batch_size)
+    tokens, labels, rows = trainer_batch(SimpleNamespace(inputs=SimpleNamespace(data=dataset), segments=2, train=long), rng)
+    assert tokens.shape == (long.batch_size, 6 * 32) and (rows == np.arange(long.batch_size)).all()
+    assert (tokens[0] == dataset.generator.example("train", int(drawn[0]), 6 * 32)[1]).all()
+    assert labels[0] == dataset.generator.label("train", int(drawn[0]), 6 * 32)
+
+
+def test_long_steps_need_a_longer_validation_length():
+    with pytest.raises(ValueError, match="valid_length_factor is 1: set it above 1"):
+        TrainSettings.model_validate({**TRAIN.model_dump(), "long_step_every": 4})
 
 
 def test_a_finished_stage_publishes_deleted_outputs_again(data, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -137,6 +138,7 @@ def test_the_report_draws_every_figure_and_table_from_the_files(tmp_path, traine
     assert table["1"]["paper_accuracy"] == ""  # the paper reports no 1-segment figure
     markdown = (tmp_path / "reports/accuracy.md").read_text()
     assert "| reasoning | 4096 | 262,144 | 200 | 2 | 95.0 ± 7.1 |" in markdown and "| 81.9 |" in markdown
+    assert markdown.startswith("Mean ± standard deviation over 2 seeds")
 
 
 def test_missing_results_are_named(tmp_path):
@@ -149,7 +151,10 @@ def test_accuracy_table_and_markdown_for_one_seed():
 
     table = accuracy_table(pd.DataFrame(_rows("memorize", 7, [4096], 0.97)).assign(seed=0))
     assert table["accuracy_std"].tolist() == [0.0] and table["paper_accuracy"].tolist() == [pytest.approx(0.906)]
-    assert "± " not in markdown_table(table)
+    markdown = markdown_table(table)
+    assert "| 97.0 |" in markdown and "97.0 ±" not in markdown
+    assert markdown.startswith("One seed: each figure is one run") and "config/seeds.yaml" in markdown
+    assert (Path(__file__).parents[1] / "config/seeds.yaml").is_file()  # the file the sentence names
 
 
 def _log_evaluation(*, task, config, seed, accuracies, files="params.yaml", status_ok=True):

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rmt.config import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("model: {backbone_overrides: {num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, "
         "intermediate_size: 64}}\n")
@@ -47,3 +49,33 @@ def test_the_robustness_benchmark_trains_scores_and_reuses_stages(tmp_path):
     history = (tmp_path / "w" / "after" / "detect_and_memorize" / "segment-48" / "seed-1" / "stage-2" /
                "history.jsonl").read_text()
     assert '"valid_segments": 6' in history
+
+
+def test_the_paper_cost_estimate_adds_up_from_the_recipe(tmp_path):
+    completed = run("paper_cost.py", "--output", str(tmp_path / "cost.json"), cwd=tmp_path)
+    assert "not measurements" in completed.stdout and "| reasoning |" in completed.stdout
+    cost = json.loads((tmp_path / "cost.json").read_text())
+    recipe = load_config(ROOT / "params.yaml", ROOT / "config" / "paper.yaml")
+    assert list(cost["tasks"]) == list(recipe.tasks)
+    for task, numbers in cost["tasks"].items():
+        settings, stages = recipe.for_task(task), numbers["stages"]
+        first = stages[0]
+        assert first["segments"] == 1
+        assert first["step_flops"] == 3 * settings.train.batch_size * numbers["segment_forward_flops"]
+        for stage in stages:  # FLOPs linear in segments; steps and validations as configured
+            train = settings.train_for(stage["segments"])
+            assert stage["step_flops"] == stage["segments"] * first["step_flops"]
+            assert stage["steps"] == train.max_steps
+            assert stage["validations"] * train.eval_every >= train.max_steps
+            assert stage["flops"] == stage["steps"] * stage["step_flops"] + stage["validation_flops"]
+        per_example = {length["segments"]: length["flops"] // length["examples"] for length in numbers["evaluation"]}
+        assert per_example[4096] == 4096 // 16 * per_example[16]
+        assert {length["segments"]: length["examples"] for length in numbers["evaluation"]} == {
+            n: settings.data.test_examples_at(n) for n in settings.data.test_segments}
+        assert numbers["training_flops"] == sum(stage["flops"] for stage in stages)
+        assert numbers["evaluation_flops"] == sum(length["flops"] for length in numbers["evaluation"])
+        assert numbers["grid_flops"] == len(stages) * sum(length["flops"] for length in numbers["grid_per_stage"])
+        assert numbers["flops"] == numbers["training_flops"] + numbers["evaluation_flops"] + numbers["grid_flops"]
+    # The shipped GPU profile's runtimes cover the longest job of each rule.
+    assert [(rule["rule"], rule["covers"]) for rule in cost["profile"]] == [
+        ("train", True), ("evaluate", True), ("grid", True)]

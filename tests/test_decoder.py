@@ -341,6 +341,30 @@ def test_stream_batch_loss_matches_forward(kind, size):
     assert float(out.loss) == pytest.approx(float(expected.loss), abs=ATOL)
 
 
+def test_stream_honours_max_segments_as_the_forward_pass_does():
+    """Both read the first max_segments segments and score them as a text of that length:
+    the token after the cut is never read, not even as the last token's target."""
+    model = make_decoder("gpt2", max_segments=2)
+    ids = torch.stack([random_text(47, seed=54), random_text(47, seed=55)])
+    with torch.no_grad():
+        expected = model(ids, labels=ids)
+        cut = model(ids[:, : 2 * L], labels=ids[:, : 2 * L])
+    assert expected.num_predictions == cut.num_predictions == 2 * (2 * L - 1)
+    assert float(expected.loss) == pytest.approx(float(cut.loss), abs=ATOL)
+    pulled = []
+
+    def chunks():
+        for start in range(0, 47, 7):
+            pulled.append(start)
+            yield ids[:, start : start + 7]
+
+    out = model.stream(chunks(), num_tokens=47)
+    assert out.num_predictions == expected.num_predictions
+    assert float(out.loss) == pytest.approx(float(expected.loss), abs=ATOL)
+    torch.testing.assert_close(out.logits, expected.logits[:, 2 * L - 1], atol=ATOL, rtol=0)
+    assert max(pulled) == 14  # the chunk holding token 2L - 1 is the last one read
+
+
 def test_stream_length_errors():
     model = make_decoder("gpt2")
     ids = random_text(47, seed=53)

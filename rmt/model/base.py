@@ -244,22 +244,27 @@ class RecurrentMemoryModel(nn.Module):
             token_labels=token_labels,
         )
 
-    def _stream_tokens(self, num_tokens: int) -> int:
-        """How many tokens of a streamed input are read: all, or the first max_segments
-        segments' worth, the rule `forward` follows (the beginning is kept)."""
+    def _tokens_read(self, num_tokens: int) -> int:
+        """How many tokens of an input are read, in `forward` and `stream` alike: all, or the
+        first max_segments segments' worth (the paper's rule: the beginning is kept)."""
         if self.config.max_segments is None:
             return num_tokens
         return min(num_tokens, self.config.max_segments * self.config.segment_length)
 
+    def _cut_to_max_segments(self, rows: list[Tensor]) -> list[Tensor]:
+        """The part of each example `forward` reads. Cut before anything is derived from the
+        tokens (the decoder's next-token targets), so the model sees exactly the shorter text."""
+        return [row[: self._tokens_read(len(row))] for row in rows]
+
     def _stream_segments(self, chunks: Iterable, num_tokens: int) -> Iterator[Tensor]:
-        used = self._stream_tokens(num_tokens)
+        used = self._tokens_read(num_tokens)
         return stream_segments(
             first_tokens(chunks, used) if used < num_tokens else chunks, num_tokens=used,
             segment_length=self.config.segment_length, align=self.align,
         )
 
     def _num_stream_segments(self, num_tokens: int) -> int:
-        return num_segments_for(self._stream_tokens(num_tokens), self.config.segment_length)
+        return num_segments_for(self._tokens_read(num_tokens), self.config.segment_length)
 
     # ---------------------------------------------------------------- save / load
     def save_pretrained(self, directory: str | Path) -> None:

@@ -41,8 +41,9 @@ class RMTConfig:
     # Encoder only.
     num_labels: int | None = None
     # Train on the answer at every segment, not only the last: the loss is the mean over
-    # segments of each segment's mean loss, as the authors' `sum_loss` computes it in their
-    # later code (their first versions summed the segments' losses instead).
+    # segments of each segment's mean loss, 1/K sum_k mean_{i in A_k} CE_{i,k}, as the
+    # authors' `sum_loss` computes it in their later code (their first versions summed the
+    # segments' losses instead). RecurrentMemoryEncoder.forward gives the full formula.
     loss_on_all_segments: bool = False
     classifier_dropout: float = 0.1
     cls_token_id: int | None = None

@@ -124,21 +124,16 @@ class RecurrentMemoryDecoder(RecurrentMemoryModel):
         labels: like input_ids (usually input_ids itself), IGNORE_INDEX (-100) where no loss
         is wanted; token t+1's label is predicted at token t across segment borders, so the
         loss is the ordinary next-token loss of the whole text. return_logits=False saves
-        the (B, T, V) logits tensor during training.
+        the (B, T, V) logits tensor during training. With max_segments, the text is its first
+        max_segments * segment_length tokens: the loss and the logits cover those only.
         """
         rows = [row.to(self.device) for row in token_rows(input_ids, attention_mask)]
-        targets = None
-        if exists(labels):
-            label_rows = [row.to(self.device) for row in token_rows(labels, attention_mask)]
-            if [len(r) for r in label_rows] != [len(r) for r in rows]:
-                raise ValueError("labels must have the shape of input_ids")
-            ignore = torch.tensor([IGNORE_INDEX], device=self.device)
-            targets = [torch.cat([row[1:], ignore]) for row in label_rows]  # next-token targets
+        targets = self._next_token_targets(labels, attention_mask, rows) if exists(labels) else None
+        rows = self._cut_to_max_segments(rows)
         steps = schedule_segments(
             rows,
             segment_length=self.config.segment_length,
             align=self.align,
-            max_segments=self.config.max_segments,
             token_labels=targets,
         )
         with self._attention_for(output_attentions):
@@ -161,6 +156,16 @@ class RecurrentMemoryDecoder(RecurrentMemoryModel):
             attentions=tuple(r.attentions for r in results) if output_attentions else None,
             num_predictions=num_predictions,
         )
+
+    def _next_token_targets(self, labels, attention_mask, rows: list[Tensor]) -> list[Tensor]:
+        """Per example, the label of the token that follows each token read, IGNORE_INDEX after
+        the last one: the text is cut to max_segments first, so the token after the cut is
+        not a target (as in stream(), which never reads it)."""
+        label_rows = [row.to(self.device) for row in token_rows(labels, attention_mask)]
+        if [len(r) for r in label_rows] != [len(r) for r in rows]:
+            raise ValueError("labels must have the shape of input_ids")
+        ignore = torch.tensor([IGNORE_INDEX], device=self.device)
+        return [torch.cat([row[1:], ignore]) for row in self._cut_to_max_segments(label_rows)]
 
     def _gather_logits(self, steps, results, input_ids, attention_mask, rows) -> Tensor:
         """Per-segment logits put back at the positions of the tokens they belong to."""
@@ -186,7 +191,7 @@ class RecurrentMemoryDecoder(RecurrentMemoryModel):
         make `num_tokens` tokens per example. Returns the mean next-token loss over the text and
         the logits (B, V) of the token that would follow it (a prompt's answer). One segment is
         kept at a time (plus the first token of the next one, the target of the segment's last
-        token)."""
+        token). With max_segments, as in forward(), the text is its first max_segments segments."""
         count = self._num_stream_segments(num_tokens)
         segments = self._stream_segments(chunks, num_tokens)
         current = next(segments)

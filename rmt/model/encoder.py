@@ -134,11 +134,18 @@ class RecurrentMemoryEncoder(RecurrentMemoryModel):
         input_ids: (B, T) with attention_mask (either padding side), or a list of token
         sequences. The tokenizer's [CLS]/[SEP]/[PAD] are removed (the paper's rule) and each
         segment gets its own. labels: (B,) class indices.
+
+        The loss, with K steps (segments counted from the end, where every example's last
+        segment is) and A_k the examples that have a segment at step k:
+        - by default, the mean over the batch of each example's loss on its last segment;
+        - with config.loss_on_all_segments, the authors' `sum_loss` (their later code averages,
+          their first versions summed): the mean over steps of each step's mean loss,
+              loss = 1/K * sum_k [ 1/|A_k| * sum_{i in A_k} CE(logits_{i,k}, labels_i) ].
+          Each step weighs the same, so the early steps, which only the longest examples
+          reach, count as much as the last one, where every example is.
         """
-        rows = self._token_rows(input_ids, attention_mask)
-        steps = schedule_segments(
-            rows, segment_length=self.config.segment_length, align=self.align, max_segments=self.config.max_segments
-        )
+        rows = self._cut_to_max_segments(self._token_rows(input_ids, attention_mask))
+        steps = schedule_segments(rows, segment_length=self.config.segment_length, align=self.align)
         if exists(labels):
             labels = torch.as_tensor(labels, device=self.device)
             if labels.shape != (len(rows),):
@@ -171,7 +178,8 @@ class RecurrentMemoryEncoder(RecurrentMemoryModel):
     def stream(self, chunks: Iterable, *, num_tokens: int) -> RMTEncoderOutput:
         """Classify inputs far too long to hold: `chunks` yields token chunks, (B, c) or (c,),
         that together make `num_tokens` tokens per example (no special tokens). Only the
-        current segment and the memory are kept, so memory use is flat in the length."""
+        current segment and the memory are kept, so memory use is flat in the length. With
+        max_segments, as in forward(), only the first max_segments segments are read."""
         count = self._num_stream_segments(num_tokens)
         memory, result = None, None
         for index, tokens in enumerate(self._stream_segments(chunks, num_tokens)):

@@ -97,15 +97,10 @@ def schedule_segments(
     *,
     segment_length: int,
     align: Alignment,
-    max_segments: int | None = None,
     token_labels: list[Tensor] | None = None,
 ) -> list[SegmentStep]:
-    """Every step of the recurrence for a batch of examples of any lengths."""
-    if max_segments is not None:
-        # The paper's rule: keep the beginning of an input that is too long.
-        limit = max_segments * segment_length
-        rows = [row[:limit] for row in rows]
-        token_labels = None if token_labels is None else [labels[:limit] for labels in token_labels]
+    """Every step of the recurrence for a batch of examples of any lengths (already cut to
+    max_segments by the model, see RecurrentMemoryModel._cut_to_max_segments)."""
     bounds = [segment_bounds(len(row), segment_length, align) for row in rows]
     counts = [len(b) for b in bounds]
     total_steps = max(counts)

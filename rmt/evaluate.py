@@ -99,7 +99,8 @@ def evaluate_checkpoint(
         examples = counts.get(length, data.config.test_examples_at(length))
         examples = examples if max_examples is None else min(examples, max_examples)
         if length not in done or done[length]["examples"] != examples:
-            done[length] = _evaluate_length(scores, data, checkpoint, length, examples, batch_size, device_)
+            done[length] = _evaluate_length(scores, data, checkpoint, length, examples, batch_size, device_,
+                                            progress=progress)
             partial.save(list(done.values()))
         if run is not None:  # also the lengths an interrupted attempt finished
             # Against length (step) for the curve, and by name for the runs table (accuracy_4096).
@@ -123,17 +124,21 @@ LOGGED_FIELDS = ("accuracy", "ci_low", "ci_high", "examples_per_second", "peak_m
 
 @torch.inference_mode()
 def _evaluate_length(scores: Callable[..., torch.Tensor], data: TaskDataset, checkpoint: Path, length: int,
-                     examples: int, batch_size: int, device) -> dict:
+                     examples: int, batch_size: int, device, *, progress: bool = True) -> dict:
     """One CSV row: accuracy of `examples` test examples of `length` segments, streamed into
     `scores` (chunks -> (B, classes) scores: the objective's view of the model)."""
     hits, started = [], time.perf_counter()
     num_tokens = length * data.config.segment_length
-    with PeakMemory(device) as meter:
+    # One length can take hours (200 examples of 4096 segments on a CPU): a bar of its own,
+    # advanced batch by batch, under the bar of lengths; it goes away when the length ends.
+    bar = progress_bar(total=examples, desc=f"segments={length}", unit="example", leave=False, disable=not progress)
+    with PeakMemory(device) as meter, bar:
         for start in range(0, examples, batch_size):
             indices = range(start, min(start + batch_size, examples))
             labels, chunks = data.stream(length, indices)
             logits = scores((np.asarray(c, dtype=np.int64) for c in chunks), num_tokens=num_tokens)
             hits += (logits.argmax(-1).cpu() == torch.as_tensor(labels)).tolist()
+            bar.update(len(indices))
     seconds = time.perf_counter() - started
     correct = sum(hits)
     low, high = wilson_interval(correct, examples)

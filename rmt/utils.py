@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -39,6 +40,11 @@ def resolve_device(device: "str | torch.device" = "auto") -> "torch.device":
     return device
 
 
+# What tqdm writes to place nested bars on a terminal (cursor up, clear line): in a log file
+# they are noise, and a nested bar's line stands alone there anyway (it carries its desc).
+_CURSOR_CONTROL = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 class _LinePerUpdate:
     """A log file's view of a progress bar: each refresh on a line of its own, instead of
     carriage returns that pile every update into one endless line."""
@@ -47,22 +53,25 @@ class _LinePerUpdate:
         self.stream = stream
 
     def write(self, text: str) -> None:
-        line = text.replace("\r", "").strip()
-        if line:
-            self.stream.write(line + "\n")
+        for piece in re.split(r"[\r\n]", _CURSOR_CONTROL.sub("", text)):
+            if piece.strip():
+                self.stream.write(piece.strip() + "\n")
 
     def flush(self) -> None:
         self.stream.flush()
 
 
 def progress_bar(iterable=None, **kwargs):
-    """tqdm on a terminal; in a log file (Snakemake, SLURM), a line every 30 seconds."""
+    """tqdm on a terminal; in a log file (Snakemake, SLURM), a line every 30 seconds at most,
+    per bar (a bar nested in another, e.g. the examples of one length, writes its own lines)."""
     import sys
 
     from tqdm import tqdm
 
     if not sys.stderr.isatty():
-        kwargs = {"file": _LinePerUpdate(sys.stderr), "mininterval": 30.0, "ascii": True, **kwargs}
+        kwargs = {"file": _LinePerUpdate(sys.stderr), "mininterval": 30.0, "ascii": True, **kwargs,
+                  # A log cannot erase a finished bar: its last line (count, time, rate) is kept.
+                  "leave": True}
     return tqdm(iterable, **kwargs)
 
 

@@ -53,6 +53,33 @@ def test_progress_in_a_log_file_is_a_line_per_update(capsys):
     assert "\r" not in log and log.count("\n") >= 2 and "3/3" in log.splitlines()[-1]
 
 
+def test_nested_progress_in_a_log_file_has_no_terminal_controls(monkeypatch):
+    """A bar inside a bar (lengths, then the batches of one length): on a terminal tqdm moves
+    the cursor between them; in a log file each keeps to lines of its own, and the inner bar's
+    last line stays although it is left=False (a log cannot erase it)."""
+    import io
+    import sys
+
+    from rmt.utils import progress_bar
+
+    log = io.StringIO()  # not a terminal: isatty() is False
+    monkeypatch.setattr(sys, "stderr", log)
+    for length in progress_bar([1, 2], desc="lengths", mininterval=0):
+        with progress_bar(total=4, desc=f"segments={length}", leave=False, mininterval=0) as inner:
+            for _ in range(2):
+                inner.update(2)
+    text = log.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.splitlines()
+    assert all(line.strip() == line and line for line in lines)
+    for length in (1, 2):
+        counts = [line.split("|")[2].split()[0] for line in lines if line.startswith(f"segments={length}:")]
+        # Every update, then the closing line (the same count again: the bar is not erased).
+        assert list(dict.fromkeys(counts)) == ["0/4", "2/4", "4/4"] and counts[-1] == "4/4"
+    assert "2/2" in [line for line in lines if line.startswith("lengths")][-1]
+
+
 def test_help_keeps_bracketed_words():
     result = CliRunner().invoke(app, ["profile", "attention", "--help"])
     assert "[memory, tokens]" in result.output and "[CLS]" in result.output
+

@@ -74,6 +74,27 @@ def test_chosen_lengths_and_example_cap(trained, tmp_path):
                        "accuracy": {"3": rows[0]["accuracy"], "4": rows[1]["accuracy"]}}
 
 
+def test_progress_within_a_length_is_shown_batch_by_batch(trained, tmp_path, monkeypatch):
+    """A long length takes hours: its examples have a bar of their own, below the lengths'."""
+    import io
+    import sys
+
+    import rmt.utils
+
+    data_dir, checkpoint = trained
+    log = io.StringIO()  # a log file, as under Snakemake or SLURM
+    monkeypatch.setattr(sys, "stderr", log)
+    real_progress_bar = rmt.utils.progress_bar
+    monkeypatch.setattr("rmt.evaluate.progress_bar", lambda *a, **k: real_progress_bar(*a, **{**k, "mininterval": 0}))
+    evaluate_checkpoint(checkpoint=checkpoint, data_dir=data_dir, output=tmp_path / "eval.csv", segments=[1, 5],
+                        max_examples=5, batch_size=2, device="cpu", progress=True)
+    for length in (1, 5):
+        counts = [line.split("|")[2].split()[0] for line in log.getvalue().splitlines()
+                  if line.startswith(f"segments={length}:")]
+        assert list(dict.fromkeys(counts)) == ["0/5", "2/5", "4/5", "5/5"]  # one update per batch of 2
+    assert "\r" not in log.getvalue()
+
+
 def test_bad_input_is_refused_before_evaluating(trained, tmp_path):
     data_dir, checkpoint = trained
     with pytest.raises(FileNotFoundError, match="not an RMT checkpoint"):
@@ -111,11 +132,11 @@ def test_an_interrupted_evaluation_continues_from_the_first_missing_length(train
                                 segments=[1, 2, 5], progress=False)
     original, done = evaluate_module._evaluate_length, []
 
-    def interrupted_at_the_third_length(model, data, checkpoint, length, *args):
+    def interrupted_at_the_third_length(model, data, checkpoint, length, *args, **options):
         if len(done) == 2:
             raise KeyboardInterrupt
         done.append(length)
-        return original(model, data, checkpoint, length, *args)
+        return original(model, data, checkpoint, length, *args, **options)
 
     monkeypatch.setattr(evaluate_module, "_evaluate_length", interrupted_at_the_third_length)
     with pytest.raises(KeyboardInterrupt):
@@ -123,7 +144,7 @@ def test_an_interrupted_evaluation_continues_from_the_first_missing_length(train
                             progress=False)
     assert not output.exists() and (tmp_path / "eval.csv.partial").is_file()
     done.clear()
-    monkeypatch.setattr(evaluate_module, "_evaluate_length", lambda *a: (done.append(a[3]), original(*a))[1])
+    monkeypatch.setattr(evaluate_module, "_evaluate_length", lambda *a, **k: (done.append(a[3]), original(*a, **k))[1])
     rows = evaluate_checkpoint(checkpoint=checkpoint, data_dir=data_dir, output=output, segments=[1, 2, 5],
                                progress=False)
     assert done == [5] and "2 length(s) done" in capsys.readouterr().err

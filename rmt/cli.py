@@ -17,6 +17,7 @@ except ImportError as error:  # `pip install rmt` is the model library alone
                      "pip install 'rmt[pipeline]', or `make install` in a checkout") from None
 
 from rmt import __version__
+from rmt.cli_common import ConfigFiles, Device, Overrides, device_override, pipeline_settings, task_settings
 from rmt.utils import UserError
 
 # Bad values (ValueError) and files, folders, disks and permissions (OSError) are the user's
@@ -62,45 +63,6 @@ data_app = typer.Typer(no_args_is_help=True, help="Synthetic long-context datase
 app.add_typer(data_app, name="data")
 
 
-CONFIG_HELP = "Pipeline configuration (params.yaml); several are laid over each other in order."
-SET_HELP = "SECTION.KEY=VALUE (value read as YAML), e.g. train.learning_rate=5e-4 or data.segment_length=32."
-
-
-def _task_settings(configs: list[Path], overrides: list[str], task: str):
-    """The settings of one task: the config files merged, then --set overrides, validated."""
-    import yaml
-    from pydantic import ValidationError
-
-    from rmt.config import PipelineConfig, read_config_files
-
-    try:
-        merged = read_config_files(*configs)
-    except (FileNotFoundError, ValueError) as error:
-        raise typer.BadParameter(str(error), param_hint="--config") from None
-    for item in overrides:
-        key, separator, value = item.partition("=")
-        path = key.strip().split(".")
-        if not separator or len(path) < 2:
-            raise typer.BadParameter(f"{item!r} is not SECTION.KEY=VALUE", param_hint="--set")
-        target = merged
-        for part in path[:-1]:
-            target = target.setdefault(part, {})
-        try:
-            target[path[-1]] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise typer.BadParameter(f"{item!r}: the value is not valid YAML (quote strings, e.g. "
-                                     f"{key}='\"text\"')", param_hint="--set") from None
-    # A command runs one task: the settings of the others are not its business.
-    tasks = merged.get("tasks") or {}
-    own = (tasks.get(task) or {}) if isinstance(tasks, dict) else {}
-    try:
-        return PipelineConfig(**{**merged, "tasks": {task: own}}).for_task(task)
-    except ValidationError as error:
-        raise typer.BadParameter(_validation_message(error)) from None
-    except ValueError as error:
-        raise typer.BadParameter("Invalid settings:\n  " + str(error).replace("\n", "\n  ")) from None
-
-
 def _tracked(step: str, *, task: str, seed: int, params: dict, tags: dict | None = None,
              resume_run_id: str | None = None):
     """The MLflow run of one pipeline step; none in the other processes of a torchrun job.
@@ -133,12 +95,6 @@ def _config_tags(settings, configs: list[Path]) -> dict:
     return {"rmt.config": settings.config_hash(), "rmt.config_files": " + ".join(map(str, configs)) or "defaults"}
 
 
-def _validation_message(error) -> str:
-    from rmt.config import problem_lines
-
-    return "Invalid settings:\n" + "\n".join(f"  {line}" for line in problem_lines(error))
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"rmt {__version__}")
@@ -159,13 +115,15 @@ def train(
     output: Path = typer.Option(..., help="The stage's folder: checkpoints, metrics, history."),
     init: Path | None = typer.Option(None, help="Previous stage's best/ checkpoint; none for the first stage."),
     seed: int | None = typer.Option(None, help="Training seed (default: train.seed); one of the config's seeds."),
-    configs: list[Path] = typer.Option([], "--config", help=CONFIG_HELP),
-    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    device: Device = None,
+    configs: ConfigFiles = [],
+    overrides: Overrides = [],
 ) -> None:
     """Train one curriculum stage (resumes from its last checkpoint when run again). The
     task's model and train settings come from the configuration."""
     if seed is not None:
         overrides = [*overrides, f"train.seed={seed}"]
+    overrides = [*overrides, *device_override("train", device)]
     from rmt.data.dataset import TaskDataset
     from rmt.tracking import check_store
     from rmt.layout import StageFiles
@@ -175,7 +133,7 @@ def train(
         task = TaskDataset(data).config.task
     except FileNotFoundError as error:
         raise typer.BadParameter(str(error), param_hint="--data") from None
-    settings = _task_settings(configs, overrides, task)
+    settings = task_settings(configs, overrides, task)
     model_settings, train_settings = settings.model, settings.train_for(segments)
     dataset = TaskDataset(data)
     params = {"data": dataset.config.model_dump(), "model": model_settings.model_dump(),
@@ -218,9 +176,9 @@ def evaluate(
                                         "else the dataset's test lengths)."),
     max_examples: int | None = typer.Option(None, min=1, help="At most this many examples per length."),
     batch_size: int | None = typer.Option(None, min=1, help="Default: evaluate.batch_size."),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, ..."),
-    configs: list[Path] = typer.Option([], "--config", help=CONFIG_HELP),
-    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    device: Device = None,
+    configs: ConfigFiles = [],
+    overrides: Overrides = [],
 ) -> None:
     """Accuracy of a checkpoint at many input lengths (streamed, flat memory)."""
     from rmt.data.dataset import TaskDataset
@@ -235,8 +193,8 @@ def evaluate(
         dataset = TaskDataset(data)
     except FileNotFoundError as error:
         raise typer.BadParameter(str(error), param_hint="--data") from None
-    task_settings = _task_settings(configs, overrides, dataset.config.task)
-    settings = task_settings.evaluate
+    settings_of_task = task_settings(configs, overrides, dataset.config.task)
+    settings = settings_of_task.evaluate
     if grid:
         lengths, max_examples = lengths or settings.grid_segments, max_examples or settings.grid_examples
     lengths = lengths or settings.segments
@@ -248,14 +206,14 @@ def evaluate(
               "max_examples": max_examples, "batch_size": batch_size,
               **({"stage": {key: stage[key] for key in ("model", "train", "init")}} if stage else {})}
     tags = {"rmt.data_hash": dataset.card["config_hash"], **({"rmt.stage": stage["segments"]} if stage else {}),
-            **_config_tags(task_settings, configs)}
+            **_config_tags(settings_of_task, configs)}
     seed = stage["train"]["seed"] if stage else dataset.config.seed
     with _tracked("grid" if grid else "evaluate", task=dataset.config.task, seed=seed, params=params,
                   tags=tags) as run:
         _log_dataset(run, dataset, "evaluation")
         rows = evaluate_checkpoint(checkpoint=checkpoint, data_dir=data, output=output, metrics=metrics,
                                    segments=lengths, max_examples=max_examples, batch_size=batch_size,
-                                   device=device, run=run)
+                                   device=device or "auto", run=run)
     for row in rows:
         typer.echo(f"{row['evaluated_segments']:>6} segments ({row['tokens']:,} tokens): {row['accuracy']:.1%} "
                    f"[{row['ci_low']:.1%}, {row['ci_high']:.1%}] on {row['examples']} examples, {row['seconds']} s")
@@ -265,15 +223,15 @@ def evaluate(
 def report(
     output: Path = typer.Option(Path("reports"), help="Folder for the figures and tables."),
     results: Path = typer.Option(Path("."), help="Project root holding results/ (the pipeline's layout)."),
-    configs: list[Path] = typer.Option([], "--config", help=CONFIG_HELP),
+    configs: ConfigFiles = [],
+    overrides: Overrides = [],
 ) -> None:
     """Figures and tables of the reproduction, from its result files; the seed summary of
     every configuration from the tracking store (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
-    from rmt.config import load_config
     from rmt.report import build_report, claim_report_folder
     from rmt.tracking import EXPERIMENT, search_runs
 
-    config = load_config(*configs)
+    config = pipeline_settings(configs, overrides)
     claim_report_folder(output)  # before the tracking store is read
     curricula = {task: config.for_task(task).curriculum for task in config.tasks}
     runs = search_runs(experiment=EXPERIMENT, filter_string="tags.\"rmt.step\" = 'evaluate'", history=("accuracy",))
@@ -308,7 +266,7 @@ app.add_typer(pipeline_app, name="pipeline")
 @pipeline_app.command("dvc")
 def pipeline_dvc(
     params: Path = typer.Option(Path("params.yaml"), help="The configuration DVC tracks."),
-    output: Path = typer.Option(Path("dvc.yaml")),
+    output: Path = typer.Option(Path("dvc.yaml"), help="The DVC pipeline file to write (or, with --check, to check)."),
     check: bool = typer.Option(False, "--check", help="Only check that dvc.yaml matches params (dvc repro's "
                                "first stage does): fail with the fix when it does not."),
 ) -> None:
@@ -324,7 +282,7 @@ def pipeline_dvc(
 
 @pipeline_app.command("schema")
 def pipeline_schema(
-    output: Path = typer.Option(Path("workflow/schemas/config.schema.json")),
+    output: Path = typer.Option(Path("workflow/schemas/config.schema.json"), help="The JSON schema file to write."),
 ) -> None:
     """Write the JSON schema of the configuration files (Snakemake validates against it)."""
     from rmt.config import json_schema
@@ -340,8 +298,8 @@ def data_generate(
     task: str = typer.Argument(..., help="memorize, detect_and_memorize or reasoning (see `rmt data tasks`)."),
     output: Path = typer.Argument(..., help="Dataset directory to write; an earlier dataset there is replaced whole "
                                 "on success, anything else is refused."),
-    configs: list[Path] = typer.Option([], "--config", help=CONFIG_HELP),
-    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    configs: ConfigFiles = [],
+    overrides: Overrides = [],
 ) -> None:
     """Generate a task's dataset: curriculum lengths on disk, the test split as a manifest."""
     from rmt.data.dataset import TaskDataset, build_dataset
@@ -351,7 +309,7 @@ def data_generate(
 
     if task not in TASKS:
         raise typer.BadParameter(f"unknown task {task!r}: choose one of {', '.join(sorted(TASKS))}", param_hint="TASK")
-    settings = _task_settings(configs, overrides, task).data
+    settings = task_settings(configs, overrides, task).data
     claim_output(output, kind="a dataset", ours=has_marker(DATASET_CARD))  # before the run opens
     with _tracked("data", task=task, seed=settings.seed, params=settings.model_dump()) as run:
         build_dataset(settings, output)

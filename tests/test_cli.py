@@ -83,3 +83,59 @@ def test_help_keeps_bracketed_words():
     result = CliRunner().invoke(app, ["profile", "attention", "--help"])
     assert "[memory, tokens]" in result.output and "[CLS]" in result.output
 
+
+def _commands(group, prefix=()):
+    """(path, click command) of every command under `group`, e.g. (("data", "show"), ...)."""
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*prefix, name))
+        else:
+            yield (*prefix, name), command
+
+
+def _click_app():
+    import typer
+
+    return typer.main.get_command(app)
+
+
+def test_every_option_and_argument_has_help():
+    missing = [f"rmt {' '.join(path)} {param.name}" for path, command in _commands(_click_app())
+               for param in command.params if not (getattr(param, "help", None) or "").strip()]
+    assert missing == []
+
+
+# Which commands read the pipeline configuration, and which run a model: each takes the one
+# shared definition of --config/--set, or of --device.
+READ_SETTINGS = {("train",), ("evaluate",), ("report",), ("data", "generate"), ("profile", "memory")}
+RUN_A_MODEL = {("train",), ("evaluate",), ("profile", "attention"), ("profile", "memory")}
+
+
+def test_settings_and_device_options_are_the_shared_ones_wherever_they_make_sense():
+    from rmt.cli_common import CONFIG_HELP, DEVICE_HELP, SET_HELP
+
+    commands = dict(_commands(_click_app()))
+    options = {path: {param.opts[0]: param for param in command.params} for path, command in commands.items()}
+    for path in READ_SETTINGS:
+        assert options[path]["--config"].help == CONFIG_HELP and options[path]["--config"].multiple, path
+        assert options[path]["--set"].help == SET_HELP and options[path]["--set"].multiple, path
+    for path in RUN_A_MODEL:
+        assert options[path]["--device"].help == DEVICE_HELP and options[path]["--device"].default is None, path
+    # The others have no settings to override and no model to place.
+    for path in set(commands) - READ_SETTINGS:
+        assert "--set" not in options[path], path
+    for path in set(commands) - RUN_A_MODEL:
+        assert "--device" not in options[path], path
+    for path in READ_SETTINGS | RUN_A_MODEL:
+        shown = runner.invoke(app, [*path, "--help"], terminal_width=200).output
+        assert ("--set" in shown) == (path in READ_SETTINGS) and ("--device" in shown) == (path in RUN_A_MODEL)
+
+
+def test_device_option_is_the_configurations_device_setting():
+    from rmt.cli_common import device_override, task_settings
+
+    assert device_override("train", None) == []
+    settings = task_settings([], device_override("train", "cuda:0"), "memorize")
+    assert settings.train.device == "cuda:0"  # a string, though `cuda:0` could read as YAML otherwise
+    later = task_settings([], ["train.device=cpu", *device_override("train", "auto")], "memorize")
+    assert later.train.device == "auto"  # --device wins over --set, as --seed does

@@ -111,22 +111,22 @@ def test_an_overlay_that_drops_settings_is_warned_about(tmp_path):
 def test_commands_resolve_a_tasks_settings_from_the_configuration():
     import typer
 
-    from rmt.cli import _task_settings
+    from rmt.cli_common import task_settings
 
-    settings = _task_settings([ROOT / "params.yaml"], ["data.train_examples=10", "train.learning_rate=1e-4"],
-                              "detect_and_memorize")
+    settings = task_settings([ROOT / "params.yaml"], ["data.train_examples=10", "train.learning_rate=1e-4"],
+                             "detect_and_memorize")
     assert settings.data.train_examples == 10 and settings.train.learning_rate == 1e-4
     assert max(settings.data.test_segments) == 32768  # the task's own override survives
-    paper = _task_settings([ROOT / "params.yaml", ROOT / "config" / "paper.yaml"], [], "reasoning")
+    paper = task_settings([ROOT / "params.yaml", ROOT / "config" / "paper.yaml"], [], "reasoning")
     assert paper.train.max_steps == 20000
-    staged = _task_settings([ROOT / "params.yaml"], ["stage_train.3.learning_rate=1e-6",
-                                                     "tasks.memorize.stage_train.3.max_steps=109"], "memorize")
+    staged = task_settings([ROOT / "params.yaml"], ["stage_train.3.learning_rate=1e-6",
+                                                    "tasks.memorize.stage_train.3.max_steps=109"], "memorize")
     assert staged.train_for(3).learning_rate == 1e-6 and staged.train_for(3).max_steps == 109
     assert staged.train_for(2) == staged.train
     with pytest.raises(typer.BadParameter, match="SECTION.KEY=VALUE"):
-        _task_settings([], ["learning_rate=1"], "memorize")
+        task_settings([], ["learning_rate=1"], "memorize")
     with pytest.raises(typer.BadParameter, match="learning_rate"):
-        _task_settings([], ["train.learning_rate=-1"], "memorize")
+        task_settings([], ["train.learning_rate=-1"], "memorize")
 
 
 def test_the_config_hash_ignores_the_seed_and_device_only():

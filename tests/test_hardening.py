@@ -201,8 +201,8 @@ def test_a_command_is_validated_against_its_own_task_only():
     command with another curriculum must not be refused for it."""
     from pathlib import Path
 
-    from rmt.cli import _task_settings
+    from rmt.cli_common import task_settings
 
     params = Path(__file__).resolve().parents[1] / "params.yaml"
-    settings = _task_settings([params], ["data.curriculum_segments=[2,3]"], "memorize")
+    settings = task_settings([params], ["data.curriculum_segments=[2,3]"], "memorize")
     assert settings.curriculum == [2, 3]

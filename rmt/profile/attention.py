@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rmt.data.dataset import TaskDataset
 from rmt.utils import claim_output, json_with, write_atomic
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _pick_example(data: TaskDataset, segments: int, search: int = 500) -> int:
@@ -38,8 +42,9 @@ def _pick_example(data: TaskDataset, segments: int, search: int = 500) -> int:
 
 
 def attention_maps(*, checkpoint: str | Path, data_dir: str | Path, segments: int = 4,
-                   index: int | None = None) -> dict:
-    """The maps of one test example with `segments` segments (picked when index is None)."""
+                   index: int | None = None, device: "str | torch.device" = "cpu") -> dict:
+    """The maps of one test example with `segments` segments (picked when index is None),
+    computed on `device`."""
     import torch
 
     from rmt.model import RecurrentMemoryEncoder
@@ -48,10 +53,10 @@ def attention_maps(*, checkpoint: str | Path, data_dir: str | Path, segments: in
     length, segment_length = segments * data.config.segment_length, data.config.segment_length
     index = _pick_example(data, segments) if index is None else index
     layout, tokens = data.generator.example("test", index, length)
-    model = RecurrentMemoryEncoder.from_pretrained(checkpoint, segment_length=segment_length).eval()
+    model = RecurrentMemoryEncoder.from_pretrained(checkpoint, segment_length=segment_length).to(device).eval()
     memory_size = model.config.num_memory_tokens
     with torch.no_grad():
-        output = model(torch.as_tensor(tokens, dtype=torch.long)[None], output_attentions=True)
+        output = model(torch.as_tensor(tokens, dtype=torch.long, device=model.device)[None], output_attentions=True)
     # Encoder segment layout: [CLS] [MEM]*m [SEP] tokens [SEP]; rows [CLS] + memory, columns
     # memory + tokens.
     rows = [0, *range(1, memory_size + 1)]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from rmt.cli_common import ConfigFiles, Device, Overrides, device_override, pipeline_settings
+
 profile_app = typer.Typer(no_args_is_help=True, help="Cost studies: analytic FLOPs, measured memory and time, attention maps.")
 
 
@@ -127,17 +129,21 @@ def attention(
     segments: int = typer.Option(4, min=2, help="Segments of the example."),
     index: int | None = typer.Option(None, min=0, help="Test example (default: one with its facts in different "
                                      "segments, none in the last)."),
+    device: Device = None,
 ) -> None:
     """Attention of \\[CLS] and memory over \\[memory, tokens] per segment (the paper's Figure 6)."""
     from rmt.checkpoint import check_fits
     from rmt.data.dataset import TaskDataset
     from rmt.profile.attention import write_attention_maps
     from rmt.tracking import pipeline_run
+    from rmt.utils import resolve_device
 
     check_fits(checkpoint, TaskDataset(data), option="--checkpoint", same_segment_length=True)
+    torch_device = resolve_device(device or "auto")  # a device the machine lacks fails before the run opens
     params = {"checkpoint": str(checkpoint), "data": str(data), "segments": segments, "index": index}
     with pipeline_run("attention", name="profile/attention", params=params) as run:
-        path = write_attention_maps(output, checkpoint=checkpoint, data_dir=data, segments=segments, index=index)
+        path = write_attention_maps(output, checkpoint=checkpoint, data_dir=data, segments=segments, index=index,
+                                    device=torch_device)
         run.log_artifact(path)
     result = json.loads(path.read_text())
     typer.echo(f"{result['task']} example {result['example']}: facts {result['facts']}, question "
@@ -149,28 +155,27 @@ def attention(
 def memory(
     output: Path = typer.Option(Path("results/profile/memory"), help="Folder to write: inference.csv, "
                                 "training.csv, summary.json."),
-    configs: list[Path] = typer.Option([], "--config", help="Pipeline configuration (params.yaml; several are laid "
-                                       "over each other): the first task's model and its `profile:` section."),
     task: str | None = typer.Option(None, help="Profile this task's model (default: the configuration's first)."),
+    device: Device = None,
+    configs: ConfigFiles = [],
+    overrides: Overrides = [],
 ) -> None:
     """Measured peak memory and time: RMT streaming against full attention over the same
     backbone (512 to 2,048,000 tokens; full attention within a budget, projected beyond),
-    and one training step against segments, plain BPTT against memory-efficient backprop."""
-    from rmt.config import load_config
+    and one training step against segments, plain BPTT against memory-efficient backprop.
+    The configuration gives the task's model and the `profile:` section."""
     from rmt.profile.memory import PROFILE_MARKER, Budget, profile_memory, write_profile
     from rmt.tracking import pipeline_run
-    from rmt.utils import claim_output, has_marker
+    from rmt.utils import claim_output, has_marker, resolve_device
 
-    try:
-        config = load_config(*configs)
-    except (FileNotFoundError, ValueError) as error:
-        raise typer.BadParameter(str(error), param_hint="--config") from None
+    config = pipeline_settings(configs, [*overrides, *device_override("profile", device)])
     task = task or next(iter(config.tasks))
     if task not in config.tasks:
         raise typer.BadParameter(f"{task!r} is not a task of the configuration ({', '.join(config.tasks)})",
                                  param_hint="--task")
     settings, profile = config.for_task(task), config.profile
     claim_output(output, kind="a memory profile", ours=has_marker(PROFILE_MARKER))  # before minutes of work
+    resolve_device(profile.device)  # likewise a device the machine lacks (each measurement resolves it again)
     budget = Budget(memory_mb=profile.memory_budget_mb or Budget.default_memory_mb(), seconds=profile.max_seconds)
     params = {"task": task, "model": settings.model.model_dump(), "segment_length": settings.data.segment_length,
               "profile": profile.model_dump(), "budget": {"memory_mb": budget.memory_mb, "seconds": budget.seconds}}

@@ -119,6 +119,12 @@ def test_a_command_line_without_the_machine_share_is_refused_with_the_fix():
     assert result.returncode != 0 and "add machine_share with the profile's total" in result.stdout, result.stdout
 
 
+def test_every_workflow_profile_declares_the_same_machine_share():
+    totals = {profile.parent.name: yaml.safe_load(profile.read_text())["resources"]["machine_share"]
+              for profile in (ROOT / "profiles").glob("*/config.yaml") if profile.parent.name != "slurm"}
+    assert set(totals) == {"default", "gpu"} and len(set(totals.values())) == 1, totals
+
+
 def _overlapping(runs) -> list[tuple[str, str]]:
     """The pairs of runs whose times overlap."""
     spans = sorted((run.info.start_time, run.info.end_time, run.info.run_name) for run in runs)

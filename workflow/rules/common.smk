@@ -83,29 +83,31 @@ def close_reproduction_run(failed):
 MACHINE_SHARE = "machine_share"
 
 
+def _runs_here():
+    """Whether this Snakemake runs its jobs on this machine: neither a driver submitting them
+    to a cluster, nor a cluster job's own Snakemake (whose allocation is its own)."""
+    return workflow.local_exec and not workflow.remote_exec
+
+
 def _machine_total():
     declared = {name: resource.value for name, resource in workflow.global_resources.items()}.get(MACHINE_SHARE)
-    # A cluster job's own snakemake gets the job's share (0) as its total: declared, and enough.
-    if workflow.local_exec and declared is None:
+    if declared is None:
         raise WorkflowError(
             f"Jobs on this machine share its cores through the resource {MACHINE_SHARE}, which the workflow "
-            "profile (profiles/default/config.yaml) declares; --resources on the command line replaces the "
-            f"profile's: add {MACHINE_SHARE} with the profile's total to it (or run with the workflow profile)")
+            "profiles (profiles/default, profiles/gpu) declare; --resources on the command line replaces the "
+            f"profile's: add {MACHINE_SHARE} with the profile's total to it (or run with a workflow profile)")
     return declared
-
-
-MACHINE_TOTAL = _machine_total()
 
 
 def machine_share(wildcards, threads):
     """The share of this machine a local job holds: its threads' part of the cores, rounded
     up, so that the jobs running at once never have more threads than the machine has cores."""
-    return 0 if workflow.non_local_exec else math.ceil(MACHINE_TOTAL * threads / workflow.cores)
+    return math.ceil(_machine_total() * threads / workflow.cores) if _runs_here() else 0
 
 
 def whole_machine(wildcards):
     """A measurement job's share: all of this machine, so that nothing runs beside it."""
-    return 0 if workflow.non_local_exec else MACHINE_TOTAL
+    return _machine_total() if _runs_here() else 0
 
 
 def planned_step(rule, wildcards):

@@ -172,15 +172,22 @@ def test_a_stage_from_before_a_setting_existed_is_the_same_run(data, tmp_path, c
     assert "starting the stage afresh" in capsys.readouterr().err
 
 
-def test_mixed_lengths_train_on_every_curriculum_length_up_to_the_stage(data, tmp_path, monkeypatch):
+@pytest.fixture
+def segments_seen(monkeypatch) -> list[int]:
+    """The number of segments (of 32 tokens) of every batch the model is given, in order."""
     seen = []
     original = train_module._token_tensor
 
     def record(tokens, device):
-        seen.append(tokens.shape[1] // 32)  # segments of 32 tokens
+        seen.append(tokens.shape[1] // 32)
         return original(tokens, device)
 
     monkeypatch.setattr(train_module, "_token_tensor", record)
+    return seen
+
+
+def test_mixed_lengths_train_on_every_curriculum_length_up_to_the_stage(data, tmp_path, segments_seen):
+    seen = segments_seen
     mixed = TRAIN.model_copy(update={"mixed_lengths": True, "max_steps": 12, "micro_batch_size": None})
     metrics = train_stage(data_dir=data, segments=2, output=tmp_path / "mixed", model=MODEL, train=mixed,
                           progress=False)
@@ -192,15 +199,9 @@ def test_mixed_lengths_train_on_every_curriculum_length_up_to_the_stage(data, tm
     assert set(seen) == {2}
 
 
-def test_long_steps_train_every_kth_step_on_generated_examples_at_the_validation_length(data, tmp_path, monkeypatch):
-    seen = []
-    original = train_module._token_tensor
-
-    def record(tokens, device):
-        seen.append(tokens.shape[1] // 32)  # segments of 32 tokens
-        return original(tokens, device)
-
-    monkeypatch.setattr(train_module, "_token_tensor", record)
+def test_long_steps_train_every_kth_step_on_generated_examples_at_the_validation_length(data, tmp_path,
+                                                                                        segments_seen):
+    seen = segments_seen
     long = TRAIN.model_copy(update={"valid_length_factor": 3, "long_step_every": 4, "max_steps": 8,
                                     "eval_every": 8, "eval_examples": 4, "micro_batch_size": None})
     train_stage(data_dir=data, segments=2, output=tmp_path / "long", model=MODEL, train=long, progress=False)

@@ -666,7 +666,7 @@ def pipeline_run(step: str, *, name: str, params: dict, tags: dict | None = None
     (`dvc_reproduction`); `resume_run_id` continues the run of an interrupted attempt of the
     same step."""
     group, parent = os.environ.get(GROUP_ENV) or None, None
-    if group is None and (reproduction := dvc_reproduction()) is not None:
+    if (reproduction := dvc_reproduction()) is not None:  # None when RMT_GROUP is set
         group, parent = reproduction
     nesting = {PARENT_TAG: parent} if parent else {}  # else RMT_PARENT_RUN_ID's, when the driver set it
     return Run(experiment=EXPERIMENT, name=name, params=params, group=group,

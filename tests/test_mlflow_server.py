@@ -256,7 +256,8 @@ def _readme_filters() -> list[str]:
 def test_the_readmes_comparison_filters_find_the_runs_they_promise(reproduction, monkeypatch):
     base, group = reproduction.base, reproduction.group
     experiment_id = _experiment(base)["experiment_id"]
-    ours = {run["info"]["run_id"]: name for name, run in _runs_of_group(base, experiment_id, group).items()}
+    runs = _runs_of_group(base, experiment_id, group)
+    ours = {run["info"]["run_id"]: name for name, run in runs.items()}
 
     def found(filter_string: str) -> set[str]:  # the names of this reproduction's runs it finds
         runs = rest(base, "/api/2.0/mlflow/runs/search", {
@@ -268,7 +269,6 @@ def test_the_readmes_comparison_filters_find_the_runs_they_promise(reproduction,
     assert found(stages.replace("'grid'", "'train'")) == {STAGE_1, STAGE_2}
     # Configuration against configuration: the evaluations, grouped by their configuration tags.
     assert found(configurations.replace("detect_and_memorize", "memorize")) == {EVALUATE}
-    runs = _runs_of_group(base, experiment_id, group)
     assert runs[EVALUATE]["tags"]["rmt.config_files"] and runs[EVALUATE]["tags"]["rmt.config"]
     # The README's Python version: search_runs' columns by those names, one row per configuration.
     import mlflow

@@ -27,6 +27,7 @@ from rmt.checkpoint import check_fits, trained_segments
 from rmt.data.dataset import STREAMED_SPLIT, TaskDataset
 from rmt.peak_memory import PeakMemory
 from rmt.model.base import WEIGHTS_NAME
+from rmt.layout import KIND_ACCURACY
 from rmt.utils import claim_output, json_with, progress_bar, resolve_device, text_starts_with, write_atomic
 
 if TYPE_CHECKING:
@@ -156,13 +157,13 @@ def _accuracy_by_kind(data: TaskDataset, length: int, hits: np.ndarray) -> dict:
     if not data.generator.task.kinds:
         return {}
     kinds = data.kinds(STREAMED_SPLIT, length, range(len(hits)))
-    return {f"accuracy_{kind}": float(hits[kinds == kind].mean()) if (kinds == kind).any() else float("nan")
-            for kind in data.generator.task.kinds}
+    return {KIND_ACCURACY.format(kind=kind): float(hits[kinds == kind].mean()) if (kinds == kind).any()
+            else float("nan") for kind in data.generator.task.kinds}
 
 
 def _csv(rows: Sequence[dict]) -> str:
     table = io.StringIO(newline="")
-    by_kind = sorted({key for row in rows for key in row if key.startswith("accuracy_")})
+    by_kind = sorted({key for row in rows for key in row if key not in ROW_FIELDS})
     writer = csv.DictWriter(table, fieldnames=[*ROW_FIELDS, *by_kind])
     writer.writeheader()
     writer.writerows(rows)

@@ -34,11 +34,13 @@ REPORT = "reports"
 DVC_CHECKED = "results/dvc-yaml-checked.txt"  # written by `dvc repro`'s first stage when dvc.yaml is current
 LOGS = "logs"
 TIMINGS = "results/timings"  # Snakemake's benchmark file of every job: {rule}/...tsv
+# The evaluation table's column of one kind of question (Reasoning: end_room, middle_room).
+KIND_ACCURACY = "accuracy_{kind}"
 
 # What the report shows, in the order of Snakemake's HTML report: figures (one file per
 # format) and tables, each with its caption there (workflow/report/<caption>.rst) and category.
-FIGURES = {"accuracy": "Accuracy", "generalization": "Generalization", "flops": "Cost", "memory": "Cost",
-           "training-memory": "Cost"}
+FIGURES = {"accuracy": "Accuracy", "generalization": "Generalization", "training": "Training", "flops": "Cost",
+           "memory": "Cost", "training-memory": "Cost"}
 TABLES = {"accuracy": ("table", "Accuracy"), "seeds": ("seeds", "Accuracy")}
 
 
@@ -75,6 +77,7 @@ class StageFiles:
     folder: Path
 
     SETTINGS = "config.json"
+    HISTORY = "history.jsonl"
     TRAINING_STATE = "training_state.pt"
     LOCK = ".lock"
 
@@ -84,7 +87,7 @@ class StageFiles:
 
     @property
     def history(self) -> Path:
-        return self.folder / "history.jsonl"
+        return self.folder / self.HISTORY
 
     @property
     def metrics(self) -> Path:

@@ -27,7 +27,7 @@ import yaml
 
 from rmt.config import PipelineConfig, load_config, read_config_files
 from rmt.layout import ATTENTION, ATTENTION_TASKS, DATA, EVALUATION, EVALUATION_METRICS, FLOPS, GRID, MEMORY, \
-    MEMORY_FILES, REPORT, STAGE, DVC_CHECKED
+    MEMORY_FILES, REPORT, STAGE, DVC_CHECKED, StageFiles
 from rmt.utils import UserError, text_starts_with, write_atomic
 
 # The library module each rule's command calls. The code a rule depends on is every rmt
@@ -199,7 +199,8 @@ def plan(config: PipelineConfig, config_files: list[str], *, defined: set[str] |
                       deps=(), outs=MEMORY_FILES,
                       params=keys("profile", "model", "data.segment_length", f"tasks.{next(iter(config.tasks))}")))
     results = [path for step in steps if step.rule in ("evaluate", "grid") for path in step.plots] + [
-        path for step in steps if step.rule in ("flops", "attention", "memory") for path in step.outs]
+        path for step in steps if step.rule in ("flops", "attention", "memory") for path in step.outs] + [
+        path for step in steps if step.rule == "train" for path in step.outs if path.endswith(StageFiles.HISTORY)]
     steps.append(Step(
         name="report", rule="report", command=f"rmt report --output {REPORT} {configs}",
         deps=tuple(results), outs=(REPORT,),
@@ -219,7 +220,7 @@ def _curriculum_steps(task: str, seed: int, curriculum: list[int], *, data: str,
             name=STEP_NAMES["train"].format(task=task, seed=seed, segments=segments), rule="train",
             command=f"rmt train --data {data} --segments {segments} --seed {seed} --output {stage}{init} {configs}",
             deps=(data, *((f"{previous}/best",) if previous else ())),
-            outs=(f"{stage}/best", f"{stage}/history.jsonl"),
+            outs=(f"{stage}/best", f"{stage}/{StageFiles.HISTORY}"),
             # checkpoints/ (resume state, ~4x best/ with the optimizer) is no DVC output at all:
             # DVC neither caches it nor deletes it before a rerun, so a killed stage resumes.
             persist=(f"{stage}/config.json",), metrics=(f"{stage}/metrics.json",),

@@ -2,6 +2,7 @@
 
     reports/accuracy.{png,svg}         accuracy against segments per task, paper beside ours
     reports/generalization.{png,svg}   trained segments x evaluated segments (paper's Figure 5)
+    reports/training.{png,svg}         validation accuracy through the curriculum, by kind of question
     reports/accuracy.csv               every length: ours (mean and spread over seeds), paper
     reports/accuracy.md                the same as a Markdown table
     reports/flops.{png,svg}            forward FLOPs against length, full attention and RMT
@@ -30,7 +31,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from rmt.paper import paper_accuracy  # noqa: E402
-from rmt.layout import ATTENTION, ATTENTION_TASKS, EVALUATION, FLOPS, GRID, MEMORY, report_files  # noqa: E402
+from rmt.layout import (ATTENTION, ATTENTION_TASKS, EVALUATION, FLOPS, GRID, KIND_ACCURACY, MEMORY,  # noqa: E402
+                        STAGE, StageFiles, report_files)
 from rmt.utils import claim_output  # noqa: E402
 
 FIGURE_FORMATS = ("png", "svg")
@@ -44,13 +46,22 @@ def _read(files: dict[Path, int], what: str) -> pd.DataFrame:
     return pd.concat([pd.read_csv(path).assign(seed=seed) for path, seed in files.items()], ignore_index=True)
 
 
+def kind_columns(frame: pd.DataFrame) -> dict[str, str]:
+    """The accuracy column of each kind of question present (Reasoning's end and middle room)."""
+    prefix, suffix = KIND_ACCURACY.split("{kind}")
+    return {column.removeprefix(prefix).removesuffix(suffix): column for column in frame.columns
+            if column.startswith(prefix) and column.endswith(suffix) and column != "accuracy_std"}
+
+
 def accuracy_table(evaluations: pd.DataFrame) -> pd.DataFrame:
-    """One row per task and length: mean accuracy over seeds, its spread, the paper's value."""
+    """One row per task and length: mean accuracy over seeds, its spread, the paper's value,
+    and the mean accuracy of each kind of question where the task has kinds."""
     grouped = evaluations.groupby(["task", "evaluated_segments"])
+    by_kind = {column: (column, "mean") for column in kind_columns(evaluations).values()}
     table = grouped.agg(trained_segments=("trained_segments", "first"), tokens=("tokens", "first"),
                         seeds=("seed", "nunique"), examples=("examples", "sum"), accuracy=("accuracy", "mean"),
                         accuracy_std=("accuracy", "std"), ci_low=("ci_low", "mean"),
-                        ci_high=("ci_high", "mean")).reset_index()
+                        ci_high=("ci_high", "mean"), **by_kind).reset_index()
     table["accuracy_std"] = table["accuracy_std"].fillna(0.0)
     table["paper_accuracy"] = [paper_accuracy(task).get(n) for task, n in
                                zip(table["task"], table["evaluated_segments"])]
@@ -71,14 +82,21 @@ def seeds_sentence(table: pd.DataFrame) -> str:
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    lines = [seeds_sentence(table), "| task | segments | tokens | examples | seeds | ours (%) | 95% CI | paper (%) |",
-             "|---|---:|---:|---:|---:|---:|---|---:|"]
-    for row in table.itertuples():
-        spread = f" ± {100 * row.accuracy_std:.1f}" if row.seeds > 1 else ""
-        paper = "" if pd.isna(row.paper_accuracy) else f"{100 * row.paper_accuracy:.1f}"
-        lines.append(f"| {row.task} | {row.evaluated_segments} | {row.tokens:,} | {row.examples} | {row.seeds} | "
-                     f"{100 * row.accuracy:.1f}{spread} | {100 * row.ci_low:.1f}-{100 * row.ci_high:.1f} | {paper} |")
+    kinds = kind_columns(table)
+    header = "| task | segments | tokens | examples | seeds | ours (%) | 95% CI | paper (%) |"
+    lines = [seeds_sentence(table), header + "".join(f" {kind.replace('_', ' ')} (%) |" for kind in kinds),
+             "|---|---:|---:|---:|---:|---:|---|---:|" + "---:|" * len(kinds)]
+    for row in table.to_dict("records"):
+        spread = f" ± {100 * row['accuracy_std']:.1f}" if row["seeds"] > 1 else ""
+        paper = _percent(row["paper_accuracy"])
+        lines.append(f"| {row['task']} | {row['evaluated_segments']} | {row['tokens']:,} | {row['examples']} | "
+                     f"{row['seeds']} | {100 * row['accuracy']:.1f}{spread} | {100 * row['ci_low']:.1f}-"
+                     f"{100 * row['ci_high']:.1f} | {paper} |" + "".join(f" {_percent(row[c])} |" for c in kinds.values()))
     return "\n".join(lines) + "\n"
+
+
+def _percent(value) -> str:
+    return "" if value is None or pd.isna(value) else f"{100 * value:.1f}"
 
 
 SEED_SUMMARY_FIELDS = ("task", "config", "config_files", "trained_segments", "evaluated_segments", "seeds",
@@ -158,6 +176,9 @@ def accuracy_figure(table: pd.DataFrame, output: Path) -> list[Path]:
             sns.lineplot(x=list(paper), y=[100 * v for v in paper.values()], marker="s", linestyle="--", ax=axis,
                          label="paper")
         trained = int(ours["trained_segments"].iloc[0])
+        for kind, column in kind_columns(ours.dropna(axis="columns", how="all")).items():
+            sns.lineplot(x=ours["evaluated_segments"], y=100 * ours[column], marker=".", linestyle=":", ax=axis,
+                         label=kind.replace("_", " "))
         axis.axvline(trained, color="grey", linewidth=0.8, linestyle=":", label=f"trained on {trained}")
         axis.set(xscale="log", title=task.replace("_", " "), xlabel="input length (segments)",
                  ylabel="accuracy (%)", ylim=(0, 102))
@@ -181,6 +202,46 @@ def generalization_figure(grid: pd.DataFrame, output: Path) -> list[Path]:
         axis.set(title=task.replace("_", " "), xlabel="evaluated on (segments)", ylabel="trained on (segments)")
     figure.tight_layout()
     return _save(figure, output, "generalization")
+
+
+def read_histories(stages: dict[Path, dict]) -> pd.DataFrame:
+    """Every validation of the given stages (folder -> task, seed, segments), one row per
+    validation and kind of question ("all": the whole validation set), with the step
+    counted from the start of the seed's curriculum."""
+    rows = []
+    for folder, keys in stages.items():
+        history = StageFiles(folder).history
+        if not history.is_file():
+            raise FileNotFoundError(f"No training history at {history}: train the curriculum first")
+        for record in map(json.loads, history.read_text().splitlines()):
+            scores = {"all": record["valid_accuracy"], **record.get("valid_accuracy_by_kind", {})}
+            rows += [{**keys, "step": record["step"], "kind": kind, "accuracy": value} for kind, value in scores.items()]
+    table = pd.DataFrame(rows)
+    # Each stage starts where its predecessor's last validation ended.
+    last = table.groupby(["task", "seed", "segments"])["step"].max().groupby(["task", "seed"]).cumsum()
+    offsets = last.groupby(["task", "seed"]).shift(fill_value=0).rename("offset")
+    table = table.join(offsets, on=["task", "seed", "segments"])
+    return table.assign(curriculum_step=table["step"] + table["offset"]).drop(columns="offset")
+
+
+def training_figure(histories: pd.DataFrame, output: Path) -> list[Path]:
+    """Validation accuracy through each task's curriculum, per kind of question and seed: a
+    shortcut that answers one kind (Reasoning's end room) shows as one line at 100% and
+    another at chance. Dotted lines: where a stage starts (the first seed's)."""
+    tasks = list(dict.fromkeys(histories["task"]))
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False, sharey=True)
+    for axis, task in zip(axes[0], tasks):
+        rows = histories[histories["task"] == task].assign(accuracy=lambda t: 100 * t["accuracy"])
+        sns.lineplot(data=rows, x="curriculum_step", y="accuracy", hue="kind", units="seed", estimator=None,
+                     linewidth=1, ax=axis)
+        first = rows[rows["seed"] == rows["seed"].min()]
+        for segments, start in (first["curriculum_step"] - first["step"]).groupby(first["segments"]).min().items():
+            axis.axvline(start, color="grey", linewidth=0.6, linestyle=":")
+            axis.text(start, 101, str(segments), fontsize=7, ha="left", va="bottom")
+        axis.set(title=task.replace("_", " "), xlabel="training step (stage's segments above)",
+                 ylabel="validation accuracy (%)", ylim=(0, 108))
+    figure.tight_layout()
+    return _save(figure, output, "training")
 
 
 def flops_figure(flops: pd.DataFrame, output: Path) -> list[Path]:
@@ -276,6 +337,8 @@ def build_report(*, tasks: list[str], seeds: list[int], curricula: dict[str, lis
     evaluations = _read({root / EVALUATION.format(task=t, seed=s): s for t in tasks for s in seeds}, "evaluation")
     grid = _read({root / GRID.format(task=t, seed=s, segments=n): s for t in tasks for s in seeds for n in curricula[t]},
                  "grid")
+    histories = read_histories({root / STAGE.format(task=t, seed=s, segments=n): {"task": t, "seed": s, "segments": n}
+                                for t in tasks for s in seeds for n in curricula[t]})
     output.mkdir(parents=True, exist_ok=True)
     sns.set_theme(style="whitegrid", context="paper")
     table = accuracy_table(evaluations)
@@ -294,6 +357,7 @@ def build_report(*, tasks: list[str], seeds: list[int], curricula: dict[str, lis
     memory = root / MEMORY
     inference, training = _read({memory / "inference.csv": 0}, "memory"), _read({memory / "training.csv": 0}, "memory")
     summary = json.loads((memory / "summary.json").read_text())
-    return [*accuracy_figure(table, output), *generalization_figure(grid, output), *flops_figure(flops, output),
+    return [*accuracy_figure(table, output), *generalization_figure(grid, output),
+            *training_figure(histories, output), *flops_figure(flops, output),
             *attention, *memory_figure(inference, summary, output), *training_memory_figure(training, summary, output),
             output / "accuracy.csv", output / "accuracy.md", output / "seeds.csv", output / "seeds.md"]

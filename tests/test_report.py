@@ -21,6 +21,7 @@ from rmt.settings import ModelSettings, TrainSettings
 from rmt.tracking import EXPERIMENT
 from rmt.train import train_stage
 from test_memory_profile import fake_point
+from test_report_training import _write_history
 
 TINY_BERT = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
 
@@ -86,6 +87,7 @@ def test_the_report_draws_every_figure_and_table_from_the_files(tmp_path, traine
         for stage in (1, 2):
             _write_csv(tmp_path / GRID.format(task="reasoning", seed=seed, segments=stage),
                        _rows("reasoning", stage, [1, 2, 3], accuracy))
+            _write_history(tmp_path, task="reasoning", seed=seed, segments=stage, steps=[25, 50], middle=accuracy)
     flops = tmp_path / FLOPS
     result = CliRunner().invoke(app, ["profile", "flops", "--output", str(flops), "--models", "opt-125m",
                                       "--tokens", "512,4096"])
@@ -107,7 +109,8 @@ def test_the_report_draws_every_figure_and_table_from_the_files(tmp_path, traine
     written = build_report(tasks=["reasoning"], seeds=[0, 1], curricula={"reasoning": [1, 2]},
                            output=tmp_path / "reports", root=tmp_path)
     names = sorted(path.name for path in written)
-    assert names == sorted(["accuracy.png", "accuracy.svg", "generalization.png", "generalization.svg", "flops.png",
+    assert names == sorted(["accuracy.png", "accuracy.svg", "generalization.png", "generalization.svg",
+                            "training.png", "training.svg", "flops.png",
                             "flops.svg", "attention-reasoning.png", "attention-reasoning.svg", "memory.png", "memory.svg",
                             "training-memory.png", "training-memory.svg", "accuracy.csv", "accuracy.md",
                             "seeds.csv", "seeds.md"])
@@ -119,6 +122,7 @@ def test_the_report_draws_every_figure_and_table_from_the_files(tmp_path, traine
         "accuracy": ("input length (segments)", "input length (tokens)", "accuracy (%)", "ours", "paper",
                      "trained on 2"),
         "generalization": ("trained on (segments)", "evaluated on (segments)"),
+        "training": ("validation accuracy (%)", "middle_room", "end_room"),
         "flops": ("forward FLOPs / one 512-token pass", "opt-125m", "rmt", "full"),
         "attention-reasoning": ("segment 1", "memory (3) | tokens", "[CLS]"),
         "memory": ("peak memory (MB)", "time per token (µs)", "rmt", "(projected)"),

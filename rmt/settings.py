@@ -100,6 +100,11 @@ class TrainSettings(BaseModel):
     # training split's noise, never stored), so that the long run is learned, not hoped for.
     long_step_every: int | None = Field(default=None, ge=1, description="Every this many steps, train on examples "
                                         "valid_length_factor times the stage's length (off: null)")
+    # Full back-propagation through a long step's every segment is what did not take hold from
+    # a short-trained model (docs/robustness.md); through its last k segments only, the long
+    # run's memory still reaches the loss, while the gradient's path stays as short as a stage's.
+    long_step_bptt_depth: int | None = Field(default=None, ge=1, description="Long steps back-propagate through "
+                                             "their last this many segments only (null: the model's bptt_depth)")
     seed: int = 0
     device: str = "auto"
 
@@ -112,4 +117,7 @@ class TrainSettings(BaseModel):
         if self.long_step_every is not None and self.valid_length_factor == 1:
             raise ValueError(f"long_step_every {self.long_step_every} trains on examples valid_length_factor times the "
                              "stage's length, and valid_length_factor is 1: set it above 1, or long_step_every to null")
+        if self.long_step_bptt_depth is not None and self.long_step_every is None:
+            raise ValueError(f"long_step_bptt_depth {self.long_step_bptt_depth} applies to long steps, and "
+                             "long_step_every is null: set long_step_every, or long_step_bptt_depth to null")
         return self

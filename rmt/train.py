@@ -363,13 +363,29 @@ class _Trainer:
         """The arrays and row indices of step `step`'s batch: a function of (seed, step) only,
         so that a resumed run sees the same data, and every process draws the same rows."""
         rng = np.random.default_rng([self.train.seed, step])
-        every = self.train.long_step_every
-        if every is not None and step % every == every - 1:
+        if self.is_long_step(step):
             return self._long_batch(rng)
         lengths = sorted(self.inputs.train_arrays)
         length = lengths[rng.integers(len(lengths))] if len(lengths) > 1 else lengths[0]
         tokens, labels = self.inputs.train_arrays[length]
         return tokens, labels, rng.choice(len(labels), size=self.train.batch_size)
+
+    def is_long_step(self, step: int) -> bool:
+        every = self.train.long_step_every
+        return every is not None and step % every == every - 1
+
+    @contextlib.contextmanager
+    def bptt_depth(self, step: int):
+        """A long step's truncated back-propagation (long_step_bptt_depth), for that step only."""
+        depth, config = self.train.long_step_bptt_depth, self.model.config
+        if depth is None or not self.is_long_step(step):
+            yield
+            return
+        kept, config.bptt_depth = config.bptt_depth, depth
+        try:
+            yield
+        finally:
+            config.bptt_depth = kept
 
     def _long_batch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A batch at the validation length, generated from training examples drawn by `rng`."""
@@ -396,7 +412,8 @@ class _Trainer:
             targets = torch.as_tensor(labels[rows], device=device)
             last_micro_batch = start + self.micro >= share
             # Gradients are averaged across processes once per step, on the last micro-batch.
-            with contextlib.nullcontext() if last_micro_batch or parallel.world_size == 1 else self.network.no_sync():
+            with (contextlib.nullcontext() if last_micro_batch or parallel.world_size == 1 else self.network.no_sync(),
+                  self.bptt_depth(step)):
                 loss = self.inputs.objective.loss(self.network, inputs, targets) / accumulation
                 finite = parallel.sum(float(torch.isfinite(loss)), device) == parallel.world_size
                 if finite:

@@ -217,6 +217,26 @@ def test_long_steps_train_every_kth_step_on_generated_examples_at_the_validation
     assert labels[0] == dataset.generator.label("train", int(drawn[0]), 6 * 32)
 
 
+def test_long_steps_back_propagate_through_their_last_segments_only_when_asked(data, tmp_path, monkeypatch):
+    from rmt.objective import Objective
+
+    seen, original = [], Objective.loss
+
+    def record(self, network, tokens, labels):  # (segments, the truncation the model applies)
+        seen.append((tokens.shape[1] // 32, network.config.bptt_depth))
+        return original(self, network, tokens, labels)
+
+    monkeypatch.setattr(Objective, "loss", record)
+    long = TRAIN.model_copy(update={"valid_length_factor": 3, "long_step_every": 2, "long_step_bptt_depth": 2,
+                                    "max_steps": 4, "eval_every": 4, "eval_examples": 4, "micro_batch_size": None})
+    train_stage(data_dir=data, segments=2, output=tmp_path / "long", model=MODEL, train=long, progress=False)
+    assert seen == [(2, -1), (6, 2), (2, -1), (6, 2)]  # truncated on the long steps only, full BPTT again after
+    saved = json.loads((tmp_path / "long" / "best" / "config.json").read_text())
+    assert saved.get("bptt_depth", -1) == -1  # the checkpoint keeps the model's own setting (a default is not written)
+    with pytest.raises(ValueError, match="long_step_every is null: set long_step_every"):
+        TrainSettings.model_validate({**TRAIN.model_dump(), "long_step_bptt_depth": 2})
+
+
 def test_long_steps_need_a_longer_validation_length():
     with pytest.raises(ValueError, match="valid_length_factor is 1: set it above 1"):
         TrainSettings.model_validate({**TRAIN.model_dump(), "long_step_every": 4})

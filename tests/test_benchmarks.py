@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from rmt.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,3 +81,25 @@ def test_the_paper_cost_estimate_adds_up_from_the_recipe(tmp_path):
     # The shipped GPU profile's runtimes cover the longest job of each rule.
     assert [(rule["rule"], rule["covers"]) for rule in cost["profile"]] == [
         ("train", True), ("evaluate", True), ("grid", True)]
+
+
+def test_the_peer_benchmark_measures_every_row_against_the_peer(tmp_path):
+    # The peer is in the dev extra, so this runs wherever the tests do; without it the
+    # benchmark exits saying which extra to install, and this test fails with that message.
+    completed = run("peer_bench.py", "--quick", "--output", str(tmp_path / "peer.json"), cwd=tmp_path)
+    result = json.loads((tmp_path / "peer.json").read_text())
+    assert result["peer"] == {"package": "recurrent-memory-transformer-pytorch", "version": "0.7.0"}
+    assert result["shape"]["hidden"] == 128 and result["shape"]["segment_length"] == 64
+    measures = [row["measure"] for row in result["rows"]]
+    for kind in ("train step, plain BPTT", "train step, memory-efficient / memory replay", "inference",
+                 "peak training memory, plain BPTT", "peak training memory, memory-efficient / memory replay"):
+        assert any(measure.startswith(kind) for measure in measures), (kind, measures)
+    for row in result["rows"]:
+        assert row["rmt"] > 0 and row["peer"] > 0 and row["ratio"] > 0, row
+        assert row["measure"] in completed.stdout  # the printed table has every row
+
+
+def test_the_dev_extra_installs_the_peer_extra():
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(extras["peer"]) <= set(extras["dev"])

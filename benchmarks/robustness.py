@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/robustness.py --label before
     .venv/bin/python benchmarks/robustness.py --label mixed --config my-recipe.yaml
+    .venv/bin/python benchmarks/robustness.py --label before --table-only --quote-in README.md
 
 For every task x setting x seed: generate the task's data with that seed and setting, train
 the curriculum (params.yaml's recipe, overlaid by --config files) with that training seed,
@@ -160,9 +161,14 @@ def table(results: list[dict], lengths: list[int]) -> str:
         lines.append(f"| {r['task']} | {r['setting']} | {r['seed']} | "
                      + " | ".join(_cell(r["accuracy"][str(n)]) for n in lengths)
                      + f" | {steps} | {r['train_seconds'] / 60:.1f} |")
-    lines += ["", "Over seeds (mean, min-max; a skipped length counts as chance, 1/6):", "",
-              "| task | setting | seeds | " + " | ".join(map(str, lengths)) + " | runs >= paper at 4096 |",
-              "|" + "---|" * (len(lengths) + 4)]
+    return "\n".join(lines) + "\n\n" + summary_table(results, lengths)
+
+
+def summary_table(results: list[dict], lengths: list[int]) -> str:
+    """Per task and setting: mean and range over seeds, and how many runs reach the paper."""
+    lines = ["Over seeds (mean, min-max; a skipped length counts as chance, 1/6):", "",
+             "| task | setting | seeds | " + " | ".join(map(str, lengths)) + " | runs >= paper at 4096 |",
+             "|" + "---|" * (len(lengths) + 4)]
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["task"], r["setting"]), []).append(r)
@@ -191,7 +197,11 @@ def main(
                                    "recipe trains them the same way (e.g. a recipe that changes only the last stage)."),
     workdir: Path = typer.Option(ROOT / "results" / "benchmarks" / "robustness-work"),
     table_only: bool = typer.Option(False, "--table-only", help="Only tabulate the runs finished so far."),
+    quote_in: Path = typer.Option(None, help="Also write the table over seeds into this document (README.md) "
+                                  "between its robustness-table markers."),
 ):
+    if quote_in:
+        check_quotable(quote_in)
     reuse = workdir / reuse_from if reuse_from else None
     overlays = {setting: setting_overlay(setting, workdir) for setting in settings}  # shared by every label
     workdir = workdir / label
@@ -219,6 +229,30 @@ def main(
     (RESULTS / f"robustness-{label}.json").write_text(json.dumps(results, indent=2) + "\n")
     print("\n" + text)
     print(f"written {(RESULTS / f'robustness-{label}.md').relative_to(ROOT)}")
+    if quote_in:
+        quote(quote_in, f"`{label}` ({' + '.join(Path(c).name for c in configs)}), {len(results)} of {len(jobs)} "
+                        f"runs, {examples} test examples per length, as of {time.strftime('%Y-%m-%d')}. "
+                        + summary_table(results, sorted(segments)))
+        print(f"quoted in {quote_in}")
+
+
+QUOTE_BEGIN, QUOTE_END = "<!-- robustness table (benchmarks/robustness.py --quote-in) -->", "<!-- end -->"
+
+
+def check_quotable(document: Path) -> None:
+    """Before any run: the document has the place the table goes."""
+    text = document.read_text() if document.is_file() else ""
+    if QUOTE_BEGIN not in text or QUOTE_END not in text.split(QUOTE_BEGIN, 1)[1]:
+        raise typer.BadParameter(f"{document} has no place for the table: put the lines {QUOTE_BEGIN} and "
+                                 f"{QUOTE_END} where it goes", param_hint="--quote-in")
+
+
+def quote(document: Path, table_text: str) -> None:
+    """Replace what lies between the document's markers with the table, nothing else."""
+    text = document.read_text()
+    head, rest = text.split(QUOTE_BEGIN, 1)
+    tail = rest.split(QUOTE_END, 1)[1]
+    document.write_text(f"{head}{QUOTE_BEGIN}\n{table_text}{QUOTE_END}{tail}")
 
 
 if __name__ == "__main__":

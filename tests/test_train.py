@@ -28,6 +28,21 @@ def data(tmp_path_factory):
     return build_dataset(config, tmp_path_factory.mktemp("data") / "memorize", progress=False)
 
 
+@pytest.fixture(scope="module")
+def stage_1(data, tmp_path_factory):
+    """One stage of TRAIN on 1 segment, trained once for the tests that only read it, resume
+    from it or start from it: (its folder, train_stage's metrics). A test that changes the
+    folder changes a copy (`copy_stage`)."""
+    folder = tmp_path_factory.mktemp("stage") / "stage-1"
+    return folder, train_stage(data_dir=data, segments=1, output=folder, model=MODEL, train=TRAIN, progress=False)
+
+
+def copy_stage(stage, folder):
+    """A copy of a finished stage for a test to change: every file, without the lock."""
+    shutil.copytree(stage, folder, ignore=shutil.ignore_patterns("*.lock"))
+    return folder
+
+
 def outcome(folder):
     metrics = json.loads((folder / "metrics.json").read_text())
     metrics.pop("seconds")
@@ -80,12 +95,11 @@ def test_a_stage_killed_midway_resumes_to_the_same_result(data, tmp_path, monkey
     assert again["steps"] == 24
 
 
-def test_curriculum_stage_starts_from_the_previous_checkpoint(data, tmp_path):
-    first = train_stage(data_dir=data, segments=1, output=tmp_path / "stage-1", model=MODEL,
-                        train=TRAIN.model_copy(update={"max_steps": 12}), progress=False)
+def test_curriculum_stage_starts_from_the_previous_checkpoint(data, stage_1, tmp_path):
+    previous, first = stage_1  # only read: the next stage starts from its best checkpoint
     assert first["stop_reason"] == "max_steps"
     second = train_stage(data_dir=data, segments=2, output=tmp_path / "stage-2", model=MODEL,
-                         train=TRAIN.model_copy(update={"max_steps": 6}), init=tmp_path / "stage-1" / "best",
+                         train=TRAIN.model_copy(update={"max_steps": 6}), init=previous / "best",
                          progress=False)
     assert second["steps"] == 6
     config = json.loads((tmp_path / "stage-2" / "config.json").read_text())
@@ -144,9 +158,8 @@ def test_the_generated_validation_set_is_the_validation_split(data):
     assert (longer == expected).all()
 
 
-def test_other_settings_start_the_stage_afresh(data, tmp_path, capsys):
-    short = TRAIN.model_copy(update={"max_steps": 6})
-    train_stage(data_dir=data, segments=1, output=tmp_path / "d", model=MODEL, train=short, progress=False)
+def test_other_settings_start_the_stage_afresh(data, stage_1, tmp_path, capsys):
+    copy_stage(stage_1[0], tmp_path / "d")  # a finished stage of TRAIN's 24 steps
     longer = train_stage(data_dir=data, segments=1, output=tmp_path / "d", model=MODEL,
                          train=TRAIN.model_copy(update={"max_steps": 12}), progress=False)
     assert "starting the stage afresh" in capsys.readouterr().err
@@ -154,12 +167,11 @@ def test_other_settings_start_the_stage_afresh(data, tmp_path, capsys):
     assert len((tmp_path / "d" / "history.jsonl").read_text().splitlines()) == 2
 
 
-def test_a_stage_from_before_a_setting_existed_is_the_same_run(data, tmp_path, capsys):
+def test_a_stage_from_before_a_setting_existed_is_the_same_run(data, stage_1, tmp_path, capsys):
     # rmt gains a setting whose default is the old behaviour: a stage recorded without it
     # (an older rmt's config.json) is the same run, and resumes or publishes instead of
     # discarding hours of training.
-    folder = tmp_path / "stage"
-    first = train_stage(data_dir=data, segments=1, output=folder, model=MODEL, train=TRAIN, progress=False)
+    folder, first = copy_stage(stage_1[0], tmp_path / "stage"), stage_1[1]
     recorded = json.loads((folder / "config.json").read_text())
     del recorded["train"]["schedule"], recorded["train"]["valid_length_factor"]
     (folder / "config.json").write_text(json.dumps(recorded))
@@ -242,11 +254,10 @@ def test_long_steps_need_a_longer_validation_length():
         TrainSettings.model_validate({**TRAIN.model_dump(), "long_step_every": 4})
 
 
-def test_a_finished_stage_publishes_deleted_outputs_again(data, tmp_path):
+def test_a_finished_stage_publishes_deleted_outputs_again(data, stage_1, tmp_path):
     # Snakemake deletes a job's declared outputs before it reruns the job; the stage's
     # checkpoints/ are not among them, so the rerun publishes instead of training again.
-    folder = tmp_path / "stage"
-    first = train_stage(data_dir=data, segments=1, output=folder, model=MODEL, train=TRAIN, progress=False)
+    folder, first = copy_stage(stage_1[0], tmp_path / "stage"), stage_1[1]
     published = outcome(folder)
     shutil.rmtree(folder / "best")
     (folder / "metrics.json").unlink()

@@ -122,11 +122,13 @@ def saved_bytes_for_backward(model, num_segments) -> int:
 def test_memory_efficient_training_keeps_no_per_segment_activations():
     """What the forward pass keeps for the backward pass grows with every segment's
     activations under plain BPTT; with recomputation a segment costs only its memory input
-    (m x H floats per example), which the backward pass needs to rebuild it."""
-    plain = [saved_bytes_for_backward(make_encoder(), n) for n in (2, 8)]
+    (m x H floats per example), which the backward pass needs to rebuild it. The last
+    segment keeps its activations: the backward pass starts with it, so rebuilding them would
+    cost a forward pass for nothing (the backward pass of one segment holds them anyway)."""
+    one_segment, *plain = [saved_bytes_for_backward(make_encoder(), n) for n in (1, 2, 8)]
     model = make_encoder(memory_efficient_backprop=True)
     efficient = [saved_bytes_for_backward(model, n) for n in (2, 8)]
     memory_state_bytes = model.memory_embeddings.numel() * 4
     assert plain[1] > 3 * plain[0]
     assert efficient[1] - efficient[0] <= (8 - 2) * memory_state_bytes
-    assert efficient[1] < plain[0] / 10
+    assert efficient[1] <= one_segment + (8 - 1) * memory_state_bytes

@@ -202,11 +202,12 @@ class RecurrentMemoryModel(nn.Module):
         # Segment-level recomputation: each step keeps only its inputs (the (B, m, H) memory
         # and the token ids); its activations are rebuilt, with the same dropout masks, when
         # the backward pass reaches it. Losses are computed inside the step so that nothing
-        # larger than a scalar and the memory crosses a step boundary. A single segment has
-        # nothing to gain from it.
-        recompute = self.config.memory_efficient_backprop and torch.is_grad_enabled() and len(steps) > 1
-        for step in steps:
-            if recompute:
+        # larger than a scalar and the memory crosses a step boundary. The last step keeps its
+        # activations: the backward pass starts there, so rebuilding them would cost a forward
+        # pass and save no memory (the backward pass of any one segment holds them anyway).
+        recompute = self.config.memory_efficient_backprop and torch.is_grad_enabled()
+        for index, step in enumerate(steps):
+            if recompute and index < len(steps) - 1:
                 memory, result = checkpoint(self._step, memory, step, use_reentrant=False, **options)
             else:
                 memory, result = self._step(memory, step, **options)

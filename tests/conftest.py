@@ -29,6 +29,13 @@ from transformers import (
 
 from rmt import RMTConfig, RecurrentMemoryDecoder, RecurrentMemoryEncoder
 from slurm_fixture import local_slurm  # noqa: F401  (one cluster for the session's SLURM tests)
+from workflow_project import tiny_pipeline  # noqa: F401  (one finished tiny pipeline for the session)
+
+# Every model the tests build in this process is tiny: a second intra-op thread buys nothing,
+# and on a machine shared with other jobs OpenMP's waiting threads burn several times the
+# work itself (a 24-step test stage: 3 s of CPU on one thread, 25 s on two, under load).
+# Subprocesses (the workflow's jobs, torchrun, benchmarks) keep torch's default.
+torch.set_num_threads(1)
 
 VOCAB = 128
 # BERT-style special ids inside the tiny vocabulary; text tokens are drawn from TEXT_TOKENS.

@@ -71,15 +71,14 @@ def sacct_states(cluster):
     return [line.split("|")[1] for line in result.stdout.splitlines() if line.strip()]
 
 
-def test_the_pipeline_runs_through_slurm_like_locally(local_slurm, tmp_path):
+def test_the_pipeline_runs_through_slurm_like_locally(local_slurm, tiny_pipeline, tmp_path):
     before = len(sacct_states(local_slurm))
     cluster = make_project(tmp_path / "cluster")
     slurm_snakemake(cluster, tmp_path)
     states = sacct_states(local_slurm)[before:]
     assert states == ["COMPLETED"] * CLUSTER_JOBS, states
 
-    local = make_project(tmp_path / "local")
-    local.snakemake()
+    local = tiny_pipeline  # the same configuration run locally (the session's run, only read here)
     results = ["results/memorize/seed-0/stage-1/metrics.json", "results/memorize/seed-0/stage-2/metrics.json",
                "results/memorize/seed-0/evaluation.csv", "results/memorize/seed-0/grid/stage-1.csv",
                "results/memorize/seed-0/grid/stage-2.csv"]

@@ -15,7 +15,7 @@ import yaml
 
 from rmt.config import json_schema, load_config
 from rmt.pipeline import plan, source_files
-from workflow_project import BIN, ROOT, TINY, dry_run_jobs, environment, interruptible, make_project
+from workflow_project import BIN, ROOT, TINY, copy_project, dry_run_jobs, environment, interruptible, make_project
 
 
 def snakemake(*arguments, cwd=ROOT, timeout=120):
@@ -140,9 +140,10 @@ def _mlflow_runs(project):
 
 
 @pytest.mark.slow
-def test_the_tiny_pipeline_end_to_end(tmp_path):
-    project = make_project(tmp_path / "project")
-    project.snakemake("-j", "2")  # -j N locally: Snakemake itself would no longer count threads
+def test_the_tiny_pipeline_end_to_end(tiny_pipeline, tmp_path):
+    # The session's finished run of `snakemake -j 2` (shared with the SLURM test), copied:
+    # this test changes the project.
+    project = copy_project(tiny_pipeline, tmp_path / "project")
     metrics = json.loads((project.root / "results/memorize/seed-0/stage-2/metrics.json").read_text())
     assert metrics["steps"] == 4
     for path in ("reports/accuracy.png", "reports/generalization.svg", "reports/accuracy.md", "reports/flops.png",

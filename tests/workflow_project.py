@@ -7,11 +7,14 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +82,37 @@ def make_project(folder: Path, config: dict = TINY) -> Project:
         shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
     (folder / "params.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return Project(folder)
+
+
+def copy_project(source: Project, folder: Path) -> Project:
+    """A copy of a project for a test to change: every file with its modification time
+    (Snakemake compares them), and the copy's MLflow store pointing at the copy's own
+    artifact folder (the store records absolute paths), so that nothing run in the copy
+    writes into the original."""
+    shutil.copytree(source.root, folder, symlinks=True)
+    database = folder / "mlflow.db"
+    if database.is_file():
+        old, new = str(source.root), str(folder)
+        with closing(sqlite3.connect(database)) as store, store:
+            tables = [name for (name,) in store.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for table in tables:
+                for column in store.execute(f'PRAGMA table_info("{table}")').fetchall():
+                    if column[2].upper().startswith(("VARCHAR", "TEXT")):
+                        store.execute(f'UPDATE "{table}" SET "{column[1]}" = replace("{column[1]}", ?, ?) '
+                                      f'WHERE instr("{column[1]}", ?) > 0', (old, new, old))
+    return Project(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> Project:
+    """The tiny pipeline (TINY) run to its end once, as `snakemake -j 2` runs it, for every
+    test that needs its results: read them in place, or change a copy (copy_project), never
+    this project itself. Imported into tests/conftest.py: one run for the whole session."""
+    project = make_project(tmp_path_factory.mktemp("tiny-pipeline") / "project")
+    # -j N locally: Snakemake itself would no longer count threads. The time limit is the two
+    # tests' that waited for it before, together.
+    project.snakemake("-j", "2", timeout=1800)
+    return project
 
 
 # ---------------------------------------------------------------------------------------

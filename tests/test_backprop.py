@@ -83,6 +83,10 @@ CASES = {
              lambda m: m([random_text(45, seed=1), random_text(23, seed=2)], labels=[random_text(45, seed=1), random_text(23, seed=2)]).loss),
     "llama": (lambda dropout, **kw: make_decoder("llama", dropout=dropout, **kw),
               lambda m: m([random_text(45, seed=1), random_text(23, seed=2)], labels=[random_text(45, seed=1), random_text(23, seed=2)]).loss),
+    # Training without logits: the output layer's gradients are taken in the forward pass.
+    "gpt2-no-logits": (lambda dropout, **kw: make_decoder("gpt2", dropout=dropout, **kw),
+                       lambda m: m([random_text(45, seed=1), random_text(23, seed=2)], labels=[random_text(45, seed=1), random_text(23, seed=2)],
+                                   return_logits=False).loss),
 }
 
 
@@ -132,3 +136,60 @@ def test_memory_efficient_training_keeps_no_per_segment_activations():
     assert plain[1] > 3 * plain[0]
     assert efficient[1] - efficient[0] <= (8 - 2) * memory_state_bytes
     assert efficient[1] <= one_segment + (8 - 1) * memory_state_bytes
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+@pytest.mark.parametrize("depth", [-1, 2])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "opt"])
+def test_output_layer_gradients_taken_in_the_forward_pass_are_exact(kind, depth, memory_efficient):
+    """Without logits (training), the decoder takes the loss's gradients with respect to each
+    segment's hidden states and the output layer in the forward pass (OutputLayerLoss): the
+    same gradients as autograd through the logits, scaled by whatever multiplies the loss."""
+    texts = [random_text(45, seed=1), random_text(23, seed=2)]
+    reference = make_decoder(kind, dropout=0.1, bptt_depth=depth).train()
+    model = make_decoder(kind, dropout=0.1, bptt_depth=depth, memory_efficient_backprop=memory_efficient).train()
+    model.load_state_dict(reference.state_dict())
+    with_logits = gradients(reference, lambda m: 1024 * m(texts, labels=texts).loss)
+    without_logits = gradients(model, lambda m: 1024 * m(texts, labels=texts, return_logits=False).loss)
+    torch.testing.assert_close(without_logits[0], with_logits[0], atol=0, rtol=0)
+    assert without_logits[1].keys() == with_logits[1].keys()
+    for name, grad in with_logits[1].items():  # compared at the loss's own scale, as the other tests
+        torch.testing.assert_close(without_logits[1][name] / 1024, grad / 1024, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def count_calls(module) -> list[int]:
+    calls = [0]
+    module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("architecture", ["encoder", "decoder"])
+def test_memory_efficient_backprop_recomputes_every_segment_but_the_last(architecture):
+    """n segments: n backbone calls forward, n - 1 more backward (the last segment's
+    activations are kept, since the backward pass starts with them); the decoder's output
+    layer runs once per segment, its gradients taken in the forward pass."""
+    model = (make_encoder if architecture == "encoder" else make_decoder)(memory_efficient_backprop=True).train()
+    backbone_calls = count_calls(model.backbone_body)
+    text = random_text(16 * NUM_SEGMENTS if architecture == "encoder" else 10 * NUM_SEGMENTS)
+    if architecture == "encoder":
+        loss = model([text], labels=torch.tensor([2])).loss
+    else:
+        output_layer_calls = count_calls(model.backbone.get_output_embeddings())
+        loss = model([text], labels=[text], return_logits=False).loss
+    assert backbone_calls[0] == NUM_SEGMENTS
+    loss.backward()
+    assert backbone_calls[0] == 2 * NUM_SEGMENTS - 1
+    if architecture == "decoder":
+        assert output_layer_calls[0] == NUM_SEGMENTS
+
+
+def test_output_layer_gradients_under_bf16_autocast():
+    model = make_decoder("gpt2").train()
+    reference = make_decoder("gpt2").train()
+    ids = torch.stack([random_text(25, seed=60), random_text(25, seed=61)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, expected = gradients(reference, lambda m: m(ids, labels=ids).loss)
+        _, grads = gradients(model, lambda m: m(ids, labels=ids, return_logits=False).loss)
+    assert grads.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-2, rtol=1e-2, msg=name)

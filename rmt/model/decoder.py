@@ -32,6 +32,7 @@ from transformers.utils import ModelOutput
 from rmt.model.auto import RecurrentMemoryDecoderConfig
 from rmt.model.base import RecurrentMemoryModel, SegmentResult
 from rmt.model.config import RMTConfig
+from rmt.model.output_loss import OutputLayerLoss
 from rmt.model.segments import IGNORE_INDEX, SegmentStep, schedule_segments, token_rows
 from rmt.utils import exists
 
@@ -85,7 +86,10 @@ class RecurrentMemoryDecoder(RecurrentMemoryModel):
         *,
         output_attentions: bool = False,
         return_logits: bool = True,
+        output_layer: bool = True,
     ) -> tuple[Tensor, SegmentResult]:
+        """output_layer=False: the text positions' hidden states (A, L, H) instead of logits
+        and loss, for a caller that applies the output layer itself (OutputLayerLoss)."""
         m, length = self.config.num_memory_tokens, self.config.segment_length
         inputs_embeds, attention_mask, write_positions = self._segment_embeds(memory, step.tokens, step.lengths)
         outputs = self.backbone_body(
@@ -97,6 +101,9 @@ class RecurrentMemoryDecoder(RecurrentMemoryModel):
         hidden_states = outputs.last_hidden_state  # (A, S, H)
         width = hidden_states.shape[-1]
         new_memory = hidden_states.gather(1, write_positions[..., None].expand(-1, -1, width))  # (A, m, H)
+        attentions = outputs.attentions if output_attentions else None
+        if not output_layer:
+            return new_memory, SegmentResult(last_hidden_state=hidden_states[:, m : m + length], attentions=attentions)
         logits = self.backbone.get_output_embeddings()(hidden_states[:, m : m + length])  # (A, L, V)
         loss_sum = None
         if exists(step.token_labels):
@@ -106,7 +113,7 @@ class RecurrentMemoryDecoder(RecurrentMemoryModel):
         return new_memory, SegmentResult(
             loss_sum=loss_sum,
             logits=logits if return_logits else None,
-            attentions=outputs.attentions if output_attentions else None,
+            attentions=attentions,
         )
 
     def forward(
@@ -136,6 +143,11 @@ class RecurrentMemoryDecoder(RecurrentMemoryModel):
             align=self.align,
             token_labels=targets,
         )
+        # Training without logits: the output layer runs outside the recurrence, its gradients
+        # taken at once (OutputLayerLoss), so no segment keeps (A, L, V) logits for the backward
+        # pass and memory-efficient back-propagation rebuilds the backbone only.
+        head = OutputLayerLoss(self.backbone.get_output_embeddings()) if (
+            exists(targets) and not return_logits and torch.is_grad_enabled()) else None
         with self._attention_for(output_attentions):
             results, memory_states = self._recur(
                 steps,
@@ -143,11 +155,12 @@ class RecurrentMemoryDecoder(RecurrentMemoryModel):
                 output_memory_states=output_memory_states,
                 output_attentions=output_attentions,
                 return_logits=return_logits,
+                output_layer=head is None,
             )
         loss = num_predictions = None
         if exists(targets):
             num_predictions = int(sum((t != IGNORE_INDEX).sum() for t in targets))
-            loss = torch.stack([r.loss_sum for r in results]).sum() / max(num_predictions, 1)
+            loss = self._loss_sum(steps, results, head) / max(num_predictions, 1)
         logits = self._gather_logits(steps, results, input_ids, attention_mask, rows) if return_logits else None
         return RMTDecoderOutput(
             loss=loss,
@@ -156,6 +169,14 @@ class RecurrentMemoryDecoder(RecurrentMemoryModel):
             attentions=tuple(r.attentions for r in results) if output_attentions else None,
             num_predictions=num_predictions,
         )
+
+    @staticmethod
+    def _loss_sum(steps: list[SegmentStep], results: list[SegmentResult], head: OutputLayerLoss | None) -> Tensor:
+        """() the next-token loss summed over every segment."""
+        if head is None:
+            return torch.stack([r.loss_sum for r in results]).sum()
+        sums = [head.segment_loss_sum(r.last_hidden_state, step.token_labels) for r, step in zip(results, steps)]
+        return head.with_layer_gradients(torch.stack(sums).sum())
 
     def _next_token_targets(self, labels, attention_mask, rows: list[Tensor]) -> list[Tensor]:
         """Per example, the label of the token that follows each token read, IGNORE_INDEX after

@@ -29,6 +29,47 @@ def test_segment_layout_is_cls_memory_sep_tokens_sep_pad():
     assert model.config.segment_positions == 12
 
 
+@pytest.mark.parametrize("num_memory_tokens", [0, 3])
+def test_a_segment_whose_rows_share_a_length_reuses_its_layout(num_memory_tokens):
+    """Rows of one length (every step of a stream, most of a batch) take the layout built
+    once for their shape; it is the general layout's, for every length."""
+    model = make_encoder(num_memory_tokens=num_memory_tokens, segment_length=6)
+    for length in range(1, 7):
+        rows = [random_text(length, seed=seed) for seed in range(2)]
+        step = schedule_segments(rows, segment_length=6, align="right")[0]
+        assert step.length == length and step.num_last == 2 and step.all_last
+        shared = model._segment_ids(step)
+        general = model._build_segment_ids(step.tokens, step.lengths)
+        for got, expected in zip(shared, general):
+            assert torch.equal(got, expected)
+        assert model._segment_ids(step)[1] is shared[1]  # built once
+    mixed = schedule_segments([random_text(3), random_text(5)], segment_length=6, align="right")[0]
+    assert mixed.length is None
+
+
+def test_host_side_step_facts_match_the_tensors():
+    steps = schedule_segments([random_text(n, seed=n) for n in (40, 10, 33)], segment_length=16, align="right")
+    for step in steps:
+        assert step.num_last == int(step.is_last.sum())
+        assert step.all_last == bool(step.is_last.all())
+        assert step.length == (int(step.lengths[0]) if len(set(step.lengths.tolist())) == 1 else None)
+
+
+def test_layouts_built_while_streaming_serve_training():
+    """The layouts a stream caches are ordinary tensors, not inference-mode ones (which
+    autograd refuses to save for the backward pass): a training step of the same shapes
+    takes them."""
+    model = make_encoder()
+    texts = torch.stack([random_text(40, seed=1), random_text(40, seed=2)])  # 8 + 16 + 16 tokens: a padded mask
+    model.stream(iter([texts]), num_tokens=40)
+    step = schedule_segments(list(texts), segment_length=16, align="right")[0]
+    assert not any(t.is_inference() for t in model._segment_ids(step))
+    model.train()
+    loss = model(texts, labels=torch.tensor([1, 2])).loss
+    loss.backward()
+    assert model.memory_embeddings.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
 def test_without_memory_one_segment_equals_the_backbone(kind):
     model = make_encoder(kind, num_memory_tokens=0)

@@ -11,7 +11,7 @@ import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -109,6 +109,14 @@ def position_limit(backbone: nn.Module) -> int | None:
     return limit
 
 
+def _full_batch_tensors(batch: int, length: int, count: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """rows (B,) and lengths (B,) of a full-batch step, and positions (2, count, B): every
+    step's segment index and the count, as views of two (count,) rows."""
+    positions = torch.stack([torch.arange(count, device=device), torch.full((count,), count, device=device)])
+    return (torch.arange(batch, device=device), torch.full((batch,), length, device=device),
+            positions[..., None].expand(2, count, batch))
+
+
 class RecurrentMemoryModel(nn.Module):
     """A Hugging Face backbone that reads a long input segment by segment, carrying m memory
     vectors from each segment to the next. Subclasses define one segment's layout."""
@@ -131,6 +139,7 @@ class RecurrentMemoryModel(nn.Module):
         # initialises its own embeddings.
         std = getattr(backbone.config, "initializer_range", 0.02)
         self.memory_embeddings = nn.Parameter(torch.randn(config.num_memory_tokens, self.embedding_dim) * std)  # (m, H)
+        self._shape_cache: dict[tuple, Any] = {}  # see _cached
 
     # ---------------------------------------------------------------- checks
     @property
@@ -230,19 +239,35 @@ class RecurrentMemoryModel(nn.Module):
             self.backbone.set_attn_implementation(current)
 
     # ---------------------------------------------------------------- streaming
+    def _cached(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """What `build()` returns, kept for the next call with the same key: the fixed tensors
+        of a segment's shape, which a stream would otherwise rebuild at every segment (a few
+        small operations each, a measurable share of a small model's step). Built outside
+        inference mode, so that training can use them too."""
+        value = self._shape_cache.get(key)
+        if value is None:
+            if len(self._shape_cache) >= 64:  # training meets many shapes: keep recent ones only
+                self._shape_cache.clear()
+            with torch.inference_mode(False):
+                value = self._shape_cache[key] = build()
+        return value
+
     def _full_batch_step(self, tokens: Tensor, index: int, count: int, token_labels: Tensor | None = None) -> SegmentStep:
         """A step in which every row of the batch has a segment of the same length."""
         batch, length = tokens.shape
-        padded = torch.zeros(batch, self.config.segment_length, dtype=torch.long, device=self.device)
-        padded[:, :length] = tokens
-        per_row = torch.tensor([length, index, count], device=self.device)[:, None].expand(3, batch)
+        if length < self.config.segment_length:  # a stream's one short segment
+            tokens = nn.functional.pad(tokens, (0, self.config.segment_length - length))
+        rows, lengths, positions = self._cached(("full batch", batch, length, count, tokens.device),
+                                                lambda: _full_batch_tensors(batch, length, count, tokens.device))
         return SegmentStep(
-            rows=torch.arange(batch, device=self.device),
-            tokens=padded,
-            lengths=per_row[0],
-            segment_index=per_row[1],
-            num_segments=per_row[2],
+            rows=rows,
+            tokens=tokens,
+            lengths=lengths,
+            segment_index=positions[0, index],
+            num_segments=positions[1, index],
             token_labels=token_labels,
+            length=length,
+            num_last=batch if index == count - 1 else 0,
         )
 
     def _tokens_read(self, num_tokens: int) -> int:

@@ -73,47 +73,70 @@ class RecurrentMemoryEncoder(RecurrentMemoryModel):
     def _segment_ids(self, step: SegmentStep) -> tuple[Tensor, Tensor]:
         """Token ids (A, S) of the segment layout (memory slots hold [PAD], replaced by
         memory vectors) and its attention mask (A, S)."""
+        if exists(step.length):  # every row has as many tokens: only the text changes
+            tokens, length, start = step.tokens, step.length, self.text_start
+            template, attention_mask = self._layout(tokens.shape[0], length, tokens.device)
+            ids = template.clone()
+            ids[:, start : start + length] = tokens if length == tokens.shape[1] else tokens[:, :length]
+            return ids, attention_mask
+        return self._build_segment_ids(step.tokens, step.lengths)
+
+    def _layout(self, rows: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The ids (A, S) of a segment whose rows all hold `length` tokens, with 0 in place
+        of the text, and its attention mask (A, S). Built once per shape (a stream asks for
+        the same one at every segment) by the general layout, so both agree by construction."""
         config = self.config
-        rows, positions = step.tokens.shape[0], config.segment_positions
-        ids = torch.full((rows, positions), config.pad_token_id, dtype=torch.long, device=step.tokens.device)
+        key = ("layout", rows, length, device, config.segment_length, config.num_memory_tokens,
+               config.cls_token_id, config.sep_token_id, config.pad_token_id)
+        return self._cached(key, lambda: self._build_segment_ids(
+            torch.zeros(rows, config.segment_length, dtype=torch.long, device=device),
+            torch.full((rows,), length, device=device)))
+
+    def _build_segment_ids(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """_segment_ids for (A, L) tokens of (A,) lengths each, whatever they are."""
+        config = self.config
+        rows, positions = tokens.shape[0], config.segment_positions
+        ids = torch.full((rows, positions), config.pad_token_id, dtype=torch.long, device=tokens.device)
         ids[:, 0] = config.cls_token_id
         if config.num_memory_tokens:
             ids[:, config.num_memory_tokens + 1] = config.sep_token_id
         start = self.text_start
         index = torch.arange(positions, device=ids.device)[None]  # (1, S)
-        text_end = start + step.lengths[:, None]  # (A, 1)
-        ids[:, start : start + config.segment_length] = step.tokens
+        text_end = start + lengths[:, None]  # (A, 1)
+        ids[:, start : start + config.segment_length] = tokens
         ids = torch.where(index >= text_end, config.pad_token_id, ids)
         ids = ids.scatter(1, text_end, config.sep_token_id)
         return ids, (index <= text_end).long()
 
     def _segment_forward(
-        self, memory: Tensor, step: SegmentStep, *, labels: Tensor | None = None, output_attentions: bool = False
+        self,
+        memory: Tensor,
+        step: SegmentStep,
+        *,
+        labels: Tensor | None = None,
+        output_attentions: bool = False,
+        classify: bool = True,
     ) -> tuple[Tensor, SegmentResult]:
+        """classify=False skips the classifier (a stream reads the last segment's answer only)."""
         m = self.config.num_memory_tokens
         input_ids, attention_mask = self._segment_ids(step)  # (A, S)
-        token_embeddings = self.backbone.get_input_embeddings()(input_ids)  # (A, S, H)
-        inputs_embeds = torch.cat(
-            [token_embeddings[:, :1], memory.to(token_embeddings.dtype), token_embeddings[:, 1 + m :]], dim=1
-        )  # (A, S, H)
+        inputs_embeds = self.backbone.get_input_embeddings()(input_ids)  # (A, S, H)
+        if m:  # the memory slots' [PAD] embeddings give way to the memory, in place (no copy of the rest)
+            inputs_embeds[:, 1 : 1 + m] = memory
         outputs = self.backbone(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, output_attentions=output_attentions
         )
         hidden_states = outputs.last_hidden_state  # (A, S, H)
-        pooled = getattr(outputs, "pooler_output", None)
-        pooled = pooled if exists(pooled) else hidden_states[:, 0]  # (A, H)
-        logits = self.classifier(self.dropout(pooled))  # (A, num_labels)
-        loss_sum = None
-        if exists(labels):
+        result = SegmentResult(last_hidden_state=hidden_states if step.all_last else None,
+                               attentions=outputs.attentions if output_attentions else None)
+        if classify:
+            pooled = getattr(outputs, "pooler_output", None)
+            pooled = pooled if exists(pooled) else hidden_states[:, 0]  # (A, H)
+            result.logits = self.classifier(self.dropout(pooled))  # (A, num_labels)
+        if classify and exists(labels):
             scored = torch.ones_like(step.is_last) if self.config.loss_on_all_segments else step.is_last
-            loss_sum = F.cross_entropy(logits[scored], labels[step.rows][scored], reduction="sum")
-        final = bool(step.is_last.all())
-        return hidden_states[:, 1 : 1 + m], SegmentResult(
-            loss_sum=loss_sum,
-            logits=logits,
-            last_hidden_state=hidden_states if final else None,
-            attentions=outputs.attentions if output_attentions else None,
-        )
+            result.loss_sum = F.cross_entropy(result.logits[scored], labels[step.rows][scored], reduction="sum")
+        return hidden_states[:, 1 : 1 + m], result
 
     def _token_rows(self, input_ids, attention_mask=None) -> list[Tensor]:
         special = (self.config.cls_token_id, self.config.sep_token_id, self.config.pad_token_id)
@@ -180,12 +203,12 @@ class RecurrentMemoryEncoder(RecurrentMemoryModel):
         that together make `num_tokens` tokens per example (no special tokens). Only the
         current segment and the memory are kept, so memory use is flat in the length. With
         max_segments, as in forward(), only the first max_segments segments are read."""
-        count = self._num_stream_segments(num_tokens)
+        count, device = self._num_stream_segments(num_tokens), self.device
         memory, result = None, None
         for index, tokens in enumerate(self._stream_segments(chunks, num_tokens)):
-            step = self._full_batch_step(tokens.to(self.device), index, count)
+            step = self._full_batch_step(tokens.to(device), index, count)
             memory = self.initial_memory(len(step.rows)) if memory is None else memory
-            memory, result = self._step(memory, step)
+            memory, result = self._step(memory, step, classify=index == count - 1)
         return RMTEncoderOutput(logits=result.logits)
 
 

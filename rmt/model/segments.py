@@ -30,10 +30,19 @@ class SegmentStep:
     segment_index: Tensor  # (A,) 0-based index of this segment within its example
     num_segments: Tensor  # (A,) number of segments of each example
     token_labels: Tensor | None = None  # (A, L) per-token targets, IGNORE_INDEX where none
+    # The same facts on the host, known when the step is scheduled, so that the recurrence
+    # never reads them back from the device (a synchronisation per step on a GPU):
+    length: int | None = None  # the number of real tokens of every row, when they share it
+    num_last: int | None = None  # how many rows end their example at this step
 
     @property
     def is_last(self) -> Tensor:  # (A,) bool: the example's final segment
         return self.segment_index == self.num_segments - 1
+
+    @property
+    def all_last(self) -> bool:
+        """Every row ends its example here."""
+        return bool(self.is_last.all()) if self.num_last is None else self.num_last == len(self.rows)
 
 
 def token_rows(
@@ -124,14 +133,17 @@ def schedule_segments(
             if labels is not None:
                 labels[slot, : end - start] = token_labels[row_index][start:end]
             lengths.append(end - start)
+        ends = [counts[r] for r in active]
         steps.append(
             SegmentStep(
                 rows=torch.tensor(active, device=device),
                 tokens=tokens,
                 lengths=torch.tensor(lengths, device=device),
                 segment_index=torch.tensor(indices, device=device),
-                num_segments=torch.tensor([counts[r] for r in active], device=device),
+                num_segments=torch.tensor(ends, device=device),
                 token_labels=labels,
+                length=lengths[0] if len(set(lengths)) == 1 else None,
+                num_last=sum(index == end - 1 for index, end in zip(indices, ends)),
             )
         )
     return steps

@@ -193,3 +193,18 @@ def test_output_layer_gradients_under_bf16_autocast():
     assert grads.keys() == expected.keys()
     for name, grad in expected.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-2, rtol=1e-2, msg=name)
+
+
+def test_output_layer_gradients_inside_an_enclosing_activation_checkpoint():
+    """A checkpoint around the whole call, whose backward pass runs the forward pass (and so
+    the output layer's gradients) again, gives the same gradients: the layer's gradient sum
+    is handed over once."""
+    from torch.utils.checkpoint import checkpoint
+
+    texts = [random_text(45, seed=1), random_text(23, seed=2)]
+    model = make_decoder("gpt2").train()
+    _, expected = gradients(model, lambda m: m(texts, labels=texts, return_logits=False).loss)
+    _, grads = gradients(model, lambda m: checkpoint(
+        lambda: m(texts, labels=texts, return_logits=False).loss, use_reentrant=False))
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -52,7 +52,9 @@ class OutputLayerLoss:
         return _WithLayerGradients.apply(total, self, *self.parameters)
 
     def _loss_and_gradients(self, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None]:
-        with torch.enable_grad():
+        # A graph of its own, differentiated at once: saved-tensor hooks of an enclosing context
+        # (an activation checkpoint around the whole call, say) must not take its tensors.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
             hidden = hidden.detach().requires_grad_(hidden.requires_grad)
             logits = self.layer(hidden)  # (A, L, V)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
@@ -65,6 +67,10 @@ class OutputLayerLoss:
                 total = self.gradient_sums[index]
                 self.gradient_sums[index] = gradient if total is None else total.add_(gradient)
         return loss.detach(), hidden_gradient
+
+
+def _keep(tensor: Tensor) -> Tensor:
+    return tensor
 
 
 class _SegmentLossSum(torch.autograd.Function):

@@ -18,8 +18,11 @@ def capture_segment_inputs(model):
 
 
 def reached(loss, tensors) -> list[bool]:
-    grads = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
-    return [g is not None and bool(g.abs().sum() > 0) for g in grads]
+    """Whether the loss's gradient reaches each tensor (one computed without a graph: no)."""
+    tensors = list(tensors)  # a recomputation in the backward pass may append to a captured list
+    tracked = [tensor for tensor in tensors if tensor.requires_grad]
+    grads = iter(torch.autograd.grad(loss, tracked, retain_graph=True, allow_unused=True))
+    return [tensor.requires_grad and (g := next(grads)) is not None and bool(g.abs().sum() > 0) for tensor in tensors]
 
 
 def test_full_bptt_reaches_the_first_memory_embedding():
@@ -106,6 +109,33 @@ def test_memory_efficient_backprop_gives_the_same_gradients(case, train, depth):
     assert "memory_embeddings" in plain_grads or depth != -1
     for name, grad in plain_grads.items():
         torch.testing.assert_close(efficient_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_segments_out_of_the_truncation_window_run_without_a_graph(depth, memory_efficient):
+    """A segment whose output memory only feeds cut memory inputs can pass no gradient on:
+    it runs under no_grad (the cost of a long truncated example is a forward pass before
+    its window), and the gradients are those of building every graph and cutting it."""
+    def build():
+        return make_encoder(dropout=0.1, bptt_depth=depth, memory_efficient_backprop=memory_efficient).train()
+
+    def run(model):
+        return model([random_text(16 * NUM_SEGMENTS, seed=3), random_text(16 * NUM_SEGMENTS, seed=4)],
+                     labels=torch.tensor([1, 3])).loss
+
+    model, reference = build(), build()
+    reference.load_state_dict(model.state_dict())
+    reference._out_of_reach = lambda step: False  # every segment builds its graph
+    graphs = []
+    model.backbone_body.register_forward_pre_hook(lambda *_: graphs.append(torch.is_grad_enabled()))
+    loss, grads = gradients(model, run)
+    reference_loss, reference_grads = gradients(reference, run)
+    window = [index >= NUM_SEGMENTS - 1 - depth for index in range(NUM_SEGMENTS)]
+    assert graphs[:NUM_SEGMENTS] == window  # the first pass (a recomputation may follow)
+    torch.testing.assert_close(loss, reference_loss)
+    for name, grad in reference_grads.items():  # a parameter no gradient reaches holds zeros there
+        torch.testing.assert_close(grads.get(name, torch.zeros_like(grad)), grad, msg=name)
 
 
 def saved_bytes_for_backward(model, num_segments) -> int:

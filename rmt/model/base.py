@@ -7,8 +7,9 @@ backbone's embedding width, L text tokens per segment, S positions per segment.
 
 from __future__ import annotations
 
+
 import inspect
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -186,6 +187,19 @@ class RecurrentMemoryModel(nn.Module):
             return None
         return step.segment_index < step.num_segments - depth
 
+    def _out_of_reach(self, step: SegmentStep) -> bool:
+        """True when no gradient can reach this step (truncated BPTT): every row's next memory
+        input is cut too, and the segments carry no loss of their own. Such a segment runs
+        without a graph, so a long truncated example costs a forward pass before its window."""
+        depth = self.config.bptt_depth
+        if depth < 0 or not torch.is_grad_enabled() or self._every_segment_scored():
+            return False
+        return bool((step.segment_index + 1 < step.num_segments - depth).all())
+
+    def _every_segment_scored(self) -> bool:
+        """Whether training puts a loss on every segment, not only on each example's last."""
+        raise NotImplementedError
+
     def _segment_forward(self, memory: Tensor, step: SegmentStep, **options) -> tuple[Tensor, SegmentResult]:
         """(A, m, H) memory in -> (A, m, H) memory out, for the active rows of one step."""
         raise NotImplementedError
@@ -197,7 +211,8 @@ class RecurrentMemoryModel(nn.Module):
         cut = self._memory_cut(step)
         if exists(cut) and bool(cut.any()):
             memory_in = torch.where(cut[:, None, None], memory_in.detach(), memory_in)
-        new_memory, result = self._segment_forward(memory_in, step, **options)
+        with torch.no_grad() if self._out_of_reach(step) else nullcontext():
+            new_memory, result = self._segment_forward(memory_in, step, **options)
         if every_row:
             return new_memory, result
         return memory.to(new_memory.dtype).index_copy(0, step.rows, new_memory), result

@@ -79,6 +79,9 @@ class RecurrentMemoryDecoder(RecurrentMemoryModel):
         attention_mask = (index < (2 * m + lengths)[:, None]).long()
         return inputs_embeds, attention_mask, write_positions
 
+    def _every_segment_scored(self) -> bool:
+        return True  # a language model predicts the tokens of every segment
+
     def _segment_forward(
         self,
         memory: Tensor,

@@ -108,6 +108,9 @@ class RecurrentMemoryEncoder(RecurrentMemoryModel):
         ids = ids.scatter(1, text_end, config.sep_token_id)
         return ids, (index <= text_end).long()
 
+    def _every_segment_scored(self) -> bool:
+        return self.config.loss_on_all_segments
+
     def _segment_forward(
         self,
         memory: Tensor,

@@ -50,7 +50,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -62,6 +61,8 @@ from typing import Callable
 
 import torch
 import typer
+
+from timing import cpu_default_causal_backbone, cpu_default_decoder, cpu_default_task, interleaved, median_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "results" / "benchmarks" / "peer.json"
@@ -101,25 +102,12 @@ class Setup:
 
     @classmethod
     def cpu_default(cls) -> "Setup":
-        from transformers import AutoConfig
-
-        from rmt.config import load_config
-        from rmt.hub import resolve
-
-        config = load_config(ROOT / "params.yaml")
-        task = config.for_task(next(iter(config.tasks)))  # the first task's model, as `rmt profile memory`
-        model = task.model
-        backbone = AutoConfig.from_pretrained(resolve(model.backbone), **model.backbone_overrides, is_decoder=True)
-        return cls(backbone=backbone, memory_tokens=model.num_memory_tokens, segment_length=task.data.segment_length)
+        task = cpu_default_task()
+        return cls(backbone=cpu_default_causal_backbone(), memory_tokens=task.model.num_memory_tokens,
+                   segment_length=task.data.segment_length)
 
     def rmt(self) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        from rmt import RecurrentMemoryDecoder, RMTConfig
-
-        config = RMTConfig(architecture="decoder", num_memory_tokens=self.memory_tokens,
-                           segment_length=self.segment_length)
-        return RecurrentMemoryDecoder(backbone=AutoModelForCausalLM.from_config(self.backbone), config=config)
+        return cpu_default_decoder()
 
     def peer(self) -> torch.nn.Module:
         from recurrent_memory_transformer_pytorch import RecurrentMemoryTransformer, RecurrentMemoryTransformerWrapper
@@ -192,19 +180,6 @@ def stream(implementation: str, model, tokens: torch.Tensor, segment_length: int
     return run
 
 
-def interleaved(calls: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median seconds of each call, run in turn so that machine noise hits all alike."""
-    for call in calls.values():
-        call()  # warm-up: lazy initialisation and optimizer state off the clock
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            started = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 # ---------------------------------------------------------------- peak memory (child side)
 @app.command(hidden=True)
 def child_train_memory(implementation: str = typer.Option(...), mode: str = typer.Option(...),
@@ -264,12 +239,12 @@ def timing_rows(setup: Setup, plan: Plan) -> list[dict]:
             tokens = random_tokens(plan.batch, segments * setup.segment_length + 1, setup.backbone.vocab_size)
             steps = {name: train_step(name, model.train(), tokens, efficient=mode == "efficient")
                      for name, model in models.items()}
-            rows.append(row(f"train step, {label}, {segments} segments", "s", interleaved(steps, plan.repeats),
-                            "lower"))
+            seconds = median_seconds(interleaved(steps, plan.repeats))
+            rows.append(row(f"train step, {label}, {segments} segments", "s", seconds, "lower"))
     tokens = random_tokens(plan.stream_batch, plan.stream_segments * setup.segment_length + 1,
                            setup.backbone.vocab_size)
     reads = {name: stream(name, model.eval(), tokens, setup.segment_length) for name, model in models.items()}
-    seconds = interleaved(reads, plan.repeats)
+    seconds = median_seconds(interleaved(reads, plan.repeats))
     read = plan.stream_batch * plan.stream_segments * setup.segment_length
     rows.append(row(f"inference, {plan.stream_segments} segments streamed", "tokens/s",
                     {name: read / s for name, s in seconds.items()}, "higher"))

@@ -122,3 +122,25 @@ def test_the_dev_extra_installs_the_peer_extra():
     tomllib = pytest.importorskip("tomllib")
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert set(extras["peer"]) <= set(extras["dev"])
+
+
+@pytest.mark.parametrize("architecture", ["encoder", "decoder"])
+def test_the_model_benchmark_times_memory_efficient_backprop_against_plain(tmp_path, architecture):
+    completed = run("model_bench.py", "child-backprop-time", "--architecture", architecture, "--segments", "2",
+                    "--batch", "2", "--repeats", "2", cwd=tmp_path)
+    result = json.loads(next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert (result["architecture"], result["segments"], result["threads"]) == (architecture, 2, 1)
+    for clock in ("wall", "cpu"):
+        assert result[f"plain_{clock}_seconds"] > 0 and result[f"efficient_{clock}_seconds"] > 0
+        assert result[f"{clock}_ratio"] > 0
+    assert len(result["load_average"]) == 3  # the load it ran under is part of the figure
+
+
+def test_the_model_benchmark_streams_the_cpu_default_against_a_raw_backbone_loop(tmp_path):
+    from timing import cpu_default_task
+
+    completed = run("model_bench.py", "child-stream-overhead", "--size", "cpu-default", "--segments", "3",
+                    "--batch", "1", "--repeats", "2", cwd=tmp_path)
+    result = json.loads(next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["tokens_per_example"] == 3 * cpu_default_task().data.segment_length
+    assert result["wall_ratio"] > 0 and result["cpu_ratio"] > 0 and result["threads"] == 1

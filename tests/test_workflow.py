@@ -210,13 +210,17 @@ def test_a_killed_workflow_resumes_its_training_stage(tmp_path, kill):
     config["data"]["curriculum_segments"] = [1]
     config["train"].update(max_steps=400, eval_every=2, eval_examples=4, patience=1000)
     project = make_project(tmp_path / "project", config)
+    # The stage as the target: on one core Snakemake may otherwise start with jobs that do not
+    # lead to it (the memory profile), and the test would time their run, not the stage's.
+    stage = "results/memorize/seed-0/stage-1"
+    target = f"{stage}/metrics.json"
     output = (tmp_path / "snakemake.out").open("w")  # a file, not a pipe nobody reads while it runs
-    process = subprocess.Popen([str(BIN / "snakemake"), "--cores", "1"], cwd=project.root,
+    process = subprocess.Popen([str(BIN / "snakemake"), "--cores", "1", target], cwd=project.root,
                                env=environment(project.root), stdout=output, stderr=subprocess.STDOUT,
                                start_new_session=True,
                                preexec_fn=interruptible)
-    state = project.root / "results/memorize/seed-0/stage-1/checkpoints/last/training_state.pt"
-    history = project.root / "results/memorize/seed-0/stage-1/history.jsonl"
+    state = project.root / stage / "checkpoints/last/training_state.pt"
+    history = project.root / stage / "history.jsonl"
     deadline = time.monotonic() + 300
     while not (history.is_file() and len(history.read_text().splitlines()) >= 3):
         assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "snakemake.out").read_text()
@@ -226,14 +230,14 @@ def test_a_killed_workflow_resumes_its_training_stage(tmp_path, kill):
     process.wait(timeout=120)
     output.close()
     assert state.is_file()
-    assert not (project.root / "results/memorize/seed-0/stage-1/metrics.json").exists()
+    assert not (project.root / target).exists()
     killed_at = len(history.read_text().splitlines())
     if kill == signal.SIGKILL:  # Snakemake had no chance to remove its lock (README)
         project.snakemake("--unlock")
 
-    project.snakemake("--cores", "1")
+    project.snakemake("--cores", "1", target)
     log = (project.root / "logs/train/memorize/seed-0/stage-1.log").read_text()
-    metrics = json.loads((project.root / "results/memorize/seed-0/stage-1/metrics.json").read_text())
+    metrics = json.loads((project.root / target).read_text())
     assert metrics["steps"] == 400
     assert len(history.read_text().splitlines()) == 200  # none lost, none repeated
     assert "starting the stage afresh" not in log and "Resuming the stage at step" in log

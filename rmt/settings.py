@@ -105,6 +105,12 @@ class TrainSettings(BaseModel):
     # run's memory still reaches the loss, while the gradient's path stays as short as a stage's.
     long_step_bptt_depth: int | None = Field(default=None, ge=1, description="Long steps back-propagate through "
                                              "their last this many segments only (null: the model's bptt_depth)")
+    # From a 7-segment model, 16x long steps alone did not take hold where 8x did
+    # (docs/robustness.md): drawing each long step's length from several factors lets the
+    # shorter ones lead the way to the longer.
+    long_step_factors: list[int] | None = Field(default=None, min_length=1, description="Each long step's length "
+                                                "in multiples of the stage's, drawn per step from these (null: "
+                                                "valid_length_factor)")
     seed: int = 0
     device: str = "auto"
 
@@ -117,6 +123,12 @@ class TrainSettings(BaseModel):
         if self.long_step_every is not None and self.valid_length_factor == 1:
             raise ValueError(f"long_step_every {self.long_step_every} trains on examples valid_length_factor times the "
                              "stage's length, and valid_length_factor is 1: set it above 1, or long_step_every to null")
+        if self.long_step_factors is not None and self.long_step_every is None:
+            raise ValueError(f"long_step_factors {self.long_step_factors} apply to long steps, and long_step_every is "
+                             "null: set long_step_every, or long_step_factors to null")
+        if self.long_step_factors is not None and min(self.long_step_factors) < 2:
+            raise ValueError(f"long_step_factors {self.long_step_factors}: a long step is at least twice the "
+                             "stage's length; use factors of 2 or more")
         if self.long_step_bptt_depth is not None and self.long_step_every is None:
             raise ValueError(f"long_step_bptt_depth {self.long_step_bptt_depth} applies to long steps, and "
                              "long_step_every is null: set long_step_every, or long_step_bptt_depth to null")

@@ -388,9 +388,11 @@ class _Trainer:
             config.bptt_depth = kept
 
     def _long_batch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A batch at the validation length, generated from training examples drawn by `rng`."""
-        data = self.inputs.data
-        num_tokens = self.segments * self.train.valid_length_factor * data.config.segment_length
+        """A batch at a long length (long_step_factors, or the validation's), generated from
+        training examples drawn by `rng`."""
+        data, factors = self.inputs.data, self.train.long_step_factors or [self.train.valid_length_factor]
+        factor = factors[rng.integers(len(factors))] if len(factors) > 1 else factors[0]
+        num_tokens = self.segments * factor * data.config.segment_length
         drawn = rng.choice(data.config.train_examples, size=self.train.batch_size)
         pairs = [data.generator.example("train", int(index), num_tokens) for index in drawn]
         tokens = np.stack([tokens for _, tokens in pairs])  # (batch, num_tokens)

@@ -249,6 +249,23 @@ def test_long_steps_back_propagate_through_their_last_segments_only_when_asked(d
         TrainSettings.model_validate({**TRAIN.model_dump(), "long_step_bptt_depth": 2})
 
 
+def test_long_steps_draw_their_length_from_the_given_factors(data, tmp_path, segments_seen):
+    long = TRAIN.model_copy(update={"valid_length_factor": 2, "long_step_every": 1, "long_step_factors": [2, 4],
+                                    "max_steps": 12, "eval_every": 12, "eval_examples": 4, "micro_batch_size": None})
+    train_stage(data_dir=data, segments=1, output=tmp_path / "long", model=MODEL, train=long, progress=False)
+    trained = segments_seen[:12]
+    assert set(trained) == {2, 4}, trained  # every step long, at 2 x 1 or 4 x 1 segments
+    # drawn by (seed, step): the same lengths again from the same settings
+    segments_seen.clear()
+    train_stage(data_dir=data, segments=1, output=tmp_path / "again", model=MODEL, train=long, progress=False)
+    assert segments_seen[:12] == trained
+    assert segments_seen[12:] and set(segments_seen[12:]) == {2}  # validation at valid_length_factor
+    for bad, problem in (({"long_step_every": None}, "long_step_every is null"),
+                         ({"long_step_factors": [1, 4]}, "use factors of 2 or more")):
+        with pytest.raises(ValueError, match=problem):
+            TrainSettings.model_validate({**long.model_dump(), **bad})
+
+
 def test_long_steps_need_a_longer_validation_length():
     with pytest.raises(ValueError, match="valid_length_factor is 1: set it above 1"):
         TrainSettings.model_validate({**TRAIN.model_dump(), "long_step_every": 4})

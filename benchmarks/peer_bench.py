@@ -62,9 +62,8 @@ from typing import Callable
 import torch
 import typer
 
-from timing import cpu_default_causal_backbone, cpu_default_decoder, cpu_default_task, interleaved, median_seconds
+from common import ROOT, cpu_default_causal_backbone, cpu_default_task, decoder, interleaved, median_seconds
 
-ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "results" / "benchmarks" / "peer.json"
 PEER = "recurrent-memory-transformer-pytorch"
 PEER_VERSION = "0.7.0"  # the version the `peer` extra pins and the issue measured
@@ -107,7 +106,7 @@ class Setup:
                    segment_length=task.data.segment_length)
 
     def rmt(self) -> torch.nn.Module:
-        return cpu_default_decoder()
+        return decoder(self.backbone, memory_tokens=self.memory_tokens, segment_length=self.segment_length)
 
     def peer(self) -> torch.nn.Module:
         from recurrent_memory_transformer_pytorch import RecurrentMemoryTransformer, RecurrentMemoryTransformerWrapper

@@ -18,11 +18,8 @@ def capture_segment_inputs(model):
 
 
 def reached(loss, tensors) -> list[bool]:
-    """Whether the loss's gradient reaches each tensor (one computed without a graph: no)."""
-    tensors = list(tensors)  # a recomputation in the backward pass may append to a captured list
-    tracked = [tensor for tensor in tensors if tensor.requires_grad]
-    grads = iter(torch.autograd.grad(loss, tracked, retain_graph=True, allow_unused=True))
-    return [tensor.requires_grad and (g := next(grads)) is not None and bool(g.abs().sum() > 0) for tensor in tensors]
+    grads = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+    return [g is not None and bool(g.abs().sum() > 0) for g in grads]
 
 
 def test_full_bptt_reaches_the_first_memory_embedding():
@@ -111,17 +108,20 @@ def test_memory_efficient_backprop_gives_the_same_gradients(case, train, depth):
         torch.testing.assert_close(efficient_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("all_segments", [False, True], ids=["loss-on-last", "loss-on-all"])
 @pytest.mark.parametrize("memory_efficient", [False, True])
 @pytest.mark.parametrize("depth", [0, 1, 3])
-def test_segments_out_of_the_truncation_window_run_without_a_graph(depth, memory_efficient):
-    """A segment whose output memory only feeds cut memory inputs can pass no gradient on:
-    it runs under no_grad (the cost of a long truncated example is a forward pass before
-    its window), and the gradients are those of building every graph and cutting it."""
+def test_segments_out_of_the_truncation_window_run_without_a_graph(depth, memory_efficient, all_segments):
+    """A segment whose output memory only feeds cut memory inputs, and which carries no loss
+    of its own, can pass no gradient on: it runs under no_grad (a long truncated example
+    costs a forward pass before its window), and the gradients are those of building every
+    graph and cutting it. Two examples of 5 and 3 segments: each one's window is its own."""
     def build():
-        return make_encoder(dropout=0.1, bptt_depth=depth, memory_efficient_backprop=memory_efficient).train()
+        return make_encoder(dropout=0.1, bptt_depth=depth, memory_efficient_backprop=memory_efficient,
+                            loss_on_all_segments=all_segments).train()
 
     def run(model):
-        return model([random_text(16 * NUM_SEGMENTS, seed=3), random_text(16 * NUM_SEGMENTS, seed=4)],
+        return model([random_text(16 * NUM_SEGMENTS, seed=3), random_text(16 * 3, seed=4)],
                      labels=torch.tensor([1, 3])).loss
 
     model, reference = build(), build()
@@ -131,11 +131,30 @@ def test_segments_out_of_the_truncation_window_run_without_a_graph(depth, memory
     model.backbone_body.register_forward_pre_hook(lambda *_: graphs.append(torch.is_grad_enabled()))
     loss, grads = gradients(model, run)
     reference_loss, reference_grads = gradients(reference, run)
-    window = [index >= NUM_SEGMENTS - 1 - depth for index in range(NUM_SEGMENTS)]
-    assert graphs[:NUM_SEGMENTS] == window  # the first pass (a recomputation may follow)
+    # Right-aligned steps: step i holds segment i of the longer example and, from step 2,
+    # segment i - 2 of the shorter; a step keeps its graph if any of its rows may need it.
+    lengths = {NUM_SEGMENTS: 0, 3: NUM_SEGMENTS - 3}  # segments -> the step it starts at
+
+    def in_reach(segments, index):
+        return index + 1 >= segments - depth
+
+    expected = [all_segments or any(in_reach(n, step - start) for n, start in lengths.items() if step >= start)
+                for step in range(NUM_SEGMENTS)]
+    assert graphs[:NUM_SEGMENTS] == expected  # the first pass (a recomputation may follow)
     torch.testing.assert_close(loss, reference_loss)
-    for name, grad in reference_grads.items():  # a parameter no gradient reaches holds zeros there
+    # Only the memory embeddings can miss a gradient: when every step an example starts at
+    # runs without a graph. The reference gives them zeros there.
+    starts_without_graph = not any(expected[start] for start in lengths.values())
+    assert set(reference_grads) - set(grads) == ({"memory_embeddings"} if starts_without_graph else set())
+    for name, grad in reference_grads.items():
         torch.testing.assert_close(grads.get(name, torch.zeros_like(grad)), grad, msg=name)
+
+
+def test_asked_for_memory_states_keep_their_graph_under_truncation():
+    """output_memory_states: every state the caller gets can still be differentiated."""
+    model = make_encoder(bptt_depth=1).train()
+    out = model([random_text(16 * NUM_SEGMENTS)], labels=torch.tensor([2]), output_memory_states=True)
+    assert all(state.requires_grad for state in out.memory_states)
 
 
 def saved_bytes_for_backward(model, num_segments) -> int:

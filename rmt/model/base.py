@@ -7,7 +7,6 @@ backbone's embedding width, L text tokens per segment, S positions per segment.
 
 from __future__ import annotations
 
-
 import inspect
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -188,9 +187,11 @@ class RecurrentMemoryModel(nn.Module):
         return step.segment_index < step.num_segments - depth
 
     def _out_of_reach(self, step: SegmentStep) -> bool:
-        """True when no gradient can reach this step (truncated BPTT): every row's next memory
-        input is cut too, and the segments carry no loss of their own. Such a segment runs
-        without a graph, so a long truncated example costs a forward pass before its window."""
+        """True when no gradient of the loss can reach this step (truncated BPTT): every row's
+        next memory input is cut too, and the segments carry no loss of their own. Such a
+        segment may run without a graph, so a long truncated example costs a forward pass
+        before its window. (The memory embeddings then get no gradient, None rather than
+        zeros: an optimizer leaves them as they are for that step.)"""
         depth = self.config.bptt_depth
         if depth < 0 or not torch.is_grad_enabled() or self._every_segment_scored():
             return False
@@ -204,14 +205,17 @@ class RecurrentMemoryModel(nn.Module):
         """(A, m, H) memory in -> (A, m, H) memory out, for the active rows of one step."""
         raise NotImplementedError
 
-    def _step(self, memory: Tensor, step: SegmentStep, **options) -> tuple[Tensor, SegmentResult]:
-        """(B, m, H) -> (B, m, H): rows without a segment in this step keep their memory."""
+    def _step(
+        self, memory: Tensor, step: SegmentStep, *, graph: bool = True, **options
+    ) -> tuple[Tensor, SegmentResult]:
+        """(B, m, H) -> (B, m, H): rows without a segment in this step keep their memory.
+        graph=False: the segment runs without an autograd graph (no gradient reaches it)."""
         every_row = len(step.rows) == memory.shape[0]
         memory_in = memory if every_row else memory[step.rows]
         cut = self._memory_cut(step)
         if exists(cut) and bool(cut.any()):
             memory_in = torch.where(cut[:, None, None], memory_in.detach(), memory_in)
-        with torch.no_grad() if self._out_of_reach(step) else nullcontext():
+        with nullcontext() if graph else torch.no_grad():
             new_memory, result = self._segment_forward(memory_in, step, **options)
         if every_row:
             return new_memory, result
@@ -230,11 +234,15 @@ class RecurrentMemoryModel(nn.Module):
         # activations: the backward pass starts there, so rebuilding them would cost a forward
         # pass and save no memory (the backward pass of any one segment holds them anyway).
         recompute = self.config.memory_efficient_backprop and torch.is_grad_enabled()
+        # What a caller asks to see (memory states, attention maps) keeps its graph, so that a
+        # loss of its own can still differentiate through it.
+        outputs_asked = output_memory_states or options.get("output_attentions", False)
         for index, step in enumerate(steps):
+            graph = outputs_asked or not self._out_of_reach(step)
             if recompute and index < len(steps) - 1:
-                memory, result = checkpoint(self._step, memory, step, use_reentrant=False, **options)
+                memory, result = checkpoint(self._step, memory, step, use_reentrant=False, graph=graph, **options)
             else:
-                memory, result = self._step(memory, step, **options)
+                memory, result = self._step(memory, step, graph=graph, **options)
             results.append(result)
             if output_memory_states:
                 memory_states.append(memory)

@@ -1,5 +1,5 @@
-"""What the benchmarks that compare two ways of doing one thing share: the CPU default's
-model sizes (params.yaml) and timing the ways in turn, so that a shared machine's load
+"""What the benchmarks that compare two ways of doing one thing share: models of the CPU
+default's size (params.yaml), and timing the ways in turn, so that a shared machine's load
 hits them alike."""
 
 from __future__ import annotations
@@ -31,17 +31,31 @@ def cpu_default_causal_backbone():
     return AutoConfig.from_pretrained(resolve(model.backbone), **model.backbone_overrides, is_decoder=True)
 
 
-def cpu_default_decoder(*, memory_efficient_backprop: bool = False):
-    """A causal LM RMT of the CPU default's size, randomly initialised."""
+def cpu_default_encoder():
+    """params.yaml's model for its first task, randomly initialised."""
+    from rmt.data.tasks import get_task
+    from rmt.objective import new_model
+
+    task = cpu_default_task()
+    return new_model(task.model, segment_length=task.data.segment_length, classes=get_task(task.task).classes)
+
+
+def decoder(backbone, *, memory_tokens: int, segment_length: int, memory_efficient_backprop: bool = False):
+    """A causal LM RMT around a randomly initialised `backbone` (a causal transformers config)."""
     from transformers import AutoModelForCausalLM
 
     from rmt import RecurrentMemoryDecoder, RMTConfig
 
+    config = RMTConfig(architecture="decoder", num_memory_tokens=memory_tokens, segment_length=segment_length,
+                       memory_efficient_backprop=memory_efficient_backprop)
+    return RecurrentMemoryDecoder(backbone=AutoModelForCausalLM.from_config(backbone), config=config)
+
+
+def cpu_default_decoder(*, memory_efficient_backprop: bool = False):
+    """The CPU default's model made a causal LM: its backbone, memory and segment sizes."""
     task = cpu_default_task()
-    config = RMTConfig(architecture="decoder", num_memory_tokens=task.model.num_memory_tokens,
-                       segment_length=task.data.segment_length, memory_efficient_backprop=memory_efficient_backprop)
-    return RecurrentMemoryDecoder(backbone=AutoModelForCausalLM.from_config(cpu_default_causal_backbone()),
-                                  config=config)
+    return decoder(cpu_default_causal_backbone(), memory_tokens=task.model.num_memory_tokens,
+                   segment_length=task.data.segment_length, memory_efficient_backprop=memory_efficient_backprop)
 
 
 def interleaved(calls: dict[str, Callable[[], None]], repeats: int) -> dict[str, dict[str, list[float]]]:

@@ -60,6 +60,23 @@ def test_the_robustness_benchmark_trains_scores_and_reuses_stages(tmp_path):
     history = (tmp_path / "w" / "after" / "detect_and_memorize" / "segment-48" / "seed-1" / "stage-2" /
                "history.jsonl").read_text()
     assert '"valid_segments": 6' in history
+    # Which examples the run gets wrong: one row per example, and the summary by distance.
+    folder = tmp_path / "w" / "after" / "detect_and_memorize" / "segment-48" / "seed-1"
+    completed = run("robustness_errors.py", str(folder), "--segments", "4", "--examples", "10", cwd=tmp_path)
+    rows = [json.loads(line) for line in (folder / "errors-4.jsonl").read_text().splitlines()]
+    assert [row["index"] for row in rows] == list(range(10))
+    assert all(0 <= row["segments_after_fact"] <= 3 and row["correct"] == (row["label"] == row["prediction"])
+               for row in rows)
+    right = sum(row["correct"] for row in rows)
+    assert f"accuracy {right}/10" in completed.stdout and "errors by label:" in completed.stdout
+    # the same examples and model as the benchmark's own score at that length
+    assert right / 10 == json.loads((folder / "run.json").read_text())["accuracy"]["4"]["accuracy"]
+
+
+def test_the_error_analysis_names_what_a_run_folder_needs(tmp_path):
+    completed = run("robustness_errors.py", str(tmp_path), cwd=tmp_path, check=False)
+    message = " ".join(completed.stderr.replace("│", " ").split())
+    assert completed.returncode == 2 and "holds no trained stage (stage-<n>/best)" in message, message
 
 
 def test_the_robustness_table_is_quoted_only_where_a_document_marks_its_place(tmp_path):

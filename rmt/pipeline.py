@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,11 +70,18 @@ def _module_file(module: str, root: Path) -> Path | None:
     return None
 
 
-def _imported_modules(path: Path, module: str, *, lazy_exports: bool = False) -> set[str]:
+def _imported_modules(path: Path, module: str, *, lazy_exports: bool = False) -> frozenset[str]:
     """The rmt modules a file imports when it runs: at module level and inside functions
     (lazy imports run when the function does), relative imports resolved, not under
     `if TYPE_CHECKING:`. A package's `__getattr__` (lazy re-exports) is skipped, or read
     alone with `lazy_exports`."""
+    stat = path.stat()  # a file parsed once per version: Snakemake asks for every job's code
+    return _parsed_imports(str(path), stat.st_mtime_ns, stat.st_size, module, lazy_exports)
+
+
+@functools.lru_cache(maxsize=None)
+def _parsed_imports(path: str, mtime_ns: int, size: int, module: str, lazy_exports: bool) -> frozenset[str]:
+    path = Path(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
 
@@ -100,13 +108,21 @@ def _imported_modules(path: Path, module: str, *, lazy_exports: bool = False) ->
             visit(child, inside_getattr)
 
     visit(ast.parse(path.read_text()), False)
-    return found
+    return frozenset(found)
 
 
 def code_dependencies(module: str, root: str | Path = PACKAGE_ROOT) -> list[str]:
     """Every file of rmt that importing and running `module` executes: the module, the
     modules it imports (transitively), the packages' __init__ files on the way, and what a
     package's lazy `__getattr__` loads when a name is taken from it."""
+    root = Path(root)
+    # Worked out once per version of the source tree: Snakemake asks for every job's code.
+    tree = tuple((str(path), path.stat().st_mtime_ns) for path in sorted((root / "rmt").rglob("*.py")))
+    return list(_code_dependencies(module, str(root), tree))
+
+
+@functools.lru_cache(maxsize=None)
+def _code_dependencies(module: str, root: str, tree: tuple) -> tuple[str, ...]:
     root = Path(root)
     files: set[Path] = set()
     pending = [module]
@@ -123,7 +139,7 @@ def code_dependencies(module: str, root: str | Path = PACKAGE_ROOT) -> list[str]
             # `from package import Name`: Name may be a lazy re-export of the package's __getattr__.
             pending.extend(m for m in _imported_modules(package, name.rpartition(".")[0], lazy_exports=True)
                            if _module_file(m, root) not in files)
-    return sorted(str(path.relative_to(root)) for path in files)
+    return tuple(sorted(str(path.relative_to(root)) for path in files))
 
 
 def noise_files(data) -> tuple[str, ...]:

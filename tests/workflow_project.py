@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -46,8 +47,26 @@ def interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+# Snakemake loads its SLURM plugin at every start, and the plugin runs `scontrol show config`
+# for a help text. Where a SLURM client is installed and no controller runs (a machine the
+# SLURM tests have left), that waits out the client's retries, about 9 s per Snakemake call;
+# a stand-in answers as scontrol then does, at once. With a controller up (the SLURM tests'
+# cluster), the real scontrol is used.
+NO_CONTROLLER_BIN = Path(__file__).resolve().parent / "no_slurm_controller"
+SLURMCTLD_PORT = 6817  # SLURM's default SlurmctldPort, which cluster/local-slurm keeps
+
+
+def slurm_controller_listens() -> bool:
+    try:
+        socket.create_connection(("localhost", SLURMCTLD_PORT), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
 def environment(project: Path, **extra: str) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+    path = [str(BIN), *([] if slurm_controller_listens() else [str(NO_CONTROLLER_BIN)]), os.environ["PATH"]]
+    return {**os.environ, "PATH": os.pathsep.join(path), "HF_HUB_OFFLINE": "1",
             "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", **extra}
 
 

@@ -35,7 +35,7 @@ TINY = {
     "train": {"learning_rate": 1e-3, "warmup_steps": 1, "max_steps": 4, "eval_every": 2, "batch_size": 8,
               "eval_examples": 16},
     "evaluate": {"segments": None, "grid_segments": [1, 2, 3], "grid_examples": 8, "batch_size": 8},
-    "profile": {"tokens": [16, 32, 64, 128], "full_attention": ["sdpa"], "train_segments": [1, 2], "train_batch_size": 2,
+    "profile": {"tokens": [16, 32, 64], "full_attention": ["sdpa"], "train_segments": [1, 2], "train_batch_size": 2,
                 "train_steps": 1},
 }
 

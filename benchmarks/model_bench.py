@@ -114,8 +114,7 @@ def child_stream_overhead(size: str = "minilm", segments: int = 24, batch: int =
         "size": size, "segments": segments, "batch": batch, "tokens_per_example": total, "device": str(device),
         "backbone_calls": backbone_calls,
         "threads": torch.get_num_threads(), **result,
-        "plain_seconds": result["plain_wall_seconds"], "rmt_seconds": result["rmt_wall_seconds"],
-        "rmt_tokens_per_second": batch * total / result["rmt_wall_seconds"], "overhead_ratio": result["wall_ratio"],
+        "rmt_tokens_per_second": batch * total / result["rmt_wall_seconds"],
     })
 
 
@@ -151,7 +150,7 @@ def child_backprop_time(architecture: str = "encoder", segments: int = 16, batch
         steps[name] = step
     result = paired_ratios(interleaved(steps, repeats), "plain", "efficient")
     _emit({"architecture": architecture, "segments": segments, "batch": batch, "device": str(device),
-           "threads": torch.get_num_threads(), **result, "time_ratio": result["wall_ratio"],
+           "threads": torch.get_num_threads(), **result,
            "memory_efficient_backprop": {name: model.config.memory_efficient_backprop
                                          for name, model in models.items()}})
 

@@ -70,18 +70,11 @@ def _module_file(module: str, root: Path) -> Path | None:
     return None
 
 
-def _imported_modules(path: Path, module: str, *, lazy_exports: bool = False) -> frozenset[str]:
+def _imported_modules(path: Path, module: str, *, lazy_exports: bool = False) -> set[str]:
     """The rmt modules a file imports when it runs: at module level and inside functions
     (lazy imports run when the function does), relative imports resolved, not under
     `if TYPE_CHECKING:`. A package's `__getattr__` (lazy re-exports) is skipped, or read
     alone with `lazy_exports`."""
-    stat = path.stat()  # a file parsed once per version: Snakemake asks for every job's code
-    return _parsed_imports(str(path), stat.st_mtime_ns, stat.st_size, module, lazy_exports)
-
-
-@functools.lru_cache(maxsize=None)
-def _parsed_imports(path: str, mtime_ns: int, size: int, module: str, lazy_exports: bool) -> frozenset[str]:
-    path = Path(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
 
@@ -108,7 +101,7 @@ def _parsed_imports(path: str, mtime_ns: int, size: int, module: str, lazy_expor
             visit(child, inside_getattr)
 
     visit(ast.parse(path.read_text()), False)
-    return frozenset(found)
+    return found
 
 
 def code_dependencies(module: str, root: str | Path = PACKAGE_ROOT) -> list[str]:

@@ -212,7 +212,7 @@ class RecurrentMemoryModel(nn.Module):
         graph=False: the segment runs without an autograd graph (no gradient reaches it)."""
         every_row = len(step.rows) == memory.shape[0]
         memory_in = memory if every_row else memory[step.rows]
-        cut = self._memory_cut(step)
+        cut = self._memory_cut(step) if graph else None  # without a graph there is nothing to cut
         if exists(cut) and bool(cut.any()):
             memory_in = torch.where(cut[:, None, None], memory_in.detach(), memory_in)
         with nullcontext() if graph else torch.no_grad():

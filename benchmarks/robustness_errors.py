@@ -56,18 +56,28 @@ def score_examples(run: Path, segments: int, examples: int) -> list[dict]:
 
 
 def summary(rows: list[dict], classes: tuple[str, ...]) -> str:
-    by_distance = sorted(rows, key=lambda row: row["segments_after_fact"])
-    lines = [f"accuracy {sum(r['correct'] for r in rows)}/{len(rows)}", "by segments after the fact (quarters):"]
-    for quarter in range(4):
-        part = by_distance[quarter * len(rows) // 4 : (quarter + 1) * len(rows) // 4]
-        if part:
-            lines.append(f"  {part[0]['segments_after_fact']}-{part[-1]['segments_after_fact']}: "
-                         f"{sum(r['correct'] for r in part)}/{len(part)} right")
+    lines = [f"accuracy {sum(r['correct'] for r in rows)}/{len(rows)}"]
+    distances = sorted({row["segments_after_fact"] for row in rows})
+    if len(distances) == 1:  # a task that always states the fact first (Memorize)
+        lines.append(f"every fact {distances[0]} segments before the question")
+    else:
+        lines += ["by segments after the fact (quarters):", *_by_distance_quarter(rows)]
     wrong = [row for row in rows if not row["correct"]]
     for key in ("label", "prediction"):
         counts = collections.Counter(classes[row[key]] for row in wrong)
         lines.append(f"errors by {key}: " + (", ".join(f"{name} {n}" for name, n in counts.most_common()) or "none"))
     return "\n".join(lines)
+
+
+def _by_distance_quarter(rows: list[dict]) -> list[str]:
+    by_distance = sorted(rows, key=lambda row: row["segments_after_fact"])
+    lines = []
+    for quarter in range(4):
+        part = by_distance[quarter * len(rows) // 4 : (quarter + 1) * len(rows) // 4]
+        if part:
+            lines.append(f"  {part[0]['segments_after_fact']}-{part[-1]['segments_after_fact']}: "
+                         f"{sum(r['correct'] for r in part)}/{len(part)} right")
+    return lines
 
 
 def main(

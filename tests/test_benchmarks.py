@@ -162,3 +162,13 @@ def test_the_model_benchmark_streams_the_cpu_default_against_a_raw_backbone_loop
     assert result["tokens_per_example"] == 3 * cpu_default_task().data.segment_length
     assert result["backbone_calls"] == {"plain": 3, "rmt": 3}  # the same backbone work on both sides
     assert result["plain_cpu_seconds"] > 0 and result["rmt_cpu_seconds"] > 0 and result["threads"] == 1
+
+
+def test_the_error_summary_of_a_task_that_states_its_fact_first_has_no_distance_quarters():
+    from robustness_errors import summary
+
+    rows = [{"segments_after_fact": 15, "label": label, "prediction": prediction, "correct": label == prediction}
+            for label, prediction in ((0, 0), (2, 3), (2, 3), (1, 1))]
+    text = summary(rows, ("bathroom", "hallway", "garden", "office"))
+    assert text.splitlines() == ["accuracy 2/4", "every fact 15 segments before the question",
+                                 "errors by label: garden 2", "errors by prediction: office 2"]

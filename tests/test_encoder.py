@@ -37,7 +37,7 @@ def test_a_segment_whose_rows_share_a_length_reuses_its_layout(num_memory_tokens
     for length in range(1, 7):
         rows = [random_text(length, seed=seed) for seed in range(2)]
         step = schedule_segments(rows, segment_length=6, align="right")[0]
-        assert step.length == length and step.num_last == 2 and step.all_last
+        assert step.length == length and step.segments_after == (0, 0) and step.all_last
         shared = model._segment_ids(step)
         general = model._build_segment_ids(step.tokens, step.lengths)
         for got, expected in zip(shared, general):
@@ -50,7 +50,8 @@ def test_a_segment_whose_rows_share_a_length_reuses_its_layout(num_memory_tokens
 def test_host_side_step_facts_match_the_tensors():
     steps = schedule_segments([random_text(n, seed=n) for n in (40, 10, 33)], segment_length=16, align="right")
     for step in steps:
-        assert step.num_last == int(step.is_last.sum())
+        after = step.num_segments - 1 - step.segment_index
+        assert step.segments_after == (int(after.min()), int(after.max()))
         assert step.all_last == bool(step.is_last.all())
         assert step.length == (int(step.lengths[0]) if len(set(step.lengths.tolist())) == 1 else None)
 

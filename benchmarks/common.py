@@ -8,7 +8,10 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,12 +61,11 @@ def cpu_default_decoder(*, memory_efficient_backprop: bool = False):
                    segment_length=task.data.segment_length, memory_efficient_backprop=memory_efficient_backprop)
 
 
-def random_tokens(batch: int, count: int, vocab_size: int):
-    """(batch, count) random token ids past WordPiece's special ids, the same on every call."""
-    import torch
+def random_tokens(batch: int, count: int, vocab_size: int) -> "torch.Tensor":
+    """(batch, count) random text token ids, the same on every call."""
+    from rmt.profile.memory import random_token_chunks
 
-    generator = torch.Generator().manual_seed(0)
-    return torch.randint(1000, vocab_size, (batch, count), generator=generator)
+    return next(random_token_chunks(batch, count, vocab_size=vocab_size))
 
 
 def interleaved(calls: dict[str, Callable[[], None]], repeats: int) -> dict[str, dict[str, list[float]]]:

@@ -127,7 +127,7 @@ def child_backprop_time(architecture: str = "encoder", segments: int = 16, batch
     models["efficient"].load_state_dict(models["plain"].state_dict())
     plain = models["plain"]
     tokens = random_tokens(batch, segments * plain.config.segment_length, plain.backbone.config.vocab_size).to(device)
-    classes = models["plain"].config.num_labels
+    classes = plain.config.num_labels
     labels = torch.arange(batch, device=device) % classes if architecture == "encoder" else None
     for name, model in models.items():
         model.to(device).train()

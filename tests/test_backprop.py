@@ -259,18 +259,20 @@ def test_output_layer_gradients_inside_an_enclosing_activation_checkpoint():
         torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("depth", [0, 1, 2, 4])
-def test_the_window_is_read_from_the_host_as_from_the_tensors(depth):
+@pytest.mark.parametrize("align", ["left", "right"])
+@pytest.mark.parametrize("depth", [-1, 0, 1, 2, 4, 5])
+def test_the_window_is_read_from_the_host_as_from_the_tensors(depth, align):
     """Which memory inputs are cut and which segments are out of reach are decided from the
     step's host-side counts, so that a GPU does not synchronise per segment; they must say
-    what the device tensors say. Steps of examples of different lengths, and of a full batch."""
+    what the device tensors say. Steps of examples of different lengths (left-aligned, the
+    decoder's: rows in one step have different numbers of segments left), and of a full batch."""
     from dataclasses import replace
 
     from rmt.model.segments import schedule_segments
 
     model = make_encoder(bptt_depth=depth).train()
     rows = [random_text(16 * n, seed=n) for n in (6, 2, 4)]
-    steps = schedule_segments(rows, segment_length=16, align="right")
+    steps = schedule_segments(rows, segment_length=16, align=align)
     steps += [model._full_batch_step(torch.zeros(3, 16, dtype=torch.long), index, 6) for index in range(6)]
     for step in steps:
         from_tensors = replace(step, segments_after=None)

@@ -47,8 +47,9 @@ def test_a_segment_whose_rows_share_a_length_reuses_its_layout(num_memory_tokens
     assert mixed.length is None
 
 
-def test_host_side_step_facts_match_the_tensors():
-    steps = schedule_segments([random_text(n, seed=n) for n in (40, 10, 33)], segment_length=16, align="right")
+@pytest.mark.parametrize("align", ["left", "right"])
+def test_host_side_step_facts_match_the_tensors(align):
+    steps = schedule_segments([random_text(n, seed=n) for n in (40, 10, 33)], segment_length=16, align=align)
     for step in steps:
         after = step.num_segments - 1 - step.segment_index
         assert step.segments_after == (int(after.min()), int(after.max()))

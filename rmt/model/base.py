@@ -181,13 +181,13 @@ class RecurrentMemoryModel(nn.Module):
     def _memory_cut(self, step: SegmentStep) -> Tensor | None:
         """(A,) True where this segment's memory input is detached (truncated BPTT): only the
         memory inputs of each example's last `bptt_depth` segments carry gradients. None when
-        no row's is."""
+        no row's memory input is cut."""
         depth = self.config.bptt_depth
         if depth < 0 or not torch.is_grad_enabled():
             return None
         if exists(step.segments_after):  # known on the host: no device sync per step
             return None if step.segments_after[1] < depth else step.segment_index < step.num_segments - depth
-        cut = step.segment_index < step.num_segments - depth
+        cut = step.segment_index < step.num_segments - depth  # a step built without its host counts
         return cut if bool(cut.any()) else None
 
     def _out_of_reach(self, step: SegmentStep) -> bool:

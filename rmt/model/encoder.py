@@ -136,9 +136,10 @@ class RecurrentMemoryEncoder(RecurrentMemoryModel):
             pooled = getattr(outputs, "pooler_output", None)
             pooled = pooled if exists(pooled) else hidden_states[:, 0]  # (A, H)
             result.logits = self.classifier(self.dropout(pooled))  # (A, num_labels)
-        if classify and exists(labels):
-            scored = torch.ones_like(step.is_last) if self.config.loss_on_all_segments else step.is_last
-            result.loss_sum = F.cross_entropy(result.logits[scored], labels[step.rows][scored], reduction="sum")
+        # Right alignment: a step holds every example's last segment or none's, so which rows
+        # are scored is known on the host (a boolean mask would synchronise a GPU per step).
+        if classify and exists(labels) and (self.config.loss_on_all_segments or step.all_last):
+            result.loss_sum = F.cross_entropy(result.logits, labels[step.rows], reduction="sum")
         return hidden_states[:, 1 : 1 + m], result
 
     def _token_rows(self, input_ids, attention_mask=None) -> list[Tensor]:

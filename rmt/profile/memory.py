@@ -86,12 +86,15 @@ def backprop_name(memory_efficient: bool) -> str:
 
 
 # ---------------------------------------------------------------- measuring (child process)
-def _random_tokens(batch: int, total: int, *, vocab_size: int, chunk: int, seed: int = 0) -> Iterator:
-    """Random text token ids, produced chunk by chunk: a long input is never materialised."""
+def random_token_chunks(batch: int, total: int, *, vocab_size: int, chunk: int | None = None,
+                        seed: int = 0) -> Iterator:
+    """Random text token ids, (batch, <= chunk) at a time: a long input is never materialised.
+    Without a chunk size, one chunk holds them all."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     low = min(1000, vocab_size // 2)  # past the special and unused ids of WordPiece vocabularies
+    chunk = total if chunk is None else chunk
     for start in range(0, total, chunk):
         yield torch.randint(low, vocab_size, (batch, min(chunk, total - start)), generator=generator)
 
@@ -161,15 +164,14 @@ def measure(spec: Measurement) -> dict:
     with torch.inference_mode():
         if spec.kind == "stream":
             def call():
-                chunks = _random_tokens(spec.batch_size, spec.tokens, vocab_size=vocab_size, chunk=4096)
+                chunks = random_token_chunks(spec.batch_size, spec.tokens, vocab_size=vocab_size, chunk=4096)
                 model.stream(chunks, num_tokens=spec.tokens)
 
             # Warm-up, one segment: lazy initialisation off the clock.
-            model.stream(_random_tokens(spec.batch_size, spec.segment_length, vocab_size=vocab_size, chunk=4096),
+            model.stream(random_token_chunks(spec.batch_size, spec.segment_length, vocab_size=vocab_size, chunk=4096),
                          num_tokens=spec.segment_length)
         else:
-            input_ids = next(_random_tokens(spec.batch_size, spec.tokens, vocab_size=vocab_size,
-                                            chunk=spec.tokens)).to(device)
+            input_ids = next(random_token_chunks(spec.batch_size, spec.tokens, vocab_size=vocab_size)).to(device)
 
             def call():
                 model(input_ids=input_ids)
@@ -189,8 +191,8 @@ def _measure_train_step(spec: Measurement, model, device, meter) -> dict:
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.001)
     tokens = spec.segments * spec.segment_length
-    input_ids = next(_random_tokens(spec.batch_size, tokens, vocab_size=model.backbone.config.vocab_size,
-                                    chunk=tokens)).to(device)
+    vocab_size = model.backbone.config.vocab_size
+    input_ids = next(random_token_chunks(spec.batch_size, tokens, vocab_size=vocab_size)).to(device)
     labels = torch.arange(spec.batch_size, device=device) % model.config.num_labels
 
     def step():

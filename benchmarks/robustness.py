@@ -87,7 +87,6 @@ def run_one(job: dict) -> dict:
     """One task x setting x seed: data, curriculum, extrapolation; results kept in run.json."""
     import torch
 
-    from rmt.config import PipelineConfig, merge, read_config_files
     from rmt.data.dataset import build_dataset
     from rmt.evaluate import evaluate_checkpoint
     from rmt.train import train_stage
@@ -100,10 +99,7 @@ def run_one(job: dict) -> dict:
         reuse_stages(Path(job["reuse"]), folder)
     torch.set_num_threads(job["threads"])
     seed, lengths = job["seed"], job["segments"]
-    overlay = merge(job["overlay"], {"tasks": {job["task"]: {}}, "seeds": [seed],
-                                     "data": {"seed": seed, "test_segments": lengths, "long_test_examples": job["examples"]},
-                                     "train": {"seed": seed}})
-    settings = PipelineConfig(**merge(read_config_files(*job["configs"]), overlay)).for_task(job["task"])
+    settings = run_settings(job)
     started = time.perf_counter()
     data = build_dataset(settings.data, folder / "data", progress=False)
     stages, init = [], None
@@ -133,13 +129,43 @@ def run_one(job: dict) -> dict:
     return result
 
 
+def run_settings(job: dict):
+    """The run's validated settings: params.yaml and the recipe, with the setting and seed."""
+    from rmt.config import PipelineConfig, merge, read_config_files
+
+    seed = job["seed"]
+    overlay = merge(job["overlay"], {"tasks": {job["task"]: {}}, "seeds": [seed],
+                                     "data": {"seed": seed, "test_segments": job["segments"],
+                                              "long_test_examples": job["examples"]},
+                                     "train": {"seed": seed}})
+    return PipelineConfig(**merge(read_config_files(*job["configs"]), overlay)).for_task(job["task"])
+
+
+def check_jobs(jobs: list[dict]) -> None:
+    """Refuse, before any work, a recipe that does not validate and a run with nothing to reuse."""
+    for job in jobs:
+        try:
+            run_settings(job)
+        except (ValueError, OSError) as error:
+            raise typer.BadParameter(f"{job['task']} {job['setting']} seed {job['seed']}: {error}",
+                                     param_hint="--config") from None
+        source = Path(job["reuse"]) if job["reuse"] else None
+        if source and not Path(job["folder"]).exists() and not finished_curriculum(source):
+            raise typer.BadParameter(f"{source} holds no finished curriculum to reuse: run that label on this "
+                                     "task, setting and seed first, or leave out --reuse-from", param_hint="--reuse-from")
+
+
+def finished_curriculum(run: Path) -> bool:
+    stages = list(run.glob("stage-*"))
+    return bool(stages) and all((stage / "metrics.json").is_file() for stage in stages)
+
+
 def reuse_stages(source: Path, folder: Path) -> None:
     """Start from another benchmark's finished stages of the same run (hard links: nothing of
     theirs is changed). Each stage whose settings are the same is only published again;
     the first that differs, and every stage after it, trains afresh (rmt.train). The source
     needs its curriculum trained, not its evaluation finished."""
-    stages = sorted(source.glob("stage-*"))
-    if not stages or not all((stage / "metrics.json").is_file() for stage in stages):
+    if not finished_curriculum(source):
         raise FileNotFoundError(f"{source} holds no finished curriculum to reuse")
     shutil.copytree(source, folder, copy_function=os.link, ignore=shutil.ignore_patterns("run.json", "evaluation-*"))
     for config in folder.glob("stage-*/config.json"):
@@ -215,6 +241,7 @@ def main(
         results = [json.loads(Path(job["folder"], "run.json").read_text()) for job in jobs
                    if Path(job["folder"], "run.json").is_file()]
     else:
+        check_jobs(jobs)
         print(f"{len(jobs)} runs, {workers} at a time; results in {workdir}", flush=True)
         # Killed, the benchmark takes its workers along (the pool's exit terminates them):
         # an orphaned worker would go on training into the folders of the next run.

@@ -89,6 +89,22 @@ def test_the_robustness_table_is_quoted_only_where_a_document_marks_its_place(tm
     assert unmarked.read_text() == "# A user's README\n" and not (tmp_path / "w" / "x").exists()  # before any work
 
 
+@pytest.mark.parametrize("problem", ["misspelt setting", "missing recipe", "nothing to reuse"])
+def test_the_robustness_benchmark_refuses_a_bad_recipe_or_reuse_before_any_work(tmp_path, problem):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("stage_train:\n  7: {learning_rat: 1.0e-4}\n")
+    arguments, expected = {
+        "misspelt setting": (["--config", str(recipe)], "stage_train.7.learning_rat: Extra inputs are not permitted"),
+        "missing recipe": (["--config", str(tmp_path / "none.yaml")], "none.yaml does not exist"),
+        "nothing to reuse": (["--reuse-from", "earlier"], "holds no finished curriculum to reuse: run that label"),
+    }[problem]
+    completed = run("robustness.py", "--label", "x", "--tasks", "memorize", "--settings", "segment-48", "--seeds", "1",
+                    "--workdir", str(tmp_path / "w"), *arguments, cwd=tmp_path, check=False)
+    message = " ".join(completed.stderr.replace("│", " ").split())
+    assert completed.returncode == 2 and expected in message, message
+    assert not (tmp_path / "w" / "x").exists()
+
+
 def test_the_paper_cost_estimate_adds_up_from_the_recipe(tmp_path):
     completed = run("paper_cost.py", "--output", str(tmp_path / "cost.json"), cwd=tmp_path)
     assert "not measurements" in completed.stdout and "| reasoning |" in completed.stdout

@@ -264,10 +264,9 @@ def test_output_layer_gradients_inside_an_enclosing_activation_checkpoint():
 def test_the_window_is_read_from_the_host_as_from_the_tensors(depth, align):
     """Which memory inputs are cut and which segments are out of reach are decided from the
     step's host-side counts, so that a GPU does not synchronise per segment; they must say
-    what the device tensors say. Steps of examples of different lengths (left-aligned, the
-    decoder's: rows in one step have different numbers of segments left), and of a full batch."""
-    from dataclasses import replace
-
+    what the definitions on the device tensors say. Steps of examples of different lengths
+    (left-aligned, the decoder's: rows in one step have different numbers of segments left),
+    and of a full batch."""
     from rmt.model.segments import schedule_segments
 
     model = make_encoder(bptt_depth=depth).train()
@@ -275,9 +274,12 @@ def test_the_window_is_read_from_the_host_as_from_the_tensors(depth, align):
     steps = schedule_segments(rows, segment_length=16, align=align)
     steps += [model._full_batch_step(torch.zeros(3, 16, dtype=torch.long), index, 6) for index in range(6)]
     for step in steps:
-        from_tensors = replace(step, segments_after=None)
-        assert model._out_of_reach(step) == model._out_of_reach(from_tensors)
-        cut, expected = model._memory_cut(step), model._memory_cut(from_tensors)
-        assert (cut is None) == (expected is None)
-        if cut is not None:
-            assert torch.equal(cut, expected)
+        index, count = step.segment_index, step.num_segments
+        cut = index < count - depth  # the memory input of a segment before the example's window
+        next_cut = index + 1 < count - depth  # ... and that of the segment after it
+        assert model._out_of_reach(step) == (depth >= 0 and bool(next_cut.all()))
+        got = model._memory_cut(step)
+        if depth < 0 or not cut.any():
+            assert got is None
+        else:
+            assert torch.equal(got, cut)

@@ -185,10 +185,9 @@ class RecurrentMemoryModel(nn.Module):
         depth = self.config.bptt_depth
         if depth < 0 or not torch.is_grad_enabled():
             return None
-        if exists(step.segments_after):  # known on the host: no device sync per step
-            return None if step.segments_after[1] < depth else step.segment_index < step.num_segments - depth
-        cut = step.segment_index < step.num_segments - depth  # a step built without its host counts
-        return cut if bool(cut.any()) else None
+        if step.segments_after[1] < depth:  # decided on the host: no device sync per step
+            return None
+        return step.segment_index < step.num_segments - depth
 
     def _out_of_reach(self, step: SegmentStep) -> bool:
         """True when no gradient of the loss can reach this step (truncated BPTT): every row's
@@ -199,9 +198,7 @@ class RecurrentMemoryModel(nn.Module):
         depth = self.config.bptt_depth
         if depth < 0 or not torch.is_grad_enabled() or self._every_segment_scored():
             return False
-        if exists(step.segments_after):  # known on the host: no device sync per step
-            return step.segments_after[0] > depth
-        return bool((step.segment_index + 1 < step.num_segments - depth).all())
+        return step.segments_after[0] > depth  # every row's next segment is before its window
 
     def _every_segment_scored(self) -> bool:
         """Whether training puts a loss on every segment, not only on each example's last."""

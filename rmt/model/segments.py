@@ -29,11 +29,11 @@ class SegmentStep:
     lengths: Tensor  # (A,) number of real tokens in each row of `tokens`
     segment_index: Tensor  # (A,) 0-based index of this segment within its example
     num_segments: Tensor  # (A,) number of segments of each example
-    token_labels: Tensor | None = None  # (A, L) per-token targets, IGNORE_INDEX where none
     # The same facts on the host, known when the step is scheduled, so that the recurrence
     # never reads them back from the device (a synchronisation per step on a GPU):
+    segments_after: tuple[int, int]  # (fewest, most) segments a row has after this one
     length: int | None = None  # the number of real tokens of every row, when they share it
-    segments_after: tuple[int, int] | None = None  # (fewest, most) segments a row has after this one
+    token_labels: Tensor | None = None  # (A, L) per-token targets, IGNORE_INDEX where none
 
     @property
     def is_last(self) -> Tensor:  # (A,) bool: the example's final segment
@@ -42,7 +42,7 @@ class SegmentStep:
     @property
     def all_last(self) -> bool:
         """Every row ends its example here."""
-        return bool(self.is_last.all()) if self.segments_after is None else self.segments_after[1] == 0
+        return self.segments_after[1] == 0
 
 
 def token_rows(

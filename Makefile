@@ -25,12 +25,17 @@ reproduce: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH HF_HUB_OFFLINE=1 $(BIN)/snakemake
 	PATH=$(CURDIR)/$(BIN):$$PATH HF_HUB_OFFLINE=1 $(BIN)/snakemake --report reports/report.html
 
+# Two pytest-xdist workers, by module: the SLURM tests mostly wait on job states, and the
+# other worker runs the rest meanwhile (tests/conftest.py orders the modules; no reordering
+# by size). `make test PARALLEL=` runs the suite in one process.
+PARALLEL ?= -n 2 --dist loadscope --no-loadscope-reorder
+
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PARALLEL)
 
 # Developer loop: skip the slow end-to-end tests.
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m 'not slow'
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PARALLEL) -m 'not slow'
 
 # The MLflow UI over the project's tracking store, the one rmt.tracking writes (its
 # DEFAULT_TRACKING_URI, artifacts in its ARTIFACTS_DIRECTORY), on this machine only:

@@ -37,6 +37,26 @@ from workflow_project import tiny_pipeline  # noqa: F401  (one finished tiny pip
 # Subprocesses (the workflow's jobs, torchrun, benchmarks) keep torch's default.
 torch.set_num_threads(1)
 
+# `make test` runs the suite in two pytest-xdist workers, each module's tests in one worker
+# (`--dist loadscope`: a module's fixtures are built once). The SLURM tests spend most of
+# their minutes waiting for job states, and the other worker uses that time. The two
+# session fixtures that are costly to build and must have one owner (the SLURM cluster's
+# daemons, the tiny pipeline run to its end) are used in one module only, which goes first:
+# it is the suite's longest unit.
+SHARED_SESSION_FIXTURES = {"local_slurm", "tiny_pipeline"}
+END_TO_END_MODULE = "test_end_to_end"
+
+
+def pytest_collection_modifyitems(config, items):
+    strays = [item.nodeid for item in items
+              if item.module.__name__ != END_TO_END_MODULE and SHARED_SESSION_FIXTURES.intersection(item.fixturenames)]
+    if strays:
+        raise pytest.UsageError(f"{', '.join(strays)} use(s) one of {sorted(SHARED_SESSION_FIXTURES)}: move them "
+                                f"to tests/{END_TO_END_MODULE}.py, so that one xdist worker builds the fixture")
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller schedules in this order
+        items.sort(key=lambda item: item.module.__name__ != END_TO_END_MODULE)
+
+
 VOCAB = 128
 # BERT-style special ids inside the tiny vocabulary; text tokens are drawn from TEXT_TOKENS.
 CLS, SEP, PAD = 1, 2, 0

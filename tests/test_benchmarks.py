@@ -1,6 +1,7 @@
 """The research benchmarks run end to end at a tiny size, so that they cannot silently rot."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,10 @@ TINY = ("model: {backbone_overrides: {num_hidden_layers: 1, hidden_size: 32, num
 
 
 def run(script: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    # Typer draws an error in a box as wide as the terminal, breaking a long path (a pytest
+    # temporary folder under xdist) inside a word; wide enough, no message the tests read wraps.
     completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
-                               text=True, timeout=600, cwd=cwd)
+                               text=True, timeout=600, cwd=cwd, env={**os.environ, "COLUMNS": "1000"})
     assert completed.returncode == 0 or not check, completed.stderr[-3000:]
     return completed
 

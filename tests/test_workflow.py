@@ -1,5 +1,6 @@
-"""The Snakemake workflow and dvc.yaml: one step list, a checked configuration, and a tiny
-end-to-end run that reruns only what a change touches and resumes a killed stage."""
+"""The Snakemake workflow and dvc.yaml: one step list, a checked configuration, and tiny runs
+that resume a killed stage and fail with a failing job (the whole tiny pipeline, locally
+and through SLURM: tests/test_end_to_end.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +15,7 @@ import yaml
 
 from rmt.config import json_schema, load_config
 from rmt.pipeline import plan, source_files
-from workflow_project import BIN, ROOT, TINY, copy_project, dry_run_jobs, environment, interruptible, make_project
+from workflow_project import BIN, ROOT, TINY, dry_run_jobs, environment, interruptible, make_project, mlflow_runs
 
 
 def snakemake(*arguments, cwd=ROOT, timeout=120):
@@ -125,84 +125,6 @@ def test_every_workflow_profile_declares_the_same_machine_share():
     assert set(totals) == {"default", "gpu"} and len(set(totals.values())) == 1, totals
 
 
-def _overlapping(runs) -> list[tuple[str, str]]:
-    """The pairs of runs whose times overlap."""
-    spans = sorted((run.info.start_time, run.info.end_time, run.info.run_name) for run in runs)
-    return [(a[2], b[2]) for i, a in enumerate(spans) for b in spans[i + 1:] if b[0] < a[1]]
-
-
-def _mlflow_runs(project):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("rmt")
-    return client.search_runs([experiment.experiment_id], max_results=1000)
-
-
-@pytest.mark.slow
-def test_the_tiny_pipeline_end_to_end(tiny_pipeline, tmp_path):
-    # The session's finished run of `snakemake -j 2` (shared with the SLURM test), copied:
-    # this test changes the project.
-    project = copy_project(tiny_pipeline, tmp_path / "project")
-    metrics = json.loads((project.root / "results/memorize/seed-0/stage-2/metrics.json").read_text())
-    assert metrics["steps"] == 4
-    for path in ("reports/accuracy.png", "reports/generalization.svg", "reports/accuracy.md", "reports/flops.png",
-                 "reports/memory.png", "reports/training-memory.svg", "results/profile/memory/summary.json",
-                 "results/memorize/seed-0/evaluation.csv", "results/memorize/seed-0/grid/stage-1.csv",
-                 "logs/train/memorize/seed-0/stage-2.log", "results/timings/train/memorize/seed-0/stage-2.tsv"):
-        assert (project.root / path).is_file(), path
-    runs = _mlflow_runs(project)
-    assert {run.data.tags["rmt.step"] for run in runs} == {"reproduction", "data", "train", "grid", "evaluate",
-                                                          "flops", "memory"}
-    assert len({run.data.tags["rmt.group"] for run in runs}) == 1  # one reproduction, one group
-    # Threads never exceed the 2 cores (the workflow profile gives these steps 2 threads each),
-    # and the memory profile, which measures, ran alone.
-    steps = [run for run in runs if run.data.tags["rmt.step"] != "reproduction"]
-    busy = [run for run in steps if run.data.tags["rmt.step"] in ("train", "grid", "evaluate", "memory")]
-    assert not _overlapping(busy), _overlapping(busy)
-    (memory,) = [run for run in steps if run.data.tags["rmt.step"] == "memory"]
-    assert not [pair for pair in _overlapping(steps) if memory.info.run_name in pair], _overlapping(steps)
-    # ... and one parent run, with the configuration and the headline results; every step nests under it.
-    (parent,) = [run for run in runs if run.data.tags["rmt.step"] == "reproduction"]
-    assert parent.info.status == "FINISHED" and parent.info.run_name == parent.data.tags["rmt.group"]
-    assert all(run.data.tags["mlflow.parentRunId"] == parent.info.run_id for run in runs if run is not parent)
-    assert parent.data.params["seeds"] == "[0]" and parent.data.params["config_files"] == "['params.yaml']"
-    assert {"memorize/accuracy_4", "memorize/last_stage_valid_accuracy"} <= set(parent.data.metrics)
-    assert all(len(run.data.tags["mlflow.source.git.commit"]) >= 1 for run in runs)
-    # Where the time went: one row per job from Snakemake's benchmark files, summed.
-    timing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reproduce_time.py"), "--project",
-                             str(project.root), "--output", str(tmp_path / "time.md")], capture_output=True, text=True,
-                            timeout=120)
-    assert timing.returncode == 0, timing.stderr
-    assert "| train/memorize/seed-0/stage-2 |" in timing.stdout and "| train | 2 |" in timing.stdout
-    assert "Sum over 9 jobs:" in timing.stdout
-
-    # Done: nothing to do. One changed value reruns exactly what reads it.
-    assert "Nothing to be done" in project.snakemake("-n").stdout
-    project.set_params(evaluate={"grid_examples": 4})
-    planned = {job.rule for job in dry_run_jobs(project.snakemake("-n", "-p").stdout)}
-    assert planned == {"grid", "report", "all"}
-
-    # The report: self-contained HTML with every registered figure and table and its caption.
-    project.snakemake()
-    project.snakemake("--report", "reports/report.html")
-    html = (project.root / "reports/report.html").read_text()
-    for name in ("accuracy.png", "generalization.png", "accuracy.csv", "seeds.csv", "flops.png", "memory.png",
-                 "training-memory.png"):
-        assert name in html, name
-    for caption in ("Accuracy against input length (log scale", "Generalization (the paper's Figure 5)",
-                    "Forward FLOPs against input length", "Measured peak memory (left)",
-                    "One training step (forward, backward, AdamW)", "for every configuration in the MLflow"):
-        assert caption in html, caption
-
-    # A change to the library reruns the jobs that run that code, and only them. (Snakemake
-    # compares checksums of small inputs: a new modification time alone reruns nothing.)
-    with (project.root / "rmt/evaluate.py").open("a") as source:
-        source.write("# changed\n")
-    planned = {job.rule for job in dry_run_jobs(project.snakemake("-n", "-p").stdout)}
-    assert planned == {"evaluate", "grid", "report", "all"}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kill", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
 def test_a_killed_workflow_resumes_its_training_stage(tmp_path, kill):
@@ -255,7 +177,7 @@ def test_a_failing_job_fails_the_workflow_and_its_run(tmp_path):
     assert result.returncode != 0
     output = result.stdout
     assert "logs/train/memorize/seed-0/stage-1.log" in output
-    failed = [run for run in _mlflow_runs(project) if run.data.tags["rmt.step"] == "train"]
+    failed = [run for run in mlflow_runs(project) if run.data.tags["rmt.step"] == "train"]
     assert [run.info.status for run in failed] == ["FAILED"]
 
 

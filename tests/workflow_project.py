@@ -103,6 +103,15 @@ def make_project(folder: Path, config: dict = TINY) -> Project:
     return Project(folder)
 
 
+def mlflow_runs(project: Project):
+    """Every run of the project's MLflow store (experiment `rmt`)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("rmt")
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
 def copy_project(source: Project, folder: Path) -> Project:
     """A copy of a project for a test to change: every file with its modification time
     (Snakemake compares them), and the copy's MLflow store pointing at the copy's own

@@ -1,9 +1,15 @@
-"""`snakemake --profile slurm` runs the tiny pipeline through a real SLURM cluster
-(cluster/local-slurm, with accounting): every job goes through sbatch and shows in sacct,
-the results equal a local run's, and a failing job fails the workflow and its MLflow run.
-The paper's path, `--workflow-profile profiles/gpu`, sends GPU jobs to the GPU partition
-with their GPU requests (GRES on the test cluster, no GPU needed) and trains a stage with
-torchrun, one process per GPU."""
+"""The tiny pipeline end to end: run by `snakemake -j 2` as a user runs it locally, then by
+`snakemake --profile slurm` through a real SLURM cluster (cluster/local-slurm, with
+accounting): every job goes through sbatch and shows in sacct, the results equal the local
+run's, and a failing job fails the workflow and its MLflow run. The paper's path,
+`--workflow-profile profiles/gpu`, sends GPU jobs to the GPU partition with their GPU
+requests (GRES on the test cluster, no GPU needed) and trains a stage with torchrun, one
+process per GPU.
+
+Every test that uses the session's two costly fixtures, the SLURM cluster and the finished
+tiny pipeline, lives in this module (tests/conftest.py refuses one elsewhere): `make test`
+shares the suite out between two pytest-xdist workers by module, so one worker builds them,
+once, and the cluster's daemons never see two owners."""
 
 from __future__ import annotations
 
@@ -11,12 +17,14 @@ import csv
 import json
 import re
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
 import yaml
 
-from workflow_project import BIN, ROOT, TINY, make_project
+from workflow_project import BIN, ROOT, TINY, copy_project, dry_run_jobs, make_project, mlflow_runs
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +52,112 @@ NODE_SIZES = {
     "train": {"gpu": 2, "cpus_per_gpu": 1, "mem_mb": 3000, "runtime": 10},
     "evaluate": {"mem_mb": 2000, "runtime": 10},
 }
+
+
+# The cluster itself: jobs run and sacct reports them.
+
+def _submit_wait(cluster, tmp_path, name: str, command: str):
+    """sbatch --wait a one-line job; return (job id, completed process)."""
+    result = cluster.run(
+        [
+            "sbatch", "--parsable", "--wait", "-p", cluster.partition, "-t", "1",
+            "-J", name, "-D", str(tmp_path), "-o", str(tmp_path / f"{name}.out"),
+            "--wrap", command,
+        ],
+        timeout=120,
+    )
+    job_id = result.stdout.strip().splitlines()[0].split(";")[0] if result.stdout.strip() else ""
+    assert job_id.isdigit(), f"no job id from sbatch: {result.stdout!r} {result.stderr!r}"
+    return job_id, result
+
+
+def test_sbatch_job_completes_and_is_in_sacct(local_slurm, tmp_path):
+    job_id, result = _submit_wait(local_slurm, tmp_path, "rmt-ok", "echo hello from $SLURM_JOB_ID")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "rmt-ok.out").read_text().strip() == f"hello from {job_id}"
+    record = local_slurm.wait_final(job_id)
+    assert record["State"] == "COMPLETED", record
+    assert record["ExitCode"] == "0:0"
+    # Not JobName: for a job that ends within a second, slurmdbd may first record it under
+    # the name "allocation" and correct the name a few seconds later.
+
+
+def test_failing_job_is_failed_in_sacct(local_slurm, tmp_path):
+    job_id, result = _submit_wait(local_slurm, tmp_path, "rmt-fail", "exit 3")
+    assert result.returncode != 0  # sbatch --wait exits with the job's exit code
+    record = local_slurm.wait_final(job_id)
+    assert record["State"] == "FAILED", record
+    assert record["ExitCode"] == "3:0"
+
+
+def _overlapping(runs) -> list[tuple[str, str]]:
+    """The pairs of runs whose times overlap."""
+    spans = sorted((run.info.start_time, run.info.end_time, run.info.run_name) for run in runs)
+    return [(a[2], b[2]) for i, a in enumerate(spans) for b in spans[i + 1:] if b[0] < a[1]]
+
+
+
+def test_the_tiny_pipeline_end_to_end(tiny_pipeline, tmp_path):
+    # The session's finished run of `snakemake -j 2` (shared with the SLURM test), copied:
+    # this test changes the project.
+    project = copy_project(tiny_pipeline, tmp_path / "project")
+    metrics = json.loads((project.root / "results/memorize/seed-0/stage-2/metrics.json").read_text())
+    assert metrics["steps"] == 4
+    for path in ("reports/accuracy.png", "reports/generalization.svg", "reports/accuracy.md", "reports/flops.png",
+                 "reports/memory.png", "reports/training-memory.svg", "results/profile/memory/summary.json",
+                 "results/memorize/seed-0/evaluation.csv", "results/memorize/seed-0/grid/stage-1.csv",
+                 "logs/train/memorize/seed-0/stage-2.log", "results/timings/train/memorize/seed-0/stage-2.tsv"):
+        assert (project.root / path).is_file(), path
+    runs = mlflow_runs(project)
+    assert {run.data.tags["rmt.step"] for run in runs} == {"reproduction", "data", "train", "grid", "evaluate",
+                                                          "flops", "memory"}
+    assert len({run.data.tags["rmt.group"] for run in runs}) == 1  # one reproduction, one group
+    # Threads never exceed the 2 cores (the workflow profile gives these steps 2 threads each),
+    # and the memory profile, which measures, ran alone.
+    steps = [run for run in runs if run.data.tags["rmt.step"] != "reproduction"]
+    busy = [run for run in steps if run.data.tags["rmt.step"] in ("train", "grid", "evaluate", "memory")]
+    assert not _overlapping(busy), _overlapping(busy)
+    (memory,) = [run for run in steps if run.data.tags["rmt.step"] == "memory"]
+    assert not [pair for pair in _overlapping(steps) if memory.info.run_name in pair], _overlapping(steps)
+    # ... and one parent run, with the configuration and the headline results; every step nests under it.
+    (parent,) = [run for run in runs if run.data.tags["rmt.step"] == "reproduction"]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == parent.data.tags["rmt.group"]
+    assert all(run.data.tags["mlflow.parentRunId"] == parent.info.run_id for run in runs if run is not parent)
+    assert parent.data.params["seeds"] == "[0]" and parent.data.params["config_files"] == "['params.yaml']"
+    assert {"memorize/accuracy_4", "memorize/last_stage_valid_accuracy"} <= set(parent.data.metrics)
+    assert all(len(run.data.tags["mlflow.source.git.commit"]) >= 1 for run in runs)
+    # Where the time went: one row per job from Snakemake's benchmark files, summed.
+    timing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reproduce_time.py"), "--project",
+                             str(project.root), "--output", str(tmp_path / "time.md")], capture_output=True, text=True,
+                            timeout=120)
+    assert timing.returncode == 0, timing.stderr
+    assert "| train/memorize/seed-0/stage-2 |" in timing.stdout and "| train | 2 |" in timing.stdout
+    assert "Sum over 9 jobs:" in timing.stdout
+
+    # Done: nothing to do. One changed value reruns exactly what reads it.
+    assert "Nothing to be done" in project.snakemake("-n").stdout
+    project.set_params(evaluate={"grid_examples": 4})
+    planned = {job.rule for job in dry_run_jobs(project.snakemake("-n", "-p").stdout)}
+    assert planned == {"grid", "report", "all"}
+
+    # The report: self-contained HTML with every registered figure and table and its caption.
+    project.snakemake()
+    project.snakemake("--report", "reports/report.html")
+    html = (project.root / "reports/report.html").read_text()
+    for name in ("accuracy.png", "generalization.png", "accuracy.csv", "seeds.csv", "flops.png", "memory.png",
+                 "training-memory.png"):
+        assert name in html, name
+    for caption in ("Accuracy against input length (log scale", "Generalization (the paper's Figure 5)",
+                    "Forward FLOPs against input length", "Measured peak memory (left)",
+                    "One training step (forward, backward, AdamW)", "for every configuration in the MLflow"):
+        assert caption in html, caption
+
+    # A change to the library reruns the jobs that run that code, and only them. (Snakemake
+    # compares checksums of small inputs: a new modification time alone reruns nothing.)
+    with (project.root / "rmt/evaluate.py").open("a") as source:
+        source.write("# changed\n")
+    planned = {job.rule for job in dry_run_jobs(project.snakemake("-n", "-p").stdout)}
+    assert planned == {"evaluate", "grid", "report", "all"}
 
 
 def slurm_snakemake(project, tmp_path, *arguments, check=True):

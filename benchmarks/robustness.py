@@ -120,7 +120,8 @@ def run_one(job: dict) -> dict:
                                    segments=[length], max_examples=job["examples"], batch_size=job["examples"],
                                    progress=False)
         accuracy[str(length)] = {k: row[k] for k in ("accuracy", "ci_low", "ci_high", "examples", "seconds")}
-    result = {"task": job["task"], "setting": job["setting"], "seed": seed, "stages": stages,
+    result = {"task": job["task"], "setting": job["setting"], "seed": seed, "recipe": recipe(job["configs"]),
+              "stages": stages,
               "train_seconds": round(train_seconds, 1), "accuracy": accuracy,
               "seconds": round(time.perf_counter() - started, 1)}
     done.write_text(json.dumps(result, indent=2) + "\n")
@@ -141,9 +142,22 @@ def run_settings(job: dict):
     return PipelineConfig(**merge(read_config_files(*job["configs"]), overlay)).for_task(job["task"])
 
 
+def recipe(configs: list[str]) -> str:
+    """The recipe's name in tables and run.json: its files, in the order they are laid."""
+    return " + ".join(Path(config).name for config in configs)
+
+
 def check_jobs(jobs: list[dict]) -> None:
-    """Refuse, before any work, a recipe that does not validate and a run with nothing to reuse."""
+    """Refuse, before any work, a recipe that does not validate, a run with nothing to reuse,
+    and a label whose finished runs were trained with another recipe (they would be tabulated
+    as this one's)."""
     for job in jobs:
+        done = Path(job["folder"], "run.json")
+        trained = json.loads(done.read_text()).get("recipe") if done.is_file() else None
+        if trained is not None and trained != recipe(job["configs"]):
+            raise typer.BadParameter(f"{done.parent} was trained with {trained}, not {recipe(job['configs'])}: "
+                                     "give this recipe a --label of its own, or the same --config files",
+                                     param_hint="--label")
         try:
             run_settings(job)
         except (ValueError, OSError) as error:
@@ -174,8 +188,11 @@ def reuse_stages(source: Path, folder: Path) -> None:
         config.write_text(text)
 
 
-def _cell(entry: dict | None) -> str:
-    return "skip" if entry is None else f"{100 * entry['accuracy']:.0f}"
+NOT_SCORED = "not scored"  # a length this run was not asked for (an earlier --segments)
+
+
+def _cell(entry: dict | str | None) -> str:
+    return "-" if entry == NOT_SCORED else "skip" if entry is None else f"{100 * entry['accuracy']:.0f}"
 
 
 def table(results: list[dict], lengths: list[int]) -> str:
@@ -185,7 +202,7 @@ def table(results: list[dict], lengths: list[int]) -> str:
     for r in results:
         steps = "+".join(str(s["steps"]) for s in r["stages"])
         lines.append(f"| {r['task']} | {r['setting']} | {r['seed']} | "
-                     + " | ".join(_cell(r["accuracy"][str(n)]) for n in lengths)
+                     + " | ".join(_cell(r["accuracy"].get(str(n), NOT_SCORED)) for n in lengths)
                      + f" | {steps} | {r['train_seconds'] / 60:.1f} |")
     return "\n".join(lines) + "\n\n" + summary_table(results, lengths)
 
@@ -201,8 +218,9 @@ def summary_table(results: list[dict], lengths: list[int]) -> str:
     for (task, setting), runs in groups.items():
         cells = []
         for n in lengths:
-            values = [100 * (r["accuracy"][str(n)] or {"accuracy": 1 / 6})["accuracy"] for r in runs]
-            cells.append(f"{statistics.mean(values):.0f} ({min(values):.0f}-{max(values):.0f})")
+            values = [100 * (r["accuracy"][str(n)] or {"accuracy": 1 / 6})["accuracy"] for r in runs
+                      if str(n) in r["accuracy"]]
+            cells.append(f"{statistics.mean(values):.0f} ({min(values):.0f}-{max(values):.0f})" if values else "-")
         at_4096 = [r["accuracy"].get("4096") for r in runs]
         passed = sum(a is not None and a["accuracy"] >= PAPER_AT_4096[task] for a in at_4096)
         lines.append(f"| {task} | {setting} | {len(runs)} | " + " | ".join(cells) + f" | {passed}/{len(runs)} |")
@@ -248,18 +266,23 @@ def main(
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             results = pool.map(run_one, jobs, chunksize=1)
-    text = (f"# Robustness: {label}\n\nRecipe: {' + '.join(Path(c).name for c in configs)}; accuracy % at each "
+    # The recipe as the runs recorded it (--table-only is given no --config); runs from before
+    # run.json held it count as the command line's.
+    recipes = " / ".join(sorted({r.get("recipe", recipe(configs)) for r in results})) or recipe(configs)
+    # The lengths the runs were scored at (--table-only may be given other --segments).
+    lengths = sorted({int(n) for r in results for n in r["accuracy"]}) or sorted(segments)
+    text = (f"# Robustness: {label}\n\nRecipe: {recipes}; accuracy % at each "
             f"number of segments, {examples} test examples per length; {len(results)} of {len(jobs)} runs.\n\n"
-            + table(results, sorted(segments)))
+            + table(results, lengths))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"robustness-{label}.md").write_text(text)
     (RESULTS / f"robustness-{label}.json").write_text(json.dumps(results, indent=2) + "\n")
     print("\n" + text)
     print(f"written {(RESULTS / f'robustness-{label}.md').relative_to(ROOT)}")
     if quote_in:
-        quote(quote_in, f"`{label}` ({' + '.join(Path(c).name for c in configs)}), {len(results)} of {len(jobs)} "
+        quote(quote_in, f"`{label}` ({recipes}), {len(results)} of {len(jobs)} "
                         f"runs, {examples} test examples per length, as of {time.strftime('%Y-%m-%d')}. "
-                        + summary_table(results, sorted(segments)))
+                        + summary_table(results, lengths))
         print(f"quoted in {quote_in}")
 
 

@@ -63,6 +63,16 @@ def test_the_robustness_benchmark_trains_scores_and_reuses_stages(tmp_path):
     history = (tmp_path / "w" / "after" / "detect_and_memorize" / "segment-48" / "seed-1" / "stage-2" /
                "history.jsonl").read_text()
     assert '"valid_segments": 6' in history
+    # The table names the recipe its runs were trained with, given no --config; the label's
+    # finished runs are not mistaken for another recipe's.
+    table = run("robustness.py", "--label", "after", "--tasks", "detect_and_memorize", "--settings", "segment-48",
+                "--seeds", "1", "--workdir", str(tmp_path / "w"), "--table-only", cwd=tmp_path)
+    assert "Recipe: params.yaml + tiny.yaml + last.yaml;" in table.stdout
+    assert "| task | setting | seed | 4 | 8 | steps |" in table.stdout  # the lengths the run was scored at
+    other = run("robustness.py", "--label", "after", *common, cwd=tmp_path, check=False)
+    message = " ".join(other.stderr.replace("│", " ").split())
+    assert other.returncode == 2 and "was trained with params.yaml + tiny.yaml + last.yaml, not params.yaml + " \
+        "tiny.yaml: give this recipe a --label of its own" in message, message
     # Which examples the run gets wrong: one row per example, and the summary by distance.
     folder = tmp_path / "w" / "after" / "detect_and_memorize" / "segment-48" / "seed-1"
     completed = run("robustness_errors.py", str(folder), "--segments", "4", "--examples", "10", cwd=tmp_path)

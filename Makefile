@@ -25,10 +25,10 @@ reproduce: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH HF_HUB_OFFLINE=1 $(BIN)/snakemake
 	PATH=$(CURDIR)/$(BIN):$$PATH HF_HUB_OFFLINE=1 $(BIN)/snakemake --report reports/report.html
 
-# Two pytest-xdist workers, by module: the SLURM tests mostly wait on job states, and the
-# other worker runs the rest meanwhile (tests/conftest.py orders the modules; no reordering
-# by size). `make test PARALLEL=` runs the suite in one process.
-PARALLEL ?= -n 2 --dist loadscope --no-loadscope-reorder
+# Two pytest-xdist workers, by test file: the SLURM tests mostly wait on job states, and the
+# other worker runs the rest meanwhile (tests/conftest.py orders the files; no reordering by
+# size). `make test PARALLEL=` runs the suite in one process.
+PARALLEL ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PARALLEL)

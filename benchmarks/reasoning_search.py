@@ -15,7 +15,7 @@ overall score sits near 75%. A recipe that escapes shows the middle-room column 
 Prints, per recipe and seed: the step at which middle-room accuracy first reached 90%
 ("escape"), and the last validation's accuracy overall / end room / middle room, with the
 minutes it took. Runs are kept in <workdir>/<recipe>/seed-<s>/ (rerun: continues), the
-table in results/benchmarks/reasoning-search.md.
+table next to <workdir> (results/benchmarks/reasoning-search.md).
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def main(
     eval_every: int = typer.Option(250, min=1),
     examples: int = typer.Option(1000, min=2, help="Validation examples (half of each kind)."),
     configs: list[Path] = typer.Option([], "--config", help="Files laid over params.yaml before each recipe."),
-    workdir: Path = typer.Option(RESULTS / "reasoning-search-work"),
+    workdir: Path = typer.Option(RESULTS / "reasoning-search-work", help="The runs' folder; the table goes next "
+                                 "to it."),
     table_only: bool = typer.Option(False, "--table-only", help="Only tabulate the runs finished so far."),
 ):
     unknown = sorted(set(recipes) - set(RECIPES))
@@ -121,8 +122,9 @@ def main(
             print(table(results[-1:]).splitlines()[-1], flush=True)
     text = (f"# Reasoning recipe search\n\nOne segment, {steps} steps per run, validation on {examples} examples "
             f"every {eval_every} steps.\n\n" + table(results))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "reasoning-search.md").write_text(text)
+    # Next to the runs: a test's --workdir never replaces the table of the user's own search.
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    (workdir.parent / "reasoning-search.md").write_text(text)
     print("\n" + text)
 
 

@@ -9,7 +9,7 @@ the curriculum (params.yaml's recipe, overlaid by --config files) with that trai
 and score the last stage at 16, 64, 512 and 4096 segments (100 test examples each). Prints
 one row per run and the mean and spread over seeds per task and setting; every finished run
 is kept in <workdir>/<label>/<task>/<setting>/seed-<s>/run.json, so a killed benchmark
-continues where it stopped, and the table goes to results/benchmarks/robustness-<label>.md.
+continues where it stopped, and the table goes next to the runs' folder (results/benchmarks/robustness-<label>.md).
 
 The settings change what the recipe was never tuned on (params.yaml was tuned on
 64-token segments of pydoc noise, data seed 0):
@@ -153,11 +153,17 @@ def check_jobs(jobs: list[dict]) -> None:
     as this one's)."""
     for job in jobs:
         done = Path(job["folder"], "run.json")
-        trained = json.loads(done.read_text()).get("recipe") if done.is_file() else None
+        finished = json.loads(done.read_text()) if done.is_file() else {}
+        trained = finished.get("recipe")
         if trained is not None and trained != recipe(job["configs"]):
             raise typer.BadParameter(f"{done.parent} was trained with {trained}, not {recipe(job['configs'])}: "
                                      "give this recipe a --label of its own, or the same --config files",
                                      param_hint="--label")
+        unscored = sorted(set(job["segments"]) - {int(n) for n in finished.get("accuracy", job["segments"])})
+        if unscored:
+            raise typer.BadParameter(f"{done.parent} is finished and was not scored at {unscored} segments: give a "
+                                     "--label of its own with --reuse-from this one (its stages are reused, only "
+                                     "the scoring runs), or the same --segments", param_hint="--segments")
         try:
             run_settings(job)
         except (ValueError, OSError) as error:
@@ -239,7 +245,7 @@ def main(
     workers: int = typer.Option(2, min=1, help="Runs at once, one thread each."),
     reuse_from: str = typer.Option(None, help="Label of an earlier benchmark whose stages to reuse where this "
                                    "recipe trains them the same way (e.g. a recipe that changes only the last stage)."),
-    workdir: Path = typer.Option(ROOT / "results" / "benchmarks" / "robustness-work"),
+    workdir: Path = typer.Option(RESULTS / "robustness-work", help="The runs' folder; the tables go next to it."),
     table_only: bool = typer.Option(False, "--table-only", help="Only tabulate the runs finished so far."),
     quote_in: Path = typer.Option(None, help="Also write the table over seeds into this document (README.md) "
                                   "between its robustness-table markers."),
@@ -248,7 +254,8 @@ def main(
         check_quotable(quote_in)
     reuse = workdir / reuse_from if reuse_from else None
     overlays = {setting: setting_overlay(setting, workdir) for setting in settings}  # shared by every label
-    workdir = workdir / label
+    tables, workdir = workdir.parent, workdir / label  # a test's --workdir keeps its tables apart too
+    given_configs = bool(configs)
     configs = [str(ROOT / "params.yaml"), *map(str, configs)]
     jobs = [{"task": task, "setting": setting, "seed": seed, "configs": configs, "segments": sorted(segments),
              "examples": examples, "skip_below": skip_below or None, "threads": 1,
@@ -266,22 +273,28 @@ def main(
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             results = pool.map(run_one, jobs, chunksize=1)
-    # The recipe as the runs recorded it (--table-only is given no --config); runs from before
-    # run.json held it count as the command line's.
-    recipes = " / ".join(sorted({r.get("recipe", recipe(configs)) for r in results})) or recipe(configs)
-    # The lengths the runs were scored at (--table-only may be given other --segments).
-    lengths = sorted({int(n) for r in results for n in r["accuracy"]}) or sorted(segments)
-    text = (f"# Robustness: {label}\n\nRecipe: {recipes}; accuracy % at each "
-            f"number of segments, {examples} test examples per length; {len(results)} of {len(jobs)} runs.\n\n"
-            + table(results, lengths))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"robustness-{label}.md").write_text(text)
-    (RESULTS / f"robustness-{label}.json").write_text(json.dumps(results, indent=2) + "\n")
+    if not results:  # nothing to tabulate: the tables of an earlier --table-only stay as they are
+        raise typer.BadParameter(f"{workdir} holds no finished run of these tasks, settings and seeds",
+                                 param_hint="--label")
+    # What the runs recorded, not the command line (--table-only is given no --config or
+    # --segments): the recipe (runs from before run.json held it name it only if --config
+    # is given), the lengths scored and the test examples per length.
+    unrecorded = recipe(configs) if given_configs else "recipe not recorded: pass its --config"
+    recipes = " / ".join(sorted({r.get("recipe", unrecorded) for r in results}))
+    lengths = sorted({int(n) for r in results for n in r["accuracy"]})
+    counts = sorted({a["examples"] for r in results for a in r["accuracy"].values() if a is not None})
+    text = (f"# Robustness: {label}\n\nRecipe: {recipes}; accuracy % at each number of segments, "
+            f"{'/'.join(map(str, counts)) or examples} test examples per length; {len(results)} of {len(jobs)} "
+            "runs.\n\n" + table(results, lengths))
+    tables.mkdir(parents=True, exist_ok=True)
+    (tables / f"robustness-{label}.md").write_text(text)
+    (tables / f"robustness-{label}.json").write_text(json.dumps(results, indent=2) + "\n")
     print("\n" + text)
-    print(f"written {(RESULTS / f'robustness-{label}.md').relative_to(ROOT)}")
+    print(f"written {tables / f'robustness-{label}.md'}")
     if quote_in:
-        quote(quote_in, f"`{label}` ({recipes}), {len(results)} of {len(jobs)} "
-                        f"runs, {examples} test examples per length, as of {time.strftime('%Y-%m-%d')}. "
+        quote(quote_in, f"`{label}` ({recipes}), {len(results)} of {len(jobs)} runs, "
+                        f"{'/'.join(map(str, counts)) or examples} test examples per length, "
+                        f"as of {time.strftime('%Y-%m-%d')}. "
                         + summary_table(results, lengths))
         print(f"quoted in {quote_in}")
 

@@ -37,24 +37,32 @@ from workflow_project import tiny_pipeline  # noqa: F401  (one finished tiny pip
 # Subprocesses (the workflow's jobs, torchrun, benchmarks) keep torch's default.
 torch.set_num_threads(1)
 
-# `make test` runs the suite in two pytest-xdist workers, each module's tests in one worker
-# (`--dist loadscope`: a module's fixtures are built once). The SLURM tests spend most of
+# `make test` runs the suite in two pytest-xdist workers, each test file in one worker
+# (`--dist loadfile`: a module's fixtures are built once). The SLURM tests spend most of
 # their minutes waiting for job states, and the other worker uses that time. The two
 # session fixtures that are costly to build and must have one owner (the SLURM cluster's
-# daemons, the tiny pipeline run to its end) are used in one module only, which goes first:
+# daemons, the tiny pipeline run to its end) are used in one file only, which goes first:
 # it is the suite's longest unit.
 SHARED_SESSION_FIXTURES = {"local_slurm", "tiny_pipeline"}
-END_TO_END_MODULE = "test_end_to_end"
+END_TO_END_FILE = "test_end_to_end.py"
+DISTRIBUTIONS_BY_FILE = {"loadfile", "loadscope"}
+
+
+def pytest_configure(config):
+    workers, dist = config.getoption("numprocesses", None), config.getoption("dist", "no")
+    if workers and dist not in DISTRIBUTIONS_BY_FILE:  # xdist's controller
+        raise pytest.UsageError(f"-n {workers} with --dist {dist} would send tests/{END_TO_END_FILE} to several "
+                                "workers, each starting the SLURM cluster: add --dist loadfile (make test does)")
 
 
 def pytest_collection_modifyitems(config, items):
     strays = [item.nodeid for item in items
-              if item.module.__name__ != END_TO_END_MODULE and SHARED_SESSION_FIXTURES.intersection(item.fixturenames)]
+              if item.path.name != END_TO_END_FILE and SHARED_SESSION_FIXTURES.intersection(item.fixturenames)]
     if strays:
         raise pytest.UsageError(f"{', '.join(strays)} use(s) one of {sorted(SHARED_SESSION_FIXTURES)}: move them "
-                                f"to tests/{END_TO_END_MODULE}.py, so that one xdist worker builds the fixture")
+                                f"to tests/{END_TO_END_FILE}, so that one xdist worker builds the fixture")
     if hasattr(config, "workerinput"):  # an xdist worker: the controller schedules in this order
-        items.sort(key=lambda item: item.module.__name__ != END_TO_END_MODULE)
+        items.sort(key=lambda item: item.path.name != END_TO_END_FILE)
 
 
 VOCAB = 128

@@ -1,17 +1,14 @@
 """A real one-node SLURM cluster with accounting (cluster/local-slurm) as a pytest fixture.
 
-Use it from a test module (tests/ is on sys.path as for `conftest`, since tests/ is not a
-package):
-
-    from slurm_fixture import local_slurm  # noqa: F401  (the fixture, used by name)
+tests/conftest.py imports it, so every test module can use it by name; tests that use it go
+in tests/test_end_to_end.py (conftest refuses them elsewhere, so that one pytest-xdist worker
+owns the cluster):
 
     @pytest.mark.slow
     def test_something(local_slurm):
         local_slurm.run(["sbatch", "--wait", "-p", local_slurm.partition, "--wrap", "true"])
 
-The fixture is session-scoped: all tests of a module share one cluster. A fixture imported
-into two modules is set up once per module (`up` restarts the cluster cleanly); to share
-one cluster between modules, import it in tests/conftest.py instead.
+The fixture is session-scoped: one cluster for the session (`up` restarts it cleanly).
 
 It needs root (apt-get, /etc/slurm, daemons) and fails with a clear message otherwise;
 deselect these tests with `-m 'not slow'`.

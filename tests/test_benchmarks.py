@@ -73,6 +73,10 @@ def test_the_robustness_benchmark_trains_scores_and_reuses_stages(tmp_path):
     message = " ".join(other.stderr.replace("│", " ").split())
     assert other.returncode == 2 and "was trained with params.yaml + tiny.yaml + last.yaml, not params.yaml + " \
         "tiny.yaml: give this recipe a --label of its own" in message, message
+    longer = run("robustness.py", "--label", "after", *common, "--config", str(tmp_path / "last.yaml"), "--segments",
+                 "16", cwd=tmp_path, check=False)  # a finished run is not silently left unscored at 16
+    message = " ".join(longer.stderr.replace("│", " ").split())
+    assert longer.returncode == 2 and "is finished and was not scored at [16] segments" in message, message
     # Which examples the run gets wrong: one row per example, and the summary by distance.
     folder = tmp_path / "w" / "after" / "detect_and_memorize" / "segment-48" / "seed-1"
     completed = run("robustness_errors.py", str(folder), "--segments", "4", "--examples", "10", cwd=tmp_path)
@@ -84,6 +88,16 @@ def test_the_robustness_benchmark_trains_scores_and_reuses_stages(tmp_path):
     assert f"accuracy {right}/10" in completed.stdout and "errors by label:" in completed.stdout
     # the same examples and model as the benchmark's own score at that length
     assert right / 10 == json.loads((folder / "run.json").read_text())["accuracy"]["4"]["accuracy"]
+
+
+def test_a_table_of_no_runs_is_refused_and_overwrites_nothing(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{QUOTE_BEGIN}\nthe last table\n{QUOTE_END}\n")
+    completed = run("robustness.py", "--label", "nothing", "--table-only", "--quote-in", str(readme), "--workdir",
+                    str(tmp_path / "w"), cwd=tmp_path, check=False)
+    message = " ".join(completed.stderr.replace("│", " ").split())
+    assert completed.returncode == 2 and "holds no finished run of these tasks, settings and seeds" in message, message
+    assert "the last table" in readme.read_text()
 
 
 def test_the_error_analysis_names_what_a_run_folder_needs(tmp_path):

@@ -283,18 +283,18 @@ def main(
     recipes = " / ".join(sorted({r.get("recipe", unrecorded) for r in results}))
     lengths = sorted({int(n) for r in results for n in r["accuracy"]})
     counts = sorted({a["examples"] for r in results for a in r["accuracy"].values() if a is not None})
+    per_length = "/".join(map(str, counts)) or str(examples)
     text = (f"# Robustness: {label}\n\nRecipe: {recipes}; accuracy % at each number of segments, "
-            f"{'/'.join(map(str, counts)) or examples} test examples per length; {len(results)} of {len(jobs)} "
-            "runs.\n\n" + table(results, lengths))
+            f"{per_length} test examples per length; {len(results)} of {len(jobs)} runs.\n\n"
+            + table(results, lengths))
     tables.mkdir(parents=True, exist_ok=True)
     (tables / f"robustness-{label}.md").write_text(text)
     (tables / f"robustness-{label}.json").write_text(json.dumps(results, indent=2) + "\n")
     print("\n" + text)
     print(f"written {tables / f'robustness-{label}.md'}")
     if quote_in:
-        quote(quote_in, f"`{label}` ({recipes}), {len(results)} of {len(jobs)} runs, "
-                        f"{'/'.join(map(str, counts)) or examples} test examples per length, "
-                        f"as of {time.strftime('%Y-%m-%d')}. "
+        quote(quote_in, f"`{label}` ({recipes}), {len(results)} of {len(jobs)} runs, {per_length} test examples "
+                        f"per length, as of {time.strftime('%Y-%m-%d')}. "
                         + summary_table(results, lengths))
         print(f"quoted in {quote_in}")
 

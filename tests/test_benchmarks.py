@@ -27,11 +27,17 @@ def run(script: str, *args: str, cwd: Path, check: bool = True) -> subprocess.Co
     return completed
 
 
+def flat(text: str) -> str:
+    """A message as one line of words: typer draws an error in a box, wrapping its lines."""
+    return " ".join(text.replace("│", " ").split())
+
+
 def test_the_reasoning_search_reports_each_kind_of_question(tmp_path):
     (tmp_path / "tiny.yaml").write_text(TINY + "data: {train_examples: 64}\n")
     completed = run("reasoning_search.py", "--steps", "4", "--eval-every", "2", "--examples", "20", "--recipes",
                     "escape", "--config", str(tmp_path / "tiny.yaml"), "--workdir", str(tmp_path / "w"), cwd=tmp_path)
     assert "| escape | 0 | 4 |" in completed.stdout
+    assert "| escape | 0 | 4 |" in (tmp_path / "reasoning-search.md").read_text()  # next to --workdir
     result = json.loads((tmp_path / "w" / "escape" / "seed-0" / "run.json").read_text())
     assert {"accuracy", "end_room", "middle_room", "escape_step", "curve"} <= set(result)
     stage = json.loads((tmp_path / "w" / "escape" / "seed-0" / "stage-1" / "config.json").read_text())
@@ -69,13 +75,14 @@ def test_the_robustness_benchmark_trains_scores_and_reuses_stages(tmp_path):
                 "--seeds", "1", "--workdir", str(tmp_path / "w"), "--table-only", cwd=tmp_path)
     assert "Recipe: params.yaml + tiny.yaml + last.yaml;" in table.stdout
     assert "| task | setting | seed | 4 | 8 | steps |" in table.stdout  # the lengths the run was scored at
+    assert (tmp_path / "robustness-after.md").read_text() in table.stdout  # next to --workdir, not in results/
     other = run("robustness.py", "--label", "after", *common, cwd=tmp_path, check=False)
-    message = " ".join(other.stderr.replace("│", " ").split())
+    message = flat(other.stderr)
     assert other.returncode == 2 and "was trained with params.yaml + tiny.yaml + last.yaml, not params.yaml + " \
         "tiny.yaml: give this recipe a --label of its own" in message, message
     longer = run("robustness.py", "--label", "after", *common, "--config", str(tmp_path / "last.yaml"), "--segments",
                  "16", cwd=tmp_path, check=False)  # a finished run is not silently left unscored at 16
-    message = " ".join(longer.stderr.replace("│", " ").split())
+    message = flat(longer.stderr)
     assert longer.returncode == 2 and "is finished and was not scored at [16] segments" in message, message
     # Which examples the run gets wrong: one row per example, and the summary by distance.
     folder = tmp_path / "w" / "after" / "detect_and_memorize" / "segment-48" / "seed-1"
@@ -95,14 +102,14 @@ def test_a_table_of_no_runs_is_refused_and_overwrites_nothing(tmp_path):
     readme.write_text(f"{QUOTE_BEGIN}\nthe last table\n{QUOTE_END}\n")
     completed = run("robustness.py", "--label", "nothing", "--table-only", "--quote-in", str(readme), "--workdir",
                     str(tmp_path / "w"), cwd=tmp_path, check=False)
-    message = " ".join(completed.stderr.replace("│", " ").split())
+    message = flat(completed.stderr)
     assert completed.returncode == 2 and "holds no finished run of these tasks, settings and seeds" in message, message
     assert "the last table" in readme.read_text()
 
 
 def test_the_error_analysis_names_what_a_run_folder_needs(tmp_path):
     completed = run("robustness_errors.py", str(tmp_path), cwd=tmp_path, check=False)
-    message = " ".join(completed.stderr.replace("│", " ").split())
+    message = flat(completed.stderr)
     assert completed.returncode == 2 and "holds no trained stage (stage-<n>/best)" in message, message
 
 
@@ -111,7 +118,7 @@ def test_the_robustness_table_is_quoted_only_where_a_document_marks_its_place(tm
     unmarked.write_text("# A user's README\n")
     completed = run("robustness.py", "--label", "x", "--quote-in", str(unmarked), "--workdir", str(tmp_path / "w"),
                     cwd=tmp_path, check=False)
-    message = " ".join(completed.stderr.replace("│", " ").split())  # typer draws the error in a box
+    message = flat(completed.stderr)
     assert completed.returncode == 2 and "has no place for the table: put the lines" in message, message
     assert unmarked.read_text() == "# A user's README\n" and not (tmp_path / "w" / "x").exists()  # before any work
 
@@ -127,7 +134,7 @@ def test_the_robustness_benchmark_refuses_a_bad_recipe_or_reuse_before_any_work(
     }[problem]
     completed = run("robustness.py", "--label", "x", "--tasks", "memorize", "--settings", "segment-48", "--seeds", "1",
                     "--workdir", str(tmp_path / "w"), *arguments, cwd=tmp_path, check=False)
-    message = " ".join(completed.stderr.replace("│", " ").split())
+    message = flat(completed.stderr)
     assert completed.returncode == 2 and expected in message, message
     assert not (tmp_path / "w" / "x").exists()
 

@@ -281,7 +281,8 @@ class _Trainer:
         self.progress = progress
         self.micro = micro_batch_size(train, parallel.world_size)
         self.network = parallel.wrap(model, device)  # what the step calls: DDP with several processes
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay,
+                                           betas=(0.9, train.adam_beta2))
         self.scheduler = (get_linear_schedule_with_warmup(self.optimizer, train.warmup_steps, train.max_steps)
                           if train.schedule == "linear" else
                           get_constant_schedule_with_warmup(self.optimizer, train.warmup_steps))

@@ -184,6 +184,21 @@ def test_a_stage_from_before_a_setting_existed_is_the_same_run(data, stage_1, tm
     assert "starting the stage afresh" in capsys.readouterr().err
 
 
+def test_adam_beta2_reaches_the_optimizer_and_is_validated(data, tmp_path, monkeypatch):
+    betas, adamw = [], torch.optim.AdamW
+
+    def recording_adamw(parameters, **options):
+        betas.append(options["betas"])
+        return adamw(parameters, **options)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
+    train_stage(data_dir=data, segments=1, output=tmp_path / "s", model=MODEL,
+                train=TRAIN.model_copy(update={"adam_beta2": 0.95, "max_steps": 2}), progress=False)
+    assert betas == [(0.9, 0.95)]
+    with pytest.raises(ValueError, match="adam_beta2"):
+        TrainSettings(adam_beta2=1.0)
+
+
 @pytest.fixture
 def segments_seen(monkeypatch) -> list[int]:
     """The number of segments (of 32 tokens) of every batch the model is given, in order."""

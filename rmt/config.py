@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rmt.data.dataset import DataConfig
 from rmt.data.tasks import TASKS
 from rmt.paper import FIGURE3_TOKENS
-from rmt.settings import ModelSettings, TrainSettings
+from rmt.settings import ModelSettings, TrainSettings, label_smoothing_problem
 
 
 class EvaluateSettings(BaseModel):
@@ -150,6 +150,14 @@ class TaskSettings(BaseModel):
     train: TrainSettings
     stage_train: dict[int, TrainSettings] = Field(default_factory=dict)
     evaluate: EvaluateSettings
+
+    @model_validator(mode="after")
+    def _label_smoothing_fits_the_model(self) -> "TaskSettings":
+        for segments, train in {"train": self.train, **self.stage_train}.items():
+            if problem := label_smoothing_problem(self.model, train):
+                where = "train" if segments == "train" else f"stage_train.{segments}"
+                raise ValueError(f"{self.task}: {where}: {problem}")
+        return self
 
     @property
     def curriculum(self) -> list[int]:

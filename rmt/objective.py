@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoConfig
 
@@ -58,10 +59,13 @@ class Objective:
         """A checkpoint of this kind; `settings` are RMTConfig fields that keep its weights."""
         return self.model_class.from_pretrained(checkpoint, **settings)
 
-    def loss(self, network, tokens: Tensor, labels: Tensor) -> Tensor:
+    def loss(self, network, tokens: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
         """() mean loss of (B, T) token ids whose answers are the (B,) class indices `labels`.
         `network` may be the model wrapped for data-parallel training."""
-        return network(tokens, labels=labels).loss
+        if not label_smoothing:
+            return network(tokens, labels=labels).loss
+        logits = network(tokens).logits  # (B, classes): each example's last segment
+        return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
     def class_logits(self, model, tokens: Tensor) -> Tensor:
         """(B, classes) scores of (B, T) token ids held in memory."""
@@ -89,7 +93,8 @@ class AnswerObjective(Objective):
     def wrapper_config(self) -> dict:
         return {}
 
-    def loss(self, network, tokens: Tensor, labels: Tensor) -> Tensor:
+    def loss(self, network, tokens: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
+        assert not label_smoothing, "label smoothing applies to the encoder's classifier (settings refuse it here)"
         answers = self.answer_ids.to(tokens.device)[labels][:, None]  # (B, 1)
         text = torch.cat([tokens, answers], dim=1)  # (B, T + 1): the answer is the next token
         targets = torch.full_like(text, IGNORE_INDEX)

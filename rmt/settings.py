@@ -79,6 +79,10 @@ class TrainSettings(BaseModel):
     # an outlier batch moves every weight by up to (1 - beta1) / sqrt(1 - beta2) learning
     # rates: 3.2 at 0.999, 0.45 at 0.95, which large-model recipes use for stability.
     adam_beta2: float = Field(default=0.999, ge=0, lt=1)
+    # The failing robustness runs fit their lengths to a loss near zero and then lose the long
+    # run, or spike (docs/robustness.md). Smoothed targets keep a floor under the loss and the
+    # gradients alive (Hugging Face's name; the encoder's classifier only).
+    label_smoothing_factor: float = Field(default=0.0, ge=0, lt=1)
     warmup_steps: int = Field(default=300, ge=0)
     max_steps: int = Field(default=3000, ge=1)
     batch_size: int = Field(default=32, ge=1, description="Examples per optimizer step")
@@ -137,3 +141,17 @@ class TrainSettings(BaseModel):
             raise ValueError(f"long_step_bptt_depth {self.long_step_bptt_depth} applies to long steps, and "
                              "long_step_every is null: set long_step_every, or long_step_bptt_depth to null")
         return self
+
+
+def label_smoothing_problem(model: ModelSettings, train: TrainSettings, architecture: str | None = None) -> str | None:
+    """Why these settings cannot smooth labels, if they cannot: smoothing applies to the
+    encoder's classifier on each example's last segment (`architecture`: a checkpoint's)."""
+    if not train.label_smoothing_factor:
+        return None
+    if (architecture or model.architecture) != "encoder":
+        return (f"label_smoothing_factor {train.label_smoothing_factor} applies to the encoder's classifier, and this "
+                "model is a decoder: set it to 0")
+    if model.loss_on_all_segments:
+        return (f"label_smoothing_factor {train.label_smoothing_factor} applies to the loss on each example's last "
+                "segment, and loss_on_all_segments is on: set one of them off")
+    return None

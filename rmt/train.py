@@ -44,7 +44,7 @@ from rmt.layout import StageFiles
 from rmt.objective import Objective, objective_for
 from rmt.peak_memory import PeakMemory
 from rmt.model.auto import is_checkpoint_folder
-from rmt.settings import TRAINING_WRAPPER_SETTINGS, ModelSettings, TrainSettings
+from rmt.settings import TRAINING_WRAPPER_SETTINGS, ModelSettings, TrainSettings, label_smoothing_problem
 from rmt.utils import UserError, atomic_directory, claim_output, progress_bar, recover_directory, write_atomic
 
 if TYPE_CHECKING:
@@ -152,6 +152,8 @@ class _StageInputs:
             tokenizer = load_tokenizer(model.backbone)
             data.check_vocabulary(tokenizer, f"the backbone '{model.backbone}'")
             objective = objective_for(model.architecture, classes=data.card["classes"], tokenizer=tokenizer)
+        if problem := label_smoothing_problem(model, train, objective.model_class.architecture):
+            raise ValueError(problem)
         valid_kinds = None
         if get_task(data.config.task).kinds:
             count = len(valid_labels) if train.eval_examples is None else min(train.eval_examples, len(valid_labels))
@@ -417,7 +419,8 @@ class _Trainer:
             # Gradients are averaged across processes once per step, on the last micro-batch.
             with (contextlib.nullcontext() if last_micro_batch or parallel.world_size == 1 else self.network.no_sync(),
                   self.bptt_depth(step)):
-                loss = self.inputs.objective.loss(self.network, inputs, targets) / accumulation
+                loss = self.inputs.objective.loss(self.network, inputs, targets,
+                                                  label_smoothing=train.label_smoothing_factor) / accumulation
                 finite = parallel.sum(float(torch.isfinite(loss)), device) == parallel.world_size
                 if finite:
                     loss.backward()

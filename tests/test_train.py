@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,6 +16,7 @@ from rmt.model import RecurrentMemoryEncoder
 from rmt.settings import ModelSettings, TrainSettings
 from rmt.train import TrainingDiverged, train_stage
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY_BERT = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
 MODEL = ModelSettings(pretrained=False, backbone_overrides=TINY_BERT, num_memory_tokens=4)
 TRAIN = TrainSettings(learning_rate=1e-3, warmup_steps=4, max_steps=24, batch_size=8, micro_batch_size=4,
@@ -473,3 +475,36 @@ def test_a_decoder_needs_answers_of_one_token():
 
     with pytest.raises(ValueError, match="splits the answers"):
         objective_for("decoder", classes=["bathroom", "walk-in wardrobe"], tokenizer=load_tokenizer(MODEL.backbone))
+
+
+def test_label_smoothing_smooths_the_cross_entropy_of_each_examples_last_segment():
+    from conftest import make_encoder, random_text
+
+    from rmt.objective import Objective
+
+    model, objective = make_encoder(), Objective(classes=["a", "b", "c", "d", "e", "f"], tokenizer=None)
+    with torch.no_grad():
+        model.classifier.weight.mul_(1000)  # confident answers, where smoothing makes a difference
+    tokens = torch.stack([random_text(40, seed=seed) for seed in range(3)])  # (3, 40): 3 segments of 16
+    labels = torch.tensor([0, 4, 5])
+    logits = model(tokens).logits
+    assert torch.allclose(objective.loss(model, tokens, labels), model(tokens, labels=labels).loss)
+    smoothed = objective.loss(model, tokens, labels, label_smoothing=0.1)
+    assert torch.allclose(smoothed, torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1))
+    assert not torch.allclose(smoothed, torch.nn.functional.cross_entropy(logits, labels))
+
+
+def test_label_smoothing_is_refused_where_it_does_not_apply(data, tmp_path):
+    from rmt.config import PipelineConfig, read_config_files
+
+    params = read_config_files(ROOT / "params.yaml")
+    smoothing = {"stage_train": {2: {"label_smoothing_factor": 0.1}}}
+    with pytest.raises(ValueError, match="stage_train.2: label_smoothing_factor 0.1 applies to the encoder's"):
+        PipelineConfig(**{**params, "model": {**params["model"], "architecture": "decoder"}, **smoothing})
+    with pytest.raises(ValueError, match="loss_on_all_segments is on: set one of them off"):
+        PipelineConfig(**{**params, "model": {**params["model"], "loss_on_all_segments": True}, **smoothing})
+    with pytest.raises(ValueError, match="loss_on_all_segments is on"):  # a stage trained on its own
+        train_stage(data_dir=data, segments=1, output=tmp_path / "s", progress=False,
+                    model=MODEL.model_copy(update={"loss_on_all_segments": True}),
+                    train=TRAIN.model_copy(update={"label_smoothing_factor": 0.1}))
+    assert not (tmp_path / "s").exists()

@@ -174,9 +174,11 @@ class TaskSettings(BaseModel):
         import hashlib
         import json
 
-        settings = self.model_dump(mode="json")
-        for train in (settings["train"], *settings["stage_train"].values()):
-            train.pop("seed"), train.pop("device")
+        # Values at their defaults are left out, so that a setting rmt gains later (whose
+        # default is the old behaviour) does not split the seeds of one configuration.
+        settings = self.model_dump(mode="json", exclude_defaults=True)
+        for train in (settings.get("train", {}), *settings.get("stage_train", {}).values()):
+            train.pop("seed", None), train.pop("device", None)
         text = json.dumps(settings, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 

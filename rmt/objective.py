@@ -94,7 +94,9 @@ class AnswerObjective(Objective):
         return {}
 
     def loss(self, network, tokens: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
-        assert not label_smoothing, "label smoothing applies to the encoder's classifier (settings refuse it here)"
+        if label_smoothing:
+            raise ValueError(f"label_smoothing_factor {label_smoothing} applies to the encoder's classifier, and "
+                             "this model is a decoder: set it to 0")
         answers = self.answer_ids.to(tokens.device)[labels][:, None]  # (B, 1)
         text = torch.cat([tokens, answers], dim=1)  # (B, T + 1): the answer is the next token
         targets = torch.full_like(text, IGNORE_INDEX)

@@ -153,5 +153,6 @@ def label_smoothing_problem(model: ModelSettings, train: TrainSettings, architec
                 "model is a decoder: set it to 0")
     if model.loss_on_all_segments:
         return (f"label_smoothing_factor {train.label_smoothing_factor} applies to the loss on each example's last "
-                "segment, and loss_on_all_segments is on: set one of them off")
+                "segment, and loss_on_all_segments is on: set label_smoothing_factor to 0 or "
+                "loss_on_all_segments to false")
     return None

@@ -135,3 +135,6 @@ def test_the_config_hash_ignores_the_seed_and_device_only():
     other_lr = base.model_copy(update={"train": base.train.model_copy(update={"learning_rate": 1e-5})})
     assert base.config_hash() == other_seed.config_hash() != other_lr.config_hash()
     assert len(base.config_hash()) == 12
+    # A setting spelled out at its default is the same configuration: so is one rmt gains later.
+    spelled_out = base.model_copy(update={"train": base.train.model_copy(update={"adam_beta2": 0.999})})
+    assert "adam_beta2" not in base.train.model_fields_set and spelled_out.config_hash() == base.config_hash()

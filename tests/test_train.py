@@ -175,7 +175,8 @@ def test_a_stage_from_before_a_setting_existed_is_the_same_run(data, stage_1, tm
     # discarding hours of training.
     folder, first = copy_stage(stage_1[0], tmp_path / "stage"), stage_1[1]
     recorded = json.loads((folder / "config.json").read_text())
-    del recorded["train"]["schedule"], recorded["train"]["valid_length_factor"]
+    for setting in ("schedule", "valid_length_factor", "adam_beta2", "label_smoothing_factor"):
+        del recorded["train"][setting]
     (folder / "config.json").write_text(json.dumps(recorded))
     again = train_stage(data_dir=data, segments=1, output=folder, model=MODEL, train=TRAIN, progress=False)
     assert "afresh" not in capsys.readouterr().err and again == first
@@ -487,11 +488,14 @@ def test_label_smoothing_smooths_the_cross_entropy_of_each_examples_last_segment
         model.classifier.weight.mul_(1000)  # confident answers, where smoothing makes a difference
     tokens = torch.stack([random_text(40, seed=seed) for seed in range(3)])  # (3, 40): 3 segments of 16
     labels = torch.tensor([0, 4, 5])
-    logits = model(tokens).logits
-    assert torch.allclose(objective.loss(model, tokens, labels), model(tokens, labels=labels).loss)
+    # The logits returned are those the model's own loss scores: each example's last segment's.
+    log_p = model(tokens).logits.log_softmax(-1)  # (3, 6)
+    plain = -log_p[torch.arange(3), labels].mean()
+    assert torch.allclose(plain, model(tokens, labels=labels).loss)
+    # Smoothed: (1 - e) x cross-entropy + e x the mean over classes of -log p (Hugging Face's LabelSmoother).
     smoothed = objective.loss(model, tokens, labels, label_smoothing=0.1)
-    assert torch.allclose(smoothed, torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1))
-    assert not torch.allclose(smoothed, torch.nn.functional.cross_entropy(logits, labels))
+    assert torch.allclose(smoothed, 0.9 * plain + 0.1 * -log_p.mean(-1).mean())
+    assert not torch.allclose(smoothed, plain)
 
 
 def test_label_smoothing_is_refused_where_it_does_not_apply(data, tmp_path):
@@ -501,10 +505,13 @@ def test_label_smoothing_is_refused_where_it_does_not_apply(data, tmp_path):
     smoothing = {"stage_train": {2: {"label_smoothing_factor": 0.1}}}
     with pytest.raises(ValueError, match="stage_train.2: label_smoothing_factor 0.1 applies to the encoder's"):
         PipelineConfig(**{**params, "model": {**params["model"], "architecture": "decoder"}, **smoothing})
-    with pytest.raises(ValueError, match="loss_on_all_segments is on: set one of them off"):
+    with pytest.raises(ValueError, match="loss_on_all_segments is on: set label_smoothing_factor to 0 or"):
         PipelineConfig(**{**params, "model": {**params["model"], "loss_on_all_segments": True}, **smoothing})
     with pytest.raises(ValueError, match="loss_on_all_segments is on"):  # a stage trained on its own
         train_stage(data_dir=data, segments=1, output=tmp_path / "s", progress=False,
                     model=MODEL.model_copy(update={"loss_on_all_segments": True}),
+                    train=TRAIN.model_copy(update={"label_smoothing_factor": 0.1}))
+    with pytest.raises(ValueError, match="this model is a decoder: set it to 0"):
+        train_stage(data_dir=data, segments=1, output=tmp_path / "s", progress=False, model=DECODER,
                     train=TRAIN.model_copy(update={"label_smoothing_factor": 0.1}))
     assert not (tmp_path / "s").exists()

@@ -252,9 +252,9 @@ def test_long_steps_back_propagate_through_their_last_segments_only_when_asked(d
 
     seen, original = [], Objective.loss
 
-    def record(self, network, tokens, labels):  # (segments, the truncation the model applies)
+    def record(self, network, tokens, labels, **options):  # (segments, the truncation the model applies)
         seen.append((tokens.shape[1] // 32, network.config.bptt_depth))
-        return original(self, network, tokens, labels)
+        return original(self, network, tokens, labels, **options)
 
     monkeypatch.setattr(Objective, "loss", record)
     long = TRAIN.model_copy(update={"valid_length_factor": 3, "long_step_every": 2, "long_step_bptt_depth": 2,

@@ -26,7 +26,7 @@ from rmt.hub import load_tokenizer, resolve
 from rmt.model import RecurrentMemoryDecoder, RecurrentMemoryEncoder, RMTConfig
 from rmt.model.base import RecurrentMemoryModel
 from rmt.model.segments import IGNORE_INDEX
-from rmt.settings import ModelSettings
+from rmt.settings import ModelSettings, decoder_smoothing_problem
 
 
 class Objective:
@@ -95,8 +95,7 @@ class AnswerObjective(Objective):
 
     def loss(self, network, tokens: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
         if label_smoothing:
-            raise ValueError(f"label_smoothing_factor {label_smoothing} applies to the encoder's classifier, and "
-                             "this model is a decoder: set it to 0")
+            raise ValueError(decoder_smoothing_problem(label_smoothing))
         answers = self.answer_ids.to(tokens.device)[labels][:, None]  # (B, 1)
         text = torch.cat([tokens, answers], dim=1)  # (B, T + 1): the answer is the next token
         targets = torch.full_like(text, IGNORE_INDEX)

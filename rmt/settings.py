@@ -149,10 +149,13 @@ def label_smoothing_problem(model: ModelSettings, train: TrainSettings, architec
     if not train.label_smoothing_factor:
         return None
     if (architecture or model.architecture) != "encoder":
-        return (f"label_smoothing_factor {train.label_smoothing_factor} applies to the encoder's classifier, and this "
-                "model is a decoder: set it to 0")
+        return decoder_smoothing_problem(train.label_smoothing_factor)
     if model.loss_on_all_segments:
         return (f"label_smoothing_factor {train.label_smoothing_factor} applies to the loss on each example's last "
                 "segment, and loss_on_all_segments is on: set label_smoothing_factor to 0 or "
                 "loss_on_all_segments to false")
     return None
+
+
+def decoder_smoothing_problem(factor: float) -> str:
+    return f"label_smoothing_factor {factor} applies to the encoder's classifier, and this model is a decoder: set it to 0"

@@ -1,8 +1,8 @@
 """Does the recipe's extrapolation hold on seeds and settings it was not tuned on?
 
-    .venv/bin/python benchmarks/robustness.py --label before
+    .venv/bin/python benchmarks/robustness.py --label params
     .venv/bin/python benchmarks/robustness.py --label mixed --config my-recipe.yaml
-    .venv/bin/python benchmarks/robustness.py --label before --table-only --quote-in README.md
+    .venv/bin/python benchmarks/robustness.py --label params --table-only --quote-in README.md
 
 For every task x setting x seed: generate the task's data with that seed and setting, train
 the curriculum (params.yaml's recipe, overlaid by --config files) with that training seed,

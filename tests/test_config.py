@@ -36,6 +36,8 @@ def test_the_paper_recipe_validates_and_builds():
     assert memorize.model.backbone == "bert-base-cased" and memorize.model.pretrained
     assert memorize.train.learning_rate == 1e-5 and memorize.train.clip_value == 5.0
     assert memorize.data.segment_length == 499 and memorize.curriculum == list(range(1, 8))
+    # The paper's model and loss, not the CPU default's (20 memory tokens, smoothed targets).
+    assert memorize.model.num_memory_tokens == 10 and memorize.train.label_smoothing_factor == 0
     # bert-base-cased's shape (its weights are not downloadable here), on the meta device.
     with torch.device("meta"):
         backbone = BertModel(BertConfig(vocab_size=28996))

@@ -502,9 +502,15 @@ def test_label_smoothing_is_refused_where_it_does_not_apply(data, tmp_path):
     from rmt.config import PipelineConfig, read_config_files
 
     params = read_config_files(ROOT / "params.yaml")
+    decoder = {"model": {**params["model"], "architecture": "decoder"}}
+    # params.yaml smooths the encoder's targets: a decoder laid over it is told to turn that off.
+    with pytest.raises(ValueError, match="memorize: train: label_smoothing_factor 0.1 .* a decoder: set it to 0"):
+        PipelineConfig(**{**params, **decoder})
+    params = {**params, "train": {**params["train"], "label_smoothing_factor": 0}}
+    PipelineConfig(**{**params, **decoder})
     smoothing = {"stage_train": {2: {"label_smoothing_factor": 0.1}}}
     with pytest.raises(ValueError, match="stage_train.2: label_smoothing_factor 0.1 applies to the encoder's"):
-        PipelineConfig(**{**params, "model": {**params["model"], "architecture": "decoder"}, **smoothing})
+        PipelineConfig(**{**params, **decoder, **smoothing})
     with pytest.raises(ValueError, match="loss_on_all_segments is on: set label_smoothing_factor to 0 or"):
         PipelineConfig(**{**params, "model": {**params["model"], "loss_on_all_segments": True}, **smoothing})
     with pytest.raises(ValueError, match="loss_on_all_segments is on"):  # a stage trained on its own

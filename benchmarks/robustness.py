@@ -1,8 +1,8 @@
 """Does the recipe's extrapolation hold on seeds and settings it was not tuned on?
 
-    .venv/bin/python benchmarks/robustness.py --label params
-    .venv/bin/python benchmarks/robustness.py --label mixed --config my-recipe.yaml
-    .venv/bin/python benchmarks/robustness.py --label params --table-only --quote-in README.md
+    .venv/bin/python benchmarks/robustness.py --label today
+    .venv/bin/python benchmarks/robustness.py --label mixed --config my-recipe.yaml --reuse-from today
+    .venv/bin/python benchmarks/robustness.py --label today --table-only --quote-in README.md
 
 For every task x setting x seed: generate the task's data with that seed and setting, train
 the curriculum (params.yaml's recipe, overlaid by --config files) with that training seed,
@@ -121,6 +121,7 @@ def run_one(job: dict) -> dict:
                                    progress=False)
         accuracy[str(length)] = {k: row[k] for k in ("accuracy", "ci_low", "ci_high", "examples", "seconds")}
     result = {"task": job["task"], "setting": job["setting"], "seed": seed, "recipe": recipe(job["configs"]),
+              "settings": trained_settings(job),
               "stages": stages,
               "train_seconds": round(train_seconds, 1), "accuracy": accuracy,
               "seconds": round(time.perf_counter() - started, 1)}
@@ -142,6 +143,12 @@ def run_settings(job: dict):
     return PipelineConfig(**merge(read_config_files(*job["configs"]), overlay)).for_task(job["task"])
 
 
+def trained_settings(job: dict) -> str:
+    """The hash of what a run trains on, whatever it is scored at: files of the same names
+    (params.yaml above all) can hold another recipe later."""
+    return run_settings({**job, "segments": [1], "examples": 1}).config_hash()
+
+
 def recipe(configs: list[str]) -> str:
     """The recipe's name in tables and run.json: its files, in the order they are laid."""
     return " + ".join(Path(config).name for config in configs)
@@ -158,6 +165,10 @@ def check_jobs(jobs: list[dict]) -> None:
         if trained is not None and trained != recipe(job["configs"]):
             raise typer.BadParameter(f"{done.parent} was trained with {trained}, not {recipe(job['configs'])}: "
                                      "give this recipe a --label of its own, or the same --config files",
+                                     param_hint="--label")
+        if finished.get("settings", trained_settings(job)) != trained_settings(job):
+            raise typer.BadParameter(f"{done.parent} was trained with other settings than {trained} holds now "
+                                     "(a file of the recipe changed since): give this recipe a --label of its own",
                                      param_hint="--label")
         unscored = sorted(set(job["segments"]) - {int(n) for n in finished.get("accuracy", job["segments"])})
         if unscored:

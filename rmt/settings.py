@@ -158,4 +158,5 @@ def label_smoothing_problem(model: ModelSettings, train: TrainSettings, architec
 
 
 def decoder_smoothing_problem(factor: float) -> str:
-    return f"label_smoothing_factor {factor} applies to the encoder's classifier, and this model is a decoder: set it to 0"
+    return (f"label_smoothing_factor {factor} applies to the encoder's classifier, and this model is a decoder: set it to 0 "
+            "(train.label_smoothing_factor: 0 in your configuration; params.yaml smooths the encoder's targets)")

@@ -80,6 +80,13 @@ def test_the_robustness_benchmark_trains_scores_and_reuses_stages(tmp_path):
     message = flat(other.stderr)
     assert other.returncode == 2 and "was trained with params.yaml + tiny.yaml + last.yaml, not params.yaml + " \
         "tiny.yaml: give this recipe a --label of its own" in message, message
+    (tmp_path / "last.yaml").write_text("stage_train: {2: {valid_length_factor: 2}}\n")  # the same name, edited
+    edited = run("robustness.py", "--label", "after", *common, "--config", str(tmp_path / "last.yaml"), cwd=tmp_path,
+                 check=False)
+    message = flat(edited.stderr)
+    assert edited.returncode == 2 and "was trained with other settings than params.yaml + tiny.yaml + last.yaml " \
+        "holds now" in message, message
+    (tmp_path / "last.yaml").write_text("stage_train: {2: {valid_length_factor: 3}}\n")
     longer = run("robustness.py", "--label", "after", *common, "--config", str(tmp_path / "last.yaml"), "--segments",
                  "16", cwd=tmp_path, check=False)  # a finished run is not silently left unscored at 16
     message = flat(longer.stderr)

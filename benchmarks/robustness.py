@@ -166,10 +166,6 @@ def check_jobs(jobs: list[dict]) -> None:
             raise typer.BadParameter(f"{done.parent} was trained with {trained}, not {recipe(job['configs'])}: "
                                      "give this recipe a --label of its own, or the same --config files",
                                      param_hint="--label")
-        if finished.get("settings", trained_settings(job)) != trained_settings(job):
-            raise typer.BadParameter(f"{done.parent} was trained with other settings than {trained} holds now "
-                                     "(a file of the recipe changed since): give this recipe a --label of its own",
-                                     param_hint="--label")
         unscored = sorted(set(job["segments"]) - {int(n) for n in finished.get("accuracy", job["segments"])})
         if unscored:
             raise typer.BadParameter(f"{done.parent} is finished and was not scored at {unscored} segments: give a "
@@ -180,6 +176,10 @@ def check_jobs(jobs: list[dict]) -> None:
         except (ValueError, OSError) as error:
             raise typer.BadParameter(f"{job['task']} {job['setting']} seed {job['seed']}: {error}",
                                      param_hint="--config") from None
+        if "settings" in finished and finished["settings"] != trained_settings(job):
+            raise typer.BadParameter(f"{done.parent} was trained with other settings than {trained} holds now "
+                                     "(a file of the recipe changed since): give this recipe a --label of its own",
+                                     param_hint="--label")
         source = Path(job["reuse"]) if job["reuse"] else None
         if source and not Path(job["folder"]).exists() and not finished_curriculum(source):
             raise typer.BadParameter(f"{source} holds no finished curriculum to reuse: run that label on this "

@@ -30,8 +30,8 @@ config cut to 2 layers, width 128, 4 heads, intermediate 512, randomly initialis
 causal (is_decoder). Both: 2 layers, width 128, 4 heads of 32, the same feed-forward weights
 and FLOPs (BERT's GELU MLP 128-512-128; the peer's GEGLU at 2/3 of ff_mult=4, 128-2x341-128),
 the MiniLM WordPiece vocabulary (30,522) with an output layer over it at every token,
-params.yaml's memory tokens (20; 10 until 2026-12-07) read and written per segment, 64 text tokens per segment, dropout 0.1 in
-training, PyTorch's fused attention (sdpa), float32, the next-token loss over every token.
+params.yaml's memory tokens (20; 10 until 2026-12-07) read and written per segment, 64 text
+tokens per segment, dropout 0.1 in training, PyTorch's fused attention (sdpa), float32, the next-token loss over every token.
 
 What is not. Each model is otherwise as its authors build it: this project ties the output
 layer to the input embedding (4.4M weights); the peer has a separate one (8.2M weights,

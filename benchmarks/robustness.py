@@ -99,7 +99,7 @@ def run_one(job: dict) -> dict:
         reuse_stages(Path(job["reuse"]), folder)
     torch.set_num_threads(job["threads"])
     seed, lengths = job["seed"], job["segments"]
-    settings = run_settings(job)
+    settings, settings_hash = run_settings(job), trained_settings(job)  # as the run starts, not as it ends
     started = time.perf_counter()
     data = build_dataset(settings.data, folder / "data", progress=False)
     stages, init = [], None
@@ -121,7 +121,7 @@ def run_one(job: dict) -> dict:
                                    progress=False)
         accuracy[str(length)] = {k: row[k] for k in ("accuracy", "ci_low", "ci_high", "examples", "seconds")}
     result = {"task": job["task"], "setting": job["setting"], "seed": seed, "recipe": recipe(job["configs"]),
-              "settings": trained_settings(job),
+              "settings": settings_hash,
               "stages": stages,
               "train_seconds": round(train_seconds, 1), "accuracy": accuracy,
               "seconds": round(time.perf_counter() - started, 1)}

@@ -15,6 +15,7 @@ import yaml
 
 from rmt.config import json_schema, load_config
 from rmt.pipeline import plan, source_files
+from rmt.tracking import RETRY_ATTEMPTS, RETRY_MAX_DELAY
 from workflow_project import BIN, ROOT, TINY, dry_run_jobs, environment, interruptible, make_project, mlflow_runs
 
 
@@ -149,7 +150,9 @@ def test_a_killed_workflow_resumes_its_training_stage(tmp_path, kill):
         time.sleep(0.1)
     # Ctrl-C: the terminal signals Snakemake and its jobs. kill -9: all die where they stand.
     os.killpg(process.pid, kill)
-    process.wait(timeout=120)
+    # Snakemake exits once its job has ended its MLflow run FAILED. On a busy machine that
+    # write can wait out SQLite's 20 s busy timeout on every retry (CI once took over 120 s).
+    process.wait(timeout=RETRY_ATTEMPTS * (20 + RETRY_MAX_DELAY) + 60)
     output.close()
     assert state.is_file()
     assert not (project.root / target).exists()

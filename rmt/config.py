@@ -165,7 +165,7 @@ class TaskSettings(BaseModel):
 
     def train_for(self, segments: int) -> TrainSettings:
         """The training settings of the stage on `segments` segments."""
-        return self.stage_train.get(segments, self.train)
+        return self.stage_train.get(segments, self.train).for_stage(segments)
 
     def config_hash(self) -> str:
         """What makes runs comparable: every setting but the training seed and the device,

@@ -99,6 +99,13 @@ class TrainSettings(BaseModel):
     # the stage stopped, on validation examples k times as long (generated, not stored).
     valid_length_factor: int = Field(default=1, ge=1, description="Validate (choose the best checkpoint and stop) "
                                      "on examples this many times as long as the stage's")
+    # A model trained on one to three segments does not carry a fact four times as far (the
+    # paper's generalization grid), so long validation would only keep the first stages running.
+    valid_length_from_segments: int = Field(default=1, ge=1, description="valid_length_factor (and long steps) "
+                                            "apply to stages of at least this many segments; shorter stages "
+                                            "validate at their own length")
+    valid_length_examples: int | None = Field(default=None, ge=1, description="Validation examples per evaluation "
+                                              "where valid_length_factor applies (null: eval_examples)")
     # One length per stage lets a stage fit its own length; drawing each step's length from
     # every stored curriculum length up to the stage's asks for one rule at all of them.
     mixed_lengths: bool = Field(default=False, description="Each step trains on a number of segments drawn from the "
@@ -141,6 +148,18 @@ class TrainSettings(BaseModel):
             raise ValueError(f"long_step_bptt_depth {self.long_step_bptt_depth} applies to long steps, and "
                              "long_step_every is null: set long_step_every, or long_step_bptt_depth to null")
         return self
+
+    def for_stage(self, segments: int) -> "TrainSettings":
+        """The settings a stage on `segments` segments trains with: valid_length_from_segments
+        and valid_length_examples resolved into its valid_length_factor and eval_examples (and
+        its long steps, which need the long length, off where that does not apply)."""
+        values = self.model_dump(exclude={"valid_length_from_segments", "valid_length_examples"})
+        if segments < self.valid_length_from_segments:
+            values.update(valid_length_factor=1, long_step_every=None, long_step_factors=None,
+                          long_step_bptt_depth=None)
+        elif self.valid_length_factor > 1 and self.valid_length_examples is not None:
+            values.update(eval_examples=self.valid_length_examples)
+        return TrainSettings(**values)
 
 
 def label_smoothing_problem(model: ModelSettings, train: TrainSettings, architecture: str | None = None) -> str | None:

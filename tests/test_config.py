@@ -131,6 +131,23 @@ def test_commands_resolve_a_tasks_settings_from_the_configuration():
         task_settings([], ["train.learning_rate=-1"], "memorize")
 
 
+def test_long_validation_applies_from_its_stage_on_with_its_own_examples():
+    from rmt.cli_common import task_settings
+
+    long = ["train.valid_length_factor=4", "train.valid_length_from_segments=4", "train.valid_length_examples=200",
+            "train.eval_examples=500", "train.long_step_every=4"]
+    settings = task_settings([ROOT / "params.yaml"], long, "memorize")
+    short, fourth = settings.train_for(3), settings.train_for(4)
+    assert (short.valid_length_factor, short.eval_examples, short.long_step_every) == (1, 500, None)
+    assert (fourth.valid_length_factor, fourth.eval_examples, fourth.long_step_every) == (4, 200, 4)
+    # A stage's own settings resolve the same way; and without long validation nothing changes.
+    staged = task_settings([ROOT / "params.yaml"], [*long, "stage_train.5.valid_length_examples=50"], "memorize")
+    assert staged.train_for(5).eval_examples == 50 and staged.train_for(6).eval_examples == 200
+    plain = task_settings([ROOT / "params.yaml"], ["train.valid_length_factor=1", "train.valid_length_from_segments=1",
+                                                   "train.valid_length_examples=null"], "memorize")
+    assert plain.train_for(7).eval_examples == plain.train.eval_examples and plain.train_for(7).valid_length_factor == 1
+
+
 def test_the_config_hash_ignores_the_seed_and_device_only():
     base = load_config(ROOT / "params.yaml").for_task("memorize")
     other_seed = base.model_copy(update={"train": base.train.model_copy(update={"seed": 3, "device": "cuda"})})

@@ -129,7 +129,8 @@ class PipelineConfig(BaseModel):
         if unknown:
             raise ValueError(f"{task}: stage_train names stages {unknown} that are not in the curriculum "
                              f"{data.curriculum_segments}: use numbers of segments from data.curriculum_segments")
-        stage_train = {n: {**train, **self.stage_train.get(n, {}), **overrides.stage_train.get(n, {})} for n in stages}
+        stage_train = {n: _stage_values(train, {**self.stage_train.get(n, {}), **overrides.stage_train.get(n, {})})
+                       for n in stages}
         return TaskSettings(
             task=task,
             data=data,
@@ -139,6 +140,21 @@ class PipelineConfig(BaseModel):
                          for n, values in stage_train.items()},
             evaluate=_section(f"{task}: evaluate", EvaluateSettings, {**self.evaluate, **overrides.evaluate}),
         )
+
+
+# What a stage names itself applies to it as given, also where `train`'s long validation
+# would leave it out (valid_length_from_segments) or set its examples (valid_length_examples).
+_OWN_LONG_VALIDATION = {"valid_length_factor", "long_step_every", "long_step_factors", "long_step_bptt_depth"}
+
+
+def _stage_values(train: dict, own: dict) -> dict:
+    """A stage's training values: `train`'s, with the stage's own laid over them."""
+    values = {**train, **own}
+    if own.keys() & _OWN_LONG_VALIDATION:
+        values["valid_length_from_segments"] = own.get("valid_length_from_segments", 1)
+    if "eval_examples" in own:
+        values["valid_length_examples"] = own.get("valid_length_examples")
+    return values
 
 
 class TaskSettings(BaseModel):

@@ -105,7 +105,7 @@ class TrainSettings(BaseModel):
                                             "apply to stages of at least this many segments; shorter stages "
                                             "validate at their own length")
     valid_length_examples: int | None = Field(default=None, ge=1, description="Validation examples per evaluation "
-                                              "where valid_length_factor applies (null: eval_examples)")
+                                              "where valid_length_factor (above 1) applies (null: eval_examples)")
     # One length per stage lets a stage fit its own length; drawing each step's length from
     # every stored curriculum length up to the stage's asks for one rule at all of them.
     mixed_lengths: bool = Field(default=False, description="Each step trains on a number of segments drawn from the "

@@ -8,7 +8,7 @@ import torch
 from pydantic import ValidationError
 from transformers import BertConfig, BertModel
 
-from rmt.config import PipelineConfig, load_config
+from rmt.config import PipelineConfig, json_schema, load_config
 from rmt.model import RMTConfig, RecurrentMemoryEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,17 +135,37 @@ def test_long_validation_applies_from_its_stage_on_with_its_own_examples():
     from rmt.cli_common import task_settings
 
     long = ["train.valid_length_factor=4", "train.valid_length_from_segments=4", "train.valid_length_examples=200",
-            "train.eval_examples=500", "train.long_step_every=4"]
+            "train.eval_examples=500", "train.long_step_every=4", "train.long_step_factors=[4,8]",
+            "train.long_step_bptt_depth=2"]
     settings = task_settings([ROOT / "params.yaml"], long, "memorize")
     short, fourth = settings.train_for(3), settings.train_for(4)
-    assert (short.valid_length_factor, short.eval_examples, short.long_step_every) == (1, 500, None)
-    assert (fourth.valid_length_factor, fourth.eval_examples, fourth.long_step_every) == (4, 200, 4)
-    # A stage's own settings resolve the same way; and without long validation nothing changes.
-    staged = task_settings([ROOT / "params.yaml"], [*long, "stage_train.5.valid_length_examples=50"], "memorize")
+    assert (short.valid_length_factor, short.eval_examples, short.long_step_every, short.long_step_factors,
+            short.long_step_bptt_depth) == (1, 500, None, None, None)
+    assert (fourth.valid_length_factor, fourth.eval_examples, fourth.long_step_every, fourth.long_step_factors,
+            fourth.long_step_bptt_depth) == (4, 200, 4, [4, 8], 2)
+    # What a stage names itself applies as given: long validation below the threshold, and its
+    # own validation examples.
+    staged = task_settings([ROOT / "params.yaml"], [*long, "stage_train.2.valid_length_factor=3",
+                                                    "stage_train.5.eval_examples=50"], "memorize")
+    assert staged.train_for(2).valid_length_factor == 3 and staged.train_for(2).long_step_every == 4
     assert staged.train_for(5).eval_examples == 50 and staged.train_for(6).eval_examples == 200
-    plain = task_settings([ROOT / "params.yaml"], ["train.valid_length_factor=1", "train.valid_length_from_segments=1",
-                                                   "train.valid_length_examples=null"], "memorize")
-    assert plain.train_for(7).eval_examples == plain.train.eval_examples and plain.train_for(7).valid_length_factor == 1
+    # A shorter curriculum needs nothing more; the workflow's schema takes the settings.
+    assert task_settings([ROOT / "params.yaml"], [*long, "data.curriculum_segments=[1,2]"], "memorize").train_for(2) \
+        .valid_length_factor == 1
+    schema_keys = json_schema()["properties"]["train"]["properties"]
+    assert {"valid_length_from_segments", "valid_length_examples"} <= set(schema_keys)
+
+
+def test_without_long_validation_every_stage_trains_as_it_names():
+    config = load_config(ROOT / "params.yaml", ROOT / "config" / "paper.yaml")
+    for task in config.tasks:
+        settings = config.for_task(task)
+        for segments in settings.curriculum:
+            resolved = settings.train_for(segments)
+            assert resolved.valid_length_factor == 1, (task, segments)
+            assert resolved.model_dump(exclude={"valid_length_from_segments", "valid_length_examples"}) == \
+                settings.stage_train.get(segments, settings.train).model_dump(
+                    exclude={"valid_length_from_segments", "valid_length_examples"})
 
 
 def test_the_config_hash_ignores_the_seed_and_device_only():

@@ -124,7 +124,7 @@ def test_commands_resolve_a_tasks_settings_from_the_configuration():
     staged = task_settings([ROOT / "params.yaml"], ["stage_train.3.learning_rate=1e-6",
                                                     "tasks.memorize.stage_train.3.max_steps=109"], "memorize")
     assert staged.train_for(3).learning_rate == 1e-6 and staged.train_for(3).max_steps == 109
-    assert staged.train_for(2).learning_rate == staged.train.learning_rate  # a stage without an entry: train's
+    assert staged.train_for(2) == staged.train.for_stage(2)  # a stage without an entry: train's, resolved for it
     with pytest.raises(typer.BadParameter, match="SECTION.KEY=VALUE"):
         task_settings([], ["learning_rate=1"], "memorize")
     with pytest.raises(typer.BadParameter, match="learning_rate"):

@@ -6,7 +6,9 @@
     model:      rmt.settings.ModelSettings (what the first curriculum stage starts from)
     train:      rmt.settings.TrainSettings (every curriculum stage)
     stage_train: changes to `train` for single stages, by number of segments, e.g. the
-                paper's Reasoning runs stage 1 at lr 1e-5 for 6000 steps: {1: {...}}
+                paper's Reasoning runs stage 1 at lr 1e-5 for 6000 steps: {1: {...}};
+                `last` names the curriculum's last stage whatever its length, and null
+                clears an entry of a file below
     evaluate:   extrapolation lengths and batch size
     profile:    the measured cost study, `rmt profile memory` (lengths, budgets)
 
@@ -74,6 +76,19 @@ class ProfileSettings(BaseModel):
         return self
 
 
+# A stage_train entry's key: a stage's number of segments, or the curriculum's last stage.
+LAST_STAGE = "last"
+StageKey = int | Literal["last"]
+
+
+def _known_stage_keys(stage_train):
+    for key in stage_train or {}:
+        if key != LAST_STAGE and not str(key).isdigit():
+            raise ValueError(f"unknown stage {key!r}: name a stage by its number of segments (from "
+                             f"data.curriculum_segments) or `{LAST_STAGE}`")
+    return stage_train
+
+
 class TaskOverrides(BaseModel):
     """Per-task changes to the shared sections (e.g. a longer schedule for reasoning)."""
 
@@ -82,8 +97,10 @@ class TaskOverrides(BaseModel):
     data: dict = Field(default_factory=dict)
     model: dict = Field(default_factory=dict)
     train: dict = Field(default_factory=dict)
-    stage_train: dict[int, dict] = Field(default_factory=dict)
+    stage_train: dict[StageKey, dict | None] = Field(default_factory=dict)
     evaluate: dict = Field(default_factory=dict)
+
+    _stage_keys = field_validator("stage_train", mode="before")(_known_stage_keys)
 
 
 class PipelineConfig(BaseModel):
@@ -94,9 +111,11 @@ class PipelineConfig(BaseModel):
     data: dict = Field(default_factory=dict)
     model: dict = Field(default_factory=dict)
     train: dict = Field(default_factory=dict)
-    stage_train: dict[int, dict] = Field(default_factory=dict)
+    stage_train: dict[StageKey, dict | None] = Field(default_factory=dict)
     evaluate: dict = Field(default_factory=dict)
     profile: ProfileSettings = Field(default_factory=ProfileSettings)
+
+    _stage_keys = field_validator("stage_train", mode="before")(_known_stage_keys)
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -124,13 +143,13 @@ class PipelineConfig(BaseModel):
         overrides = self.tasks[task]
         data = _section(f"{task}: data", DataConfig, {**self.data, **overrides.data, "task": task})
         train = {**self.train, **overrides.train}
-        stages = sorted(set(self.stage_train) | set(overrides.stage_train))
-        unknown = [n for n in stages if n not in data.curriculum_segments]
+        own = _stage_entries(data.curriculum_segments, self.stage_train, overrides.stage_train)
+        unknown = sorted(set(own) - set(data.curriculum_segments))
         if unknown:
             raise ValueError(f"{task}: stage_train names stages {unknown} that are not in the curriculum "
-                             f"{data.curriculum_segments}: use numbers of segments from data.curriculum_segments")
-        stage_train = {n: _stage_values(train, {**self.stage_train.get(n, {}), **overrides.stage_train.get(n, {})})
-                       for n in stages}
+                             f"{data.curriculum_segments}: use numbers of segments from data.curriculum_segments "
+                             f"or `{LAST_STAGE}`")
+        stage_train = {n: _stage_values(train, values) for n, values in sorted(own.items())}
         return TaskSettings(
             task=task,
             data=data,
@@ -145,6 +164,18 @@ class PipelineConfig(BaseModel):
 # What a stage names itself applies to it as given, also where `train`'s long validation
 # would leave it out (valid_length_from_segments) or set its examples (valid_length_examples).
 _OWN_LONG_VALIDATION = {"valid_length_factor", "long_step_every", "long_step_factors", "long_step_bptt_depth"}
+
+
+def _stage_entries(curriculum: list[int], *layers: dict) -> dict[int, dict]:
+    """Each stage's own changes to `train`, from the layers of stage_train (shared, then the
+    task's): within a layer a stage's number is laid over `last`; a null entry clears what
+    the layers before gave that stage (`tasks: {reasoning: {stage_train: {last: null}}}`)."""
+    entries: dict[int, dict] = {}
+    for layer in layers:
+        for key in sorted(layer, key=lambda key: key != LAST_STAGE):  # `last` first
+            stage = curriculum[-1] if key == LAST_STAGE else key
+            entries[stage] = {} if layer[key] is None else {**entries.get(stage, {}), **layer[key]}
+    return {stage: values for stage, values in entries.items() if values}
 
 
 def _stage_values(train: dict, own: dict) -> dict:
@@ -211,8 +242,9 @@ def problem_lines(error: ValidationError, *, prefix: str = "", task: str = "") -
     """pydantic's errors as one line each: the full key, the value given and what is wrong."""
     lines = []
     for problem in error.errors():
-        if not problem["loc"] and problem["type"] == "value_error":  # already named by for_task
-            lines += str(problem["ctx"]["error"]).splitlines()
+        if not problem["loc"] and problem["type"] == "value_error":  # a check across the section's keys
+            where = f"{task + ': ' if task else ''}{prefix}: " if prefix else ""  # else already named by for_task
+            lines += [where + line for line in str(problem["ctx"]["error"]).splitlines()]
             continue
         key = ".".join(str(part) for part in (prefix, *problem["loc"]) if part != "")
         given = f" (given {problem['input']!r})" if problem["type"] != "missing" and "input" in problem else ""
@@ -314,8 +346,10 @@ def json_schema() -> dict:
     sections = {"data": section(DataConfig, drop=("task",)), "model": section(ModelSettings),
                 "train": section(TrainSettings), "evaluate": section(EvaluateSettings)}
     profile = section(ProfileSettings)
-    stage_train = {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"}, "additionalProperties": sections["train"],
-                   "description": "Changes to train for single curriculum stages, by number of segments"}
+    stage_train = {"type": "object", "propertyNames": {"pattern": f"^([0-9]+|{LAST_STAGE})$"},
+                   "additionalProperties": {"anyOf": [sections["train"], {"type": "null"}]},
+                   "description": f"Changes to train for single curriculum stages, by number of segments or "
+                                  f"`{LAST_STAGE}` (the curriculum's last stage); null clears an entry"}
     task = {"type": ["object", "null"], "additionalProperties": False,
             "properties": {**sections, "stage_train": stage_train}}
     return {

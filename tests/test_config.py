@@ -8,7 +8,7 @@ import torch
 from pydantic import ValidationError
 from transformers import BertConfig, BertModel
 
-from rmt.config import PipelineConfig, json_schema, load_config
+from rmt.config import PipelineConfig, json_schema, load_config, read_config_files, schema_problems
 from rmt.model import RMTConfig, RecurrentMemoryEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +154,31 @@ def test_long_validation_applies_from_its_stage_on_with_its_own_examples():
         .valid_length_factor == 1
     schema_keys = json_schema()["properties"]["train"]["properties"]
     assert {"valid_length_from_segments", "valid_length_examples"} <= set(schema_keys)
+
+
+def test_last_names_the_curriculums_last_stage_whatever_its_length():
+    from rmt.cli_common import task_settings
+
+    default = load_config(ROOT / "params.yaml").for_task("memorize")
+    assert default.train_for(7).learning_rate < default.train_for(6).learning_rate == default.train.learning_rate
+    short = task_settings([ROOT / "params.yaml"], ["data.curriculum_segments=[1,2,3]"], "memorize")
+    assert short.train_for(3).learning_rate == default.train_for(7).learning_rate
+    assert short.train_for(2).learning_rate == default.train.learning_rate
+    # Within a layer a stage's number wins over `last`; the task's layer over the shared one,
+    # and its null clears what the shared layer gave the stage.
+    layered = task_settings([ROOT / "params.yaml"], ["stage_train.7.learning_rate=3e-4", "stage_train.last.max_steps=700"],
+                           "memorize")
+    assert (layered.train_for(7).learning_rate, layered.train_for(7).max_steps) == (3e-4, 700)
+    reasoning = task_settings([ROOT / "params.yaml"], ["tasks.reasoning.stage_train.last=null"], "reasoning")
+    assert reasoning.train_for(7).learning_rate == reasoning.train.learning_rate
+    paper = load_config(ROOT / "params.yaml", ROOT / "config" / "paper.yaml").for_task("memorize")
+    assert 7 not in paper.stage_train  # the paper trains every stage at one rate
+    schema = json_schema()
+    config = {"stage_train": {"last": {"learning_rate": 1e-4}, 3: None}, "tasks": {"memorize": {"stage_train": {"last": None}}}}
+    assert schema_problems(config, schema) == []
+    assert schema_problems({"stage_train": {"final": {}}}, schema) == ["stage_train: 'final' does not match '^([0-9]+|last)$'"]
+    with pytest.raises(ValueError, match="unknown stage 'final'.*or `last`"):
+        PipelineConfig(**{**read_config_files(ROOT / "params.yaml"), "stage_train": {"final": {"learning_rate": 1e-4}}})
 
 
 def test_without_long_validation_every_stage_trains_as_it_names():

@@ -251,3 +251,14 @@ def test_a_stale_dvc_yaml_is_refused_with_the_fix(tmp_path, monkeypatch):
     params.write_text(params.read_text().replace("seeds: [0]", "seeds: [0, 1]"))  # DVC alone cannot see this
     with pytest.raises(UserError, match="run `rmt pipeline dvc`"):
         check_dvc_yaml(params, tmp_path / "dvc.yaml")
+
+
+def test_a_dvc_stage_depends_on_its_own_stage_train_entries_only():
+    """Lowering the last stage's rate (params.yaml's `stage_train.last`) retrains the last
+    stage under `dvc repro`, not the stages before it."""
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    curriculum = load_config(ROOT / "params.yaml").for_task("memorize").curriculum
+    first, last = (stages[f"train-memorize-seed0-stage{n}"]["params"] for n in (curriculum[0], curriculum[-1]))
+    assert "stage_train.last" in last and "stage_train.last" not in first and "stage_train" not in first

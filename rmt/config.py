@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rmt.data.dataset import DataConfig
 from rmt.data.tasks import TASKS
 from rmt.paper import FIGURE3_TOKENS
-from rmt.settings import ModelSettings, TrainSettings, label_smoothing_problem
+from rmt.settings import LONG_VALIDATION, ModelSettings, TrainSettings, label_smoothing_problem
 
 
 class EvaluateSettings(BaseModel):
@@ -161,11 +161,6 @@ class PipelineConfig(BaseModel):
         )
 
 
-# What a stage names itself applies to it as given, also where `train`'s long validation
-# would leave it out (valid_length_from_segments) or set its examples (valid_length_examples).
-_OWN_LONG_VALIDATION = {"valid_length_factor", "long_step_every", "long_step_factors", "long_step_bptt_depth"}
-
-
 def _stage_entries(curriculum: list[int], *layers: dict) -> dict[int, dict]:
     """Each stage's own changes to `train`, from the layers of stage_train (shared, then the
     task's): within a layer a stage's number is laid over `last`; a null entry clears what
@@ -179,9 +174,11 @@ def _stage_entries(curriculum: list[int], *layers: dict) -> dict[int, dict]:
 
 
 def _stage_values(train: dict, own: dict) -> dict:
-    """A stage's training values: `train`'s, with the stage's own laid over them."""
+    """A stage's training values: `train`'s, with the stage's own laid over them. What a stage
+    names itself applies as given, also where `train`'s long validation would leave it out
+    (valid_length_from_segments) or set its examples (valid_length_examples)."""
     values = {**train, **own}
-    if own.keys() & _OWN_LONG_VALIDATION:
+    if own.keys() & set(LONG_VALIDATION):
         values["valid_length_from_segments"] = own.get("valid_length_from_segments", 1)
     if "eval_examples" in own:
         values["valid_length_examples"] = own.get("valid_length_examples")

@@ -63,6 +63,12 @@ def _keeps_weight_shapes(key: str) -> bool:
     return key in ("num_hidden_layers", "is_decoder") or "dropout" in key
 
 
+# Long validation and long steps: what a stage below valid_length_from_segments goes without.
+LONG_VALIDATION = ("valid_length_factor", "long_step_every", "long_step_factors", "long_step_bptt_depth")
+# Settings of the whole curriculum that `TrainSettings.for_stage` resolves into a stage's own.
+CURRICULUM_ONLY = ("valid_length_from_segments", "valid_length_examples")
+
+
 class TrainSettings(BaseModel):
     """The paper's recipe is the shape: AdamW, linear schedule with warm-up, total batch by
     gradient accumulation, clipping by value, early stopping on validation accuracy."""
@@ -153,10 +159,9 @@ class TrainSettings(BaseModel):
         """The settings a stage on `segments` segments trains with: valid_length_from_segments
         and valid_length_examples resolved into its valid_length_factor and eval_examples (and
         its long steps, which need the long length, off where that does not apply)."""
-        values = self.model_dump(exclude={"valid_length_from_segments", "valid_length_examples"})
+        values = self.model_dump(exclude=set(CURRICULUM_ONLY))
         if segments < self.valid_length_from_segments:
-            values.update(valid_length_factor=1, long_step_every=None, long_step_factors=None,
-                          long_step_bptt_depth=None)
+            values.update({key: TrainSettings.model_fields[key].default for key in LONG_VALIDATION})
         elif self.valid_length_factor > 1 and self.valid_length_examples is not None:
             values.update(eval_examples=self.valid_length_examples)
         return TrainSettings(**values)

@@ -10,6 +10,7 @@ from transformers import BertConfig, BertModel
 
 from rmt.config import PipelineConfig, json_schema, load_config, read_config_files, schema_problems
 from rmt.model import RMTConfig, RecurrentMemoryEncoder
+from rmt.settings import CURRICULUM_ONLY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,7 +154,7 @@ def test_long_validation_applies_from_its_stage_on_with_its_own_examples():
     assert task_settings([ROOT / "params.yaml"], [*long, "data.curriculum_segments=[1,2]"], "memorize").train_for(2) \
         .valid_length_factor == 1
     schema_keys = json_schema()["properties"]["train"]["properties"]
-    assert {"valid_length_from_segments", "valid_length_examples"} <= set(schema_keys)
+    assert set(CURRICULUM_ONLY) <= set(schema_keys)
 
 
 def test_last_names_the_curriculums_last_stage_whatever_its_length():
@@ -188,9 +189,8 @@ def test_without_long_validation_every_stage_trains_as_it_names():
         for segments in settings.curriculum:
             resolved = settings.train_for(segments)
             assert resolved.valid_length_factor == 1, (task, segments)
-            assert resolved.model_dump(exclude={"valid_length_from_segments", "valid_length_examples"}) == \
-                settings.stage_train.get(segments, settings.train).model_dump(
-                    exclude={"valid_length_from_segments", "valid_length_examples"})
+            assert resolved.model_dump(exclude=set(CURRICULUM_ONLY)) == \
+                settings.stage_train.get(segments, settings.train).model_dump(exclude=set(CURRICULUM_ONLY))
 
 
 def test_the_config_hash_ignores_the_seed_and_device_only():

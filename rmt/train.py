@@ -142,10 +142,6 @@ class _StageInputs:
     @classmethod
     def check(cls, data_dir, segments: int, *, model: ModelSettings, train: TrainSettings, init) -> "_StageInputs":
         data = TaskDataset(data_dir)
-        lengths = [n for n in data.config.curriculum_segments if n < segments] if train.mixed_lengths else []
-        # Fails early if the stage's length is missing.
-        train_arrays = {n: data.arrays("train", n) for n in (*lengths, segments)}
-        valid_tokens, valid_labels = validation_set(data, segments * train.valid_length_factor, train.eval_examples)
         if init is not None:
             objective = check_fits(init, data, option="--init", same_segment_length=False)
         else:
@@ -153,7 +149,11 @@ class _StageInputs:
             data.check_vocabulary(tokenizer, f"the backbone '{model.backbone}'")
             objective = objective_for(model.architecture, classes=data.card["classes"], tokenizer=tokenizer)
         if problem := label_smoothing_problem(model, train, objective.model_class.architecture):
-            raise ValueError(problem)
+            raise ValueError(problem)  # before any array is read or validation example generated
+        lengths = [n for n in data.config.curriculum_segments if n < segments] if train.mixed_lengths else []
+        # Fails early if the stage's length is missing.
+        train_arrays = {n: data.arrays("train", n) for n in (*lengths, segments)}
+        valid_tokens, valid_labels = validation_set(data, segments * train.valid_length_factor, train.eval_examples)
         valid_kinds = None
         if get_task(data.config.task).kinds:
             count = len(valid_labels) if train.eval_examples is None else min(train.eval_examples, len(valid_labels))

@@ -51,24 +51,30 @@ RECIPES = {
 
 def run_recipe(name: str, seed: int, *, configs: list[Path], steps: int, eval_every: int, examples: int,
                workdir: Path) -> dict:
-    from rmt.config import PipelineConfig, merge, read_config_files
+    from rmt.config import LAST_STAGE, PipelineConfig, merge, read_config_files
     from rmt.data.dataset import build_dataset
     from rmt.train import train_stage
 
     folder = workdir / name / f"seed-{seed}"
-    done = folder / "run.json"
-    if done.is_file():
-        return json.loads(done.read_text())
     # The budget is the same for every recipe, and wins over params.yaml's Reasoning stage 1.
+    # The one stage is also the curriculum's last: params.yaml's lower last-stage rate, for a
+    # stage that starts from a converged model, is no part of a first stage's recipe.
     budget = {"seed": seed, "max_steps": steps, "min_steps": steps, "eval_every": eval_every,
               "eval_examples": examples, "target_accuracy": None, "patience": steps}
     overlay = merge(RECIPES[name], {
-        "seeds": [seed], "tasks": {"reasoning": {"stage_train": {1: budget}}},
+        "seeds": [seed], "stage_train": {LAST_STAGE: None}, "tasks": {"reasoning": {"stage_train": {1: budget}}},
         "data": {"seed": seed, "valid_examples": examples, "curriculum_segments": [1], "test_segments": [1]},
     })
     merged = merge(read_config_files(*configs), overlay)
     merged["tasks"] = {"reasoning": merged["tasks"]["reasoning"]}
     settings = PipelineConfig(**merged).for_task("reasoning")
+    done = folder / "run.json"
+    if done.is_file():
+        finished = json.loads(done.read_text())
+        if finished.get("settings", settings.config_hash()) != settings.config_hash():
+            raise typer.BadParameter(f"{folder} was trained with other settings than recipe {name} gives now (a "
+                                     "config file changed since): pass another --workdir", param_hint="--workdir")
+        return finished
     started = time.perf_counter()
     data = build_dataset(settings.data, folder / "data", progress=False)
     train_stage(data_dir=data, segments=1, output=folder / "stage-1", model=settings.model,
@@ -76,7 +82,7 @@ def run_recipe(name: str, seed: int, *, configs: list[Path], steps: int, eval_ev
     history = [json.loads(line) for line in (folder / "stage-1" / "history.jsonl").read_text().splitlines()]
     escape = next((r["step"] for r in history if r["valid_accuracy_by_kind"]["middle_room"] >= 0.9), None)
     last = history[-1]
-    result = {"recipe": name, "seed": seed, "steps": last["step"], "escape_step": escape,
+    result = {"recipe": name, "seed": seed, "settings": settings.config_hash(), "steps": last["step"], "escape_step": escape,
               "accuracy": last["valid_accuracy"], **{k: v for k, v in last["valid_accuracy_by_kind"].items()},
               "minutes": round((time.perf_counter() - started) / 60, 1),
               "curve": [(r["step"], r["valid_accuracy_by_kind"]["middle_room"]) for r in history]}

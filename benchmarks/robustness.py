@@ -158,6 +158,10 @@ def check_jobs(jobs: list[dict]) -> None:
     """Refuse, before any work, a recipe that does not validate, a run with nothing to reuse,
     and a label whose finished runs were trained with another recipe (they would be tabulated
     as this one's)."""
+    from pydantic import ValidationError
+
+    from rmt.config import problem_lines
+
     for job in jobs:
         done = Path(job["folder"], "run.json")
         finished = json.loads(done.read_text()) if done.is_file() else {}
@@ -174,7 +178,8 @@ def check_jobs(jobs: list[dict]) -> None:
         try:
             run_settings(job)
         except (ValueError, OSError) as error:
-            raise typer.BadParameter(f"{job['task']} {job['setting']} seed {job['seed']}: {error}",
+            problems = "; ".join(problem_lines(error)) if isinstance(error, ValidationError) else error
+            raise typer.BadParameter(f"{job['task']} {job['setting']} seed {job['seed']}: {problems}",
                                      param_hint="--config") from None
         if "settings" in finished and finished["settings"] != trained_settings(job):
             raise typer.BadParameter(f"{done.parent} was trained with other settings than {trained} holds now "

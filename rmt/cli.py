@@ -124,6 +124,7 @@ def train(
     if seed is not None:
         overrides = [*overrides, f"train.seed={seed}"]
     overrides = [*overrides, *device_override("train", device)]
+    from rmt.config import last_stage
     from rmt.data.dataset import TaskDataset
     from rmt.tracking import check_store
     from rmt.layout import StageFiles
@@ -150,7 +151,7 @@ def train(
             if previous_run_id is None:  # a resumed run has its input already
                 _log_dataset(run, dataset, "training")
             yield run
-            if run is not None and segments == max(dataset.config.curriculum_segments):
+            if run is not None and segments == last_stage(settings.curriculum):
                 # The curriculum's result: the model the runs table and the Models tab compare.
                 outcome = json.loads(StageFiles(output).metrics.read_text())
                 run.log_model(StageFiles(output).best, name=f"{task}-seed-{train_settings.seed}",

@@ -78,15 +78,29 @@ class ProfileSettings(BaseModel):
 
 # A stage_train entry's key: a stage's number of segments, or the curriculum's last stage.
 LAST_STAGE = "last"
-StageKey = int | Literal["last"]
+StageKey = int | Literal[LAST_STAGE]
+
+
+def _stage_number(key) -> int | str:
+    """A stage_train key as given: YAML's 7, --set's "7", or `last`."""
+    if key == LAST_STAGE or isinstance(key, int):
+        return key
+    if isinstance(key, str) and re.fullmatch(r"[0-9]+", key):
+        return int(key)
+    raise ValueError(f"unknown stage {key!r}: name a stage by its number of segments (from "
+                     f"data.curriculum_segments) or `{LAST_STAGE}`")
 
 
 def _known_stage_keys(stage_train):
-    for key in stage_train or {}:
-        if key != LAST_STAGE and not str(key).isdigit():
-            raise ValueError(f"unknown stage {key!r}: name a stage by its number of segments (from "
-                             f"data.curriculum_segments) or `{LAST_STAGE}`")
-    return stage_train
+    """One entry per stage: --set writes "7" beside a file's 7, and its keys go over the file's."""
+    if not isinstance(stage_train, dict):
+        return stage_train  # pydantic names the type
+    entries: dict = {}
+    for key, values in stage_train.items():
+        stage = _stage_number(key)
+        both = isinstance(entries.get(stage), dict) and isinstance(values, dict)
+        entries[stage] = {**entries[stage], **values} if both else values
+    return entries
 
 
 class TaskOverrides(BaseModel):
@@ -143,34 +157,41 @@ class PipelineConfig(BaseModel):
         overrides = self.tasks[task]
         data = _section(f"{task}: data", DataConfig, {**self.data, **overrides.data, "task": task})
         train = {**self.train, **overrides.train}
-        own = _stage_entries(data.curriculum_segments, self.stage_train, overrides.stage_train)
-        unknown = sorted(set(own) - set(data.curriculum_segments))
+        named = {key for key in (*self.stage_train, *overrides.stage_train) if key != LAST_STAGE}
+        unknown = sorted(named - set(data.curriculum_segments))
         if unknown:
             raise ValueError(f"{task}: stage_train names stages {unknown} that are not in the curriculum "
                              f"{data.curriculum_segments}: use numbers of segments from data.curriculum_segments "
                              f"or `{LAST_STAGE}`")
-        stage_train = {n: _stage_values(train, values) for n, values in sorted(own.items())}
+        own = _stage_entries(data.curriculum_segments, self.stage_train, overrides.stage_train)
         return TaskSettings(
             task=task,
             data=data,
             model=_section(f"{task}: model", ModelSettings, {**self.model, **overrides.model}),
             train=_section(f"{task}: train", TrainSettings, train),
-            stage_train={n: _section(f"{task}: stage_train.{n}", TrainSettings, values)
-                         for n, values in stage_train.items()},
+            stage_train={n: _section(f"{task}: stage_train.{key}", TrainSettings, _stage_values(train, values))
+                         for n, (key, values) in sorted(own.items())},
             evaluate=_section(f"{task}: evaluate", EvaluateSettings, {**self.evaluate, **overrides.evaluate}),
         )
 
 
-def _stage_entries(curriculum: list[int], *layers: dict) -> dict[int, dict]:
-    """Each stage's own changes to `train`, from the layers of stage_train (shared, then the
-    task's): within a layer a stage's number is laid over `last`; a null entry clears what
-    the layers before gave that stage (`tasks: {reasoning: {stage_train: {last: null}}}`)."""
-    entries: dict[int, dict] = {}
+def last_stage(curriculum: list[int]) -> int:
+    """The stage `stage_train.last` names, whose model is the curriculum's result."""
+    return curriculum[-1]
+
+
+def _stage_entries(curriculum: list[int], *layers: dict) -> dict[int, tuple[str, dict]]:
+    """Each stage's own changes to `train`, with the key they were written under, from the
+    layers of stage_train (shared, then the task's): within a layer a stage's number is laid
+    over `last`; a null entry clears what the layers before gave that stage
+    (`tasks: {reasoning: {stage_train: {last: null}}}`)."""
+    entries: dict[int, tuple[str, dict]] = {}
     for layer in layers:
         for key in sorted(layer, key=lambda key: key != LAST_STAGE):  # `last` first
-            stage = curriculum[-1] if key == LAST_STAGE else key
-            entries[stage] = {} if layer[key] is None else {**entries.get(stage, {}), **layer[key]}
-    return {stage: values for stage, values in entries.items() if values}
+            stage = last_stage(curriculum) if key == LAST_STAGE else key
+            values = {} if layer[key] is None else {**entries.get(stage, ("", {}))[1], **layer[key]}
+            entries[stage] = (str(key), values)
+    return {stage: entry for stage, entry in entries.items() if entry[1]}
 
 
 def _stage_values(train: dict, own: dict) -> dict:
@@ -244,8 +265,12 @@ def problem_lines(error: ValidationError, *, prefix: str = "", task: str = "") -
             lines += [where + line for line in str(problem["ctx"]["error"]).splitlines()]
             continue
         key = ".".join(str(part) for part in (prefix, *problem["loc"]) if part != "")
-        given = f" (given {problem['input']!r})" if problem["type"] != "missing" and "input" in problem else ""
-        lines.append(f"{task + ': ' if task else ''}{key or 'config'}: {problem['msg']}{given}")
+        if problem["type"] == "value_error":  # a validator's own message, which names the value
+            message, given = str(problem["ctx"]["error"]), ""
+        else:
+            message = problem["msg"]
+            given = f" (given {problem['input']!r})" if problem["type"] != "missing" and "input" in problem else ""
+        lines.append(f"{task + ': ' if task else ''}{key or 'config'}: {message}{given}")
     return lines
 
 

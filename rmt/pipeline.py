@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from rmt.config import LAST_STAGE, PipelineConfig, load_config, read_config_files
+from rmt.config import LAST_STAGE, PipelineConfig, last_stage, load_config, read_config_files
 from rmt.layout import ATTENTION, ATTENTION_TASKS, DATA, EVALUATION, EVALUATION_METRICS, FLOPS, GRID, MEMORY, \
     MEMORY_FILES, REPORT, STAGE, DVC_CHECKED, StageFiles
 from rmt.utils import UserError, text_starts_with, write_atomic
@@ -234,7 +234,7 @@ def _curriculum_steps(task: str, seed: int, curriculum: list[int], *, data: str,
             # DVC neither caches it nor deletes it before a rerun, so a killed stage resumes.
             persist=(f"{stage}/config.json",), metrics=(f"{stage}/metrics.json",),
             params=keys("model", "train", f"stage_train.{segments}",
-                        *((f"stage_train.{LAST_STAGE}",) if segments == curriculum[-1] else ()), f"tasks.{task}"),
+                        *((f"stage_train.{LAST_STAGE}",) if segments == last_stage(curriculum) else ()), f"tasks.{task}"),
         ))
         grid = GRID.format(task=task, seed=seed, segments=segments)
         steps.append(Step(

@@ -42,6 +42,13 @@ def test_the_reasoning_search_reports_each_kind_of_question(tmp_path):
     assert {"accuracy", "end_room", "middle_room", "escape_step", "curve"} <= set(result)
     stage = json.loads((tmp_path / "w" / "escape" / "seed-0" / "stage-1" / "config.json").read_text())
     assert stage["train"]["schedule"] == "constant" and stage["train"]["max_steps"] == 4  # the budget wins
+    assert stage["train"]["learning_rate"] == 1e-3  # the recipe's, not params.yaml's last-stage rate
+    # A finished run is reused only under the settings it was trained with.
+    (tmp_path / "tiny.yaml").write_text(TINY + "data: {train_examples: 65}\n")
+    changed = run("reasoning_search.py", "--steps", "4", "--eval-every", "2", "--examples", "20", "--recipes",
+                  "escape", "--config", str(tmp_path / "tiny.yaml"), "--workdir", str(tmp_path / "w"), cwd=tmp_path,
+                  check=False)
+    assert changed.returncode != 0 and "was trained with other settings" in flat(changed.stderr)
 
 
 def test_the_robustness_benchmark_trains_scores_and_reuses_stages(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from pydantic import ValidationError
 from transformers import BertConfig, BertModel
 
-from rmt.config import PipelineConfig, json_schema, load_config, read_config_files, schema_problems
+from rmt.config import PipelineConfig, json_schema, load_config, read_config_files, schema_problems, validate_config
 from rmt.model import RMTConfig, RecurrentMemoryEncoder
 from rmt.settings import CURRICULUM_ONLY
 
@@ -178,8 +178,21 @@ def test_last_names_the_curriculums_last_stage_whatever_its_length():
     config = {"stage_train": {"last": {"learning_rate": 1e-4}, 3: None}, "tasks": {"memorize": {"stage_train": {"last": None}}}}
     assert schema_problems(config, schema) == []
     assert schema_problems({"stage_train": {"final": {}}}, schema) == ["stage_train: 'final' does not match '^([0-9]+|last)$'"]
-    with pytest.raises(ValueError, match="unknown stage 'final'.*or `last`"):
-        PipelineConfig(**{**read_config_files(ROOT / "params.yaml"), "stage_train": {"final": {"learning_rate": 1e-4}}})
+    params = read_config_files(ROOT / "params.yaml")
+    for stage_train, problem in [({"final": {}}, "unknown stage 'final'.*or `last`"), (5, "valid dictionary"),
+                                 ({9: None}, r"stages \[9\] that are not in the curriculum"),
+                                 ({"last": {"min_steps": 5000}}, r"stage_train.last: min_steps 5000")]:
+        with pytest.raises(ValueError, match=problem):
+            validate_config({**params, "stage_train": stage_train}, ["params.yaml"])
+
+
+def test_set_changes_single_keys_of_a_stage_the_file_names():
+    """--set writes the stage as "1" beside the file's 1: its keys go over the file's, the
+    others stay (params.yaml's Reasoning stage 1 keeps its 1500 steps)."""
+    from rmt.cli_common import task_settings
+
+    reasoning = task_settings([ROOT / "params.yaml"], ["tasks.reasoning.stage_train.1.learning_rate=1e-5"], "reasoning")
+    assert (reasoning.train_for(1).learning_rate, reasoning.train_for(1).max_steps) == (1e-5, 1500)
 
 
 def test_without_long_validation_every_stage_trains_as_it_names():

@@ -222,6 +222,10 @@ def _curriculum_steps(task: str, seed: int, curriculum: list[int], *, data: str,
     """One seed of one task: each stage (from the previous stage's best) and its grid, the
     attention maps when asked, and the last stage's evaluation."""
     steps, previous = [], None
+
+    def last_entry(segments: int) -> tuple[str, ...]:  # the stage_train entry only the last stage reads
+        return (f"stage_train.{LAST_STAGE}",) if segments == last_stage(curriculum) else ()
+
     for segments in curriculum:
         stage = STAGE.format(task=task, seed=seed, segments=segments)
         init = f" --init {previous}/best" if previous else ""
@@ -233,8 +237,7 @@ def _curriculum_steps(task: str, seed: int, curriculum: list[int], *, data: str,
             # checkpoints/ (resume state, ~4x best/ with the optimizer) is no DVC output at all:
             # DVC neither caches it nor deletes it before a rerun, so a killed stage resumes.
             persist=(f"{stage}/config.json",), metrics=(f"{stage}/metrics.json",),
-            params=keys("model", "train", f"stage_train.{segments}",
-                        *((f"stage_train.{LAST_STAGE}",) if segments == last_stage(curriculum) else ()), f"tasks.{task}"),
+            params=keys("model", "train", f"stage_train.{segments}", *last_entry(segments), f"tasks.{task}"),
         ))
         grid = GRID.format(task=task, seed=seed, segments=segments)
         steps.append(Step(

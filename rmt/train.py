@@ -151,7 +151,7 @@ class _StageInputs:
         if problem := label_smoothing_problem(model, train, objective.model_class.architecture):
             raise ValueError(problem)  # before any array is read or validation example generated
         lengths = [n for n in data.config.curriculum_segments if n < segments] if train.mixed_lengths else []
-        # Fails early if the stage's length is missing.
+        # A stage length the data lacks fails here, before anything is written.
         train_arrays = {n: data.arrays("train", n) for n in (*lengths, segments)}
         valid_tokens, valid_labels = validation_set(data, segments * train.valid_length_factor, train.eval_examples)
         valid_kinds = None

@@ -131,12 +131,15 @@ def train(
     from rmt.train import train_stage
 
     try:
-        task = TaskDataset(data).config.task
+        dataset = TaskDataset(data)
     except FileNotFoundError as error:
         raise typer.BadParameter(str(error), param_hint="--data") from None
-    settings = task_settings(configs, overrides, task)
-    model_settings, train_settings = settings.model, settings.train_for(segments)
-    dataset = TaskDataset(data)
+    task, curriculum = dataset.config.task, dataset.config.curriculum_segments
+    settings = task_settings(configs, overrides, task)  # the configuration, as its runs are grouped
+    # The stage is one of this dataset's curriculum: that is whose last stage `stage_train.last`
+    # and the logged model mean, whatever curriculum the configuration would generate.
+    stage = task_settings(configs, [*overrides, f"data.curriculum_segments={curriculum}"], task)
+    model_settings, train_settings = stage.model, stage.train_for(segments)
     params = {"data": dataset.config.model_dump(), "model": model_settings.model_dump(),
               "train": train_settings.model_dump(), "segments": segments, "init": str(init) if init else None}
     tags = {"rmt.stage": segments, "rmt.data_hash": dataset.card["config_hash"], **_config_tags(settings, configs)}
@@ -151,7 +154,7 @@ def train(
             if previous_run_id is None:  # a resumed run has its input already
                 _log_dataset(run, dataset, "training")
             yield run
-            if run is not None and segments == last_stage(settings.curriculum):
+            if run is not None and segments == last_stage(curriculum):
                 # The curriculum's result: the model the runs table and the Models tab compare.
                 outcome = json.loads(StageFiles(output).metrics.read_text())
                 run.log_model(StageFiles(output).best, name=f"{task}-seed-{train_settings.seed}",

@@ -33,7 +33,8 @@ def test_data_train_and_evaluate_are_tracked_as_one_group(tmp_path, monkeypatch)
     config = tmp_path / "stage.yaml"
     config.write_text(yaml.safe_dump({"model": {"pretrained": False, "backbone_overrides": TINY_BERT,
                                                 "num_memory_tokens": 2},
-                                      "train": {"max_steps": 4, "eval_every": 2, "batch_size": 8}}))
+                                      "train": {"max_steps": 4, "eval_every": 2, "batch_size": 8},
+                                      "stage_train": {"last": {"learning_rate": 3e-4}}}))
     result = runner.invoke(app, ["train", "--data", str(data), "--segments", "1", "--output", str(stage),
                                  "--config", str(config)])
     assert result.exit_code == 0, result.output
@@ -54,6 +55,9 @@ def test_data_train_and_evaluate_are_tracked_as_one_group(tmp_path, monkeypatch)
     assert train["tags"]["rmt.config"] == runs["evaluate"]["tags"]["rmt.config"]
     assert runs["evaluate"]["tags"]["rmt.config_files"] == str(config)
     assert train["params"]["train.max_steps"] == "4" and train["params"]["model.num_memory_tokens"] == "2"
+    # The data's curriculum is [1]: its one stage is the `last` stage_train names, whatever
+    # curriculum the configuration itself holds (its default, 1..7).
+    assert float(train["params"]["train.learning_rate"]) == 3e-4
     assert [step for step, _ in metric_history(train["run_id"], "train_loss")] == [1, 2, 3, 4]
     assert [step for step, _ in metric_history(train["run_id"], "valid_accuracy")] == [2, 4]
     # Time and peak memory as columns: the peak is absolute (the process, weights and all).

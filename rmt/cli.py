@@ -138,7 +138,8 @@ def train(
     settings = task_settings(configs, overrides, task)  # the configuration, as its runs are grouped
     # The stage is one of this dataset's curriculum: that is whose last stage `stage_train.last`
     # and the logged model mean, whatever curriculum the configuration would generate.
-    stage = task_settings(configs, [*overrides, f"data.curriculum_segments={curriculum}"], task)
+    stage = settings if settings.curriculum == curriculum else \
+        task_settings(configs, [*overrides, f"data.curriculum_segments={curriculum}"], task)
     model_settings, train_settings = stage.model, stage.train_for(segments)
     params = {"data": dataset.config.model_dump(), "model": model_settings.model_dump(),
               "train": train_settings.model_dump(), "segments": segments, "init": str(init) if init else None}

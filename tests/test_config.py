@@ -100,8 +100,6 @@ def test_a_task_list_selects_tasks_and_keeps_their_settings(tmp_path):
 
 
 def test_an_overlay_that_drops_settings_is_warned_about(tmp_path):
-    from rmt.config import read_config_files
-
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text("model: {backbone_overrides: [2]}\n")
     with pytest.warns(UserWarning, match="model.backbone_overrides replaces the whole mapping.*num_hidden_layers"):

@@ -59,12 +59,14 @@ class Objective:
         """A checkpoint of this kind; `settings` are RMTConfig fields that keep its weights."""
         return self.model_class.from_pretrained(checkpoint, **settings)
 
-    def loss(self, network, tokens: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
-        """() mean loss of (B, T) token ids whose answers are the (B,) class indices `labels`.
-        `network` may be the model wrapped for data-parallel training."""
+    def loss(self, network, tokens: Tensor, labels: Tensor, *, label_smoothing: float = 0.0,
+             memory: Tensor | None = None) -> Tensor:
+        """() mean loss of (B, T) token ids whose answers are the (B,) class indices `labels`,
+        read from `memory` (B, m, H) when given. `network` may be the model wrapped for
+        data-parallel training."""
         if not label_smoothing:
-            return network(tokens, labels=labels).loss
-        logits = network(tokens).logits  # (B, classes): each example's last segment
+            return network(tokens, labels=labels, memory=memory).loss
+        logits = network(tokens, memory=memory).logits  # (B, classes): each example's last segment
         return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
     def class_logits(self, model, tokens: Tensor) -> Tensor:
@@ -93,14 +95,15 @@ class AnswerObjective(Objective):
     def wrapper_config(self) -> dict:
         return {}
 
-    def loss(self, network, tokens: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
+    def loss(self, network, tokens: Tensor, labels: Tensor, *, label_smoothing: float = 0.0,
+             memory: Tensor | None = None) -> Tensor:
         if label_smoothing:
             raise ValueError(decoder_smoothing_problem(label_smoothing))
         answers = self.answer_ids.to(tokens.device)[labels][:, None]  # (B, 1)
         text = torch.cat([tokens, answers], dim=1)  # (B, T + 1): the answer is the next token
         targets = torch.full_like(text, IGNORE_INDEX)
         targets[:, -1] = answers[:, 0]
-        return network(text, labels=targets, return_logits=False).loss
+        return network(text, labels=targets, return_logits=False, memory=memory).loss
 
     def class_logits(self, model, tokens: Tensor) -> Tensor:
         return self.stream_class_logits(model, [tokens], num_tokens=tokens.shape[1])

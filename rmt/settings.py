@@ -132,6 +132,16 @@ class TrainSettings(BaseModel):
     long_step_factors: list[int] | None = Field(default=None, min_length=1, description="Each long step's length "
                                                 "in multiples of the stage's, drawn per step from these (null: "
                                                 "valid_length_factor)")
+    # At 512 segments a fact read after hundreds of noise segments is lost where one read early
+    # is kept (docs/robustness.md): the memory drifts into states no stage's length reaches.
+    # Every k-th step can start its examples from such states: memories that have read only
+    # noise, carried from step to step (no gradient through the noise), so that writing the
+    # fact is trained from them too.
+    drifted_memory_every: int | None = Field(default=None, ge=1, description="Every this many steps, start each "
+                                             "example from a memory that has read only noise, carried from step to "
+                                             "step (off: null)")
+    drifted_memory_segments: int = Field(default=512, ge=1, description="The most noise segments a carried "
+                                         "memory reads before it starts again from the initial memory")
     seed: int = 0
     device: str = "auto"
 
@@ -153,6 +163,9 @@ class TrainSettings(BaseModel):
         if self.long_step_bptt_depth is not None and self.long_step_every is None:
             raise ValueError(f"long_step_bptt_depth {self.long_step_bptt_depth} applies to long steps, and "
                              "long_step_every is null: set long_step_every, or long_step_bptt_depth to null")
+        if self.drifted_memory_every is not None and self.long_step_every is not None:
+            raise ValueError(f"drifted_memory_every {self.drifted_memory_every} and long_step_every "
+                             f"{self.long_step_every} both choose what a step reads: set one of them to null")
         return self
 
     def for_stage(self, segments: int) -> "TrainSettings":

@@ -39,6 +39,7 @@ from rmt.checkpoint import check_fits
 from rmt.data.dataset import TaskDataset
 from rmt.data.tasks import get_task
 from rmt.distributed import Distributed
+from rmt.drifted_memory import DriftedMemory
 from rmt.hub import load_tokenizer
 from rmt.layout import StageFiles
 from rmt.objective import Objective, objective_for
@@ -150,6 +151,10 @@ class _StageInputs:
             objective = objective_for(model.architecture, classes=data.card["classes"], tokenizer=tokenizer)
         if problem := label_smoothing_problem(model, train, objective.model_class.architecture):
             raise ValueError(problem)  # before any array is read or validation example generated
+        if train.drifted_memory_every is not None and train.drifted_memory_segments < segments:
+            raise ValueError(f"drifted_memory_segments {train.drifted_memory_segments} is less than the {segments} "
+                             "segments a drift step's memories read at a time: raise it, or set "
+                             "drifted_memory_every to null for this stage")
         lengths = [n for n in data.config.curriculum_segments if n < segments] if train.mixed_lengths else []
         # A stage length the data lacks fails here, before anything is written.
         train_arrays = {n: data.arrays("train", n) for n in (*lengths, segments)}
@@ -289,6 +294,10 @@ class _Trainer:
                           if train.schedule == "linear" else
                           get_constant_schedule_with_warmup(self.optimizer, train.warmup_steps))
         self.pending_metrics: list[tuple[dict, int]] = []
+        self.drifted = None if train.drifted_memory_every is None else DriftedMemory(
+            noise=inputs.data.generator.noise["train"], segment_length=inputs.data.config.segment_length,
+            batch_size=train.batch_size, block_segments=segments, max_segments=train.drifted_memory_segments,
+            seed=train.seed, rank=parallel.rank, world_size=parallel.world_size)
 
     @classmethod
     def start(cls, inputs: _StageInputs, folder: _StageFolder, *, segments, model, train, init, parallel,
@@ -329,6 +338,8 @@ class _Trainer:
         torch.set_rng_state(torch_rng)
         if cuda_rng is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(cuda_rng, self.device)
+        if self.drifted is not None and saved.get("drifted_memory"):
+            self.drifted.load_state_dict(saved["drifted_memory"][self.parallel.rank], self.device)
         try:
             self.progress = _Progress(**saved["counters"])
         except TypeError:
@@ -373,6 +384,10 @@ class _Trainer:
         tokens, labels = self.inputs.train_arrays[length]
         return tokens, labels, rng.choice(len(labels), size=self.train.batch_size)
 
+    def is_drift_step(self, step: int) -> bool:
+        every = self.train.drifted_memory_every
+        return every is not None and step % every == every - 1
+
     def is_long_step(self, step: int) -> bool:
         every = self.train.long_step_every
         return every is not None and step % every == every - 1
@@ -409,17 +424,20 @@ class _Trainer:
         accumulation = share // self.micro
         tokens, labels, indices = self.batch(step)
         indices = indices[parallel.rank :: parallel.world_size]
+        drifted = self.drifted.advance(self.model, step=step) if self.is_drift_step(step) else None  # (share, m, H)
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for start in range(0, share, self.micro):
-            rows = np.sort(indices[start : start + self.micro])
+            order = np.argsort(indices[start : start + self.micro], kind="stable")
+            rows = indices[start : start + self.micro][order]
             inputs = _token_tensor(tokens[rows], device)
             targets = torch.as_tensor(labels[rows], device=device)
+            memory = None if drifted is None else drifted[torch.as_tensor(start + order, device=drifted.device)]
             last_micro_batch = start + self.micro >= share
             # Gradients are averaged across processes once per step, on the last micro-batch.
             with (contextlib.nullcontext() if last_micro_batch or parallel.world_size == 1 else self.network.no_sync(),
                   self.bptt_depth(step)):
-                loss = self.inputs.objective.loss(self.network, inputs, targets,
+                loss = self.inputs.objective.loss(self.network, inputs, targets, memory=memory,
                                                   label_smoothing=train.label_smoothing_factor) / accumulation
                 finite = parallel.sum(float(torch.isfinite(loss)), device) == parallel.world_size
                 if finite:
@@ -469,6 +487,8 @@ class _Trainer:
                                     torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None))
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng,
                  "counters": asdict(self.progress)}
+        if self.drifted is not None:  # every process's own rows
+            state["drifted_memory"] = self.parallel.gather(self.drifted.state_dict())
         self.folder.save(self.folder.last, self.model, self.tokenizer, state)
         # The history is part of the saved state, so a crash never loses or repeats a line.
         self.folder.write_history(self.progress)

@@ -111,6 +111,16 @@ def test_memory_carries_first_segment_to_last(kind):
         assert not torch.allclose(a[0, :L], b[0, :L])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_text_read_from_a_given_memory_continues_the_text_that_left_it(kind):
+    ids = random_text(35, seed=7)[None]  # 4 segments, the first three full (left alignment)
+    with torch.no_grad():
+        model = make_decoder(kind, num_memory_tokens=M)
+        whole = model(ids).logits
+        continued = model(ids[:, 2 * L :], memory=model.read_memory(ids[:, : 2 * L])).logits
+    torch.testing.assert_close(continued, whole[:, 2 * L :], atol=ATOL, rtol=ATOL)
+
+
 # ---------------------------------------------------------------- padding
 @pytest.mark.parametrize("kind", KINDS)
 def test_batch_padding_does_not_change_results(kind):

@@ -94,6 +94,21 @@ def test_memory_carries_the_first_segment_to_the_answer():
     torch.testing.assert_close(without_memory([text]).logits, without_memory([changed]).logits)
 
 
+def test_an_input_read_from_a_given_memory_continues_the_input_that_left_it():
+    model = make_encoder()
+    texts = torch.stack([random_text(80, seed=1), random_text(80, seed=2)])  # 5 segments each
+    whole = model(texts)
+    with torch.no_grad():
+        memory = model.read_memory(texts[:, :48])  # (2, m, H) after the first 3 segments
+    assert memory.shape == (2, 4, model.embedding_dim)
+    continued = model(texts[:, 48:], memory=memory, labels=torch.tensor([1, 2]))
+    torch.testing.assert_close(continued.logits, whole.logits)
+    continued.loss.backward()  # a memory read without a graph passes no gradient on; the weights get theirs
+    assert model.memory_embeddings.grad is None and model.backbone.embeddings.word_embeddings.weight.grad is not None
+    with pytest.raises(ValueError, match=r"memory must be \(batch, memory tokens, hidden\) = \(2, 4, "):
+        model(texts, memory=memory[:1])
+
+
 def test_special_tokens_of_the_tokenizer_are_replaced_by_the_models_own():
     model = make_encoder()
     text = random_text(30)

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 import rmt.train as train_module
 from rmt.data.dataset import DataConfig, build_dataset
 from rmt.model import RecurrentMemoryEncoder
+from rmt.drifted_memory import DriftedMemory
+from rmt.objective import new_model
 from rmt.settings import ModelSettings, TrainSettings
 from rmt.train import TrainingDiverged, train_stage
 
@@ -289,6 +291,74 @@ def test_long_steps_need_a_longer_validation_length():
         TrainSettings.model_validate({**TRAIN.model_dump(), "long_step_every": 4})
 
 
+DRIFT = TRAIN.model_copy(update={"drifted_memory_every": 2, "drifted_memory_segments": 6})
+
+
+def test_drift_steps_read_their_examples_from_carried_noise_memories_and_resume_exactly(data, tmp_path, monkeypatch):
+    given, loss = [], train_module.Objective.loss
+
+    def record(self, network, tokens, labels, **options):
+        given.append(None if options["memory"] is None else tuple(options["memory"].shape))
+        return loss(self, network, tokens, labels, **options)
+
+    monkeypatch.setattr(train_module.Objective, "loss", record)
+    train_stage(data_dir=data, segments=2, output=tmp_path / "whole", model=MODEL, train=DRIFT, progress=False)
+    # Every 2nd step, both micro-batches of 4 start from drifted memories (4 memory tokens, 32 wide).
+    assert given[:8] == [None, None, (4, 4, 32), (4, 4, 32)] * 2
+    state = torch.load(tmp_path / "whole" / "checkpoints" / "last" / "training_state.pt", weights_only=True)
+    (saved,) = state["drifted_memory"]  # one process's
+    assert saved["states"].shape == (8, 4, 32) and set(saved["segments_read"].tolist()) <= {2, 4, 6}
+
+    original, calls = torch.nn.utils.clip_grad_value_, {"count": 0}
+
+    def crash_at_step_15(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 15:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", crash_at_step_15)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(data_dir=data, segments=2, output=tmp_path / "resumed", model=MODEL, train=DRIFT, progress=False)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", original)
+    train_stage(data_dir=data, segments=2, output=tmp_path / "resumed", model=MODEL, train=DRIFT, progress=False)
+    whole, resumed = outcome(tmp_path / "whole"), outcome(tmp_path / "resumed")
+    assert resumed[:2] == whole[:2]
+    for key, tensor in whole[2]["checkpoints/last"].items():
+        assert torch.equal(resumed[2]["checkpoints/last"][key], tensor), key
+
+
+def test_drifted_memories_span_every_amount_of_noise_and_start_again_past_the_most(data, monkeypatch):
+    dataset = train_module.TaskDataset(data)
+    model = new_model(MODEL, segment_length=32, classes=dataset.card["classes"]).train()
+    drifted = DriftedMemory(noise=dataset.generator.noise["train"], segment_length=32, batch_size=8, block_segments=2,
+                            max_segments=6, seed=0)
+    blocks, draw = [], DriftedMemory._noise_block
+    monkeypatch.setattr(DriftedMemory, "_noise_block", lambda self, rng: blocks.append(draw(self, rng)) or blocks[-1])
+    states = drifted.advance(model, step=1).clone()
+    assert model.training  # noise is read in eval mode, and the model given back as it was
+    read = drifted.segments_read.copy()
+    assert set(read) <= {0, 2, 4, 6} and len(set(read)) > 1
+    model.eval()
+    with torch.no_grad():
+        for row, segments in enumerate(read):  # each row's state: its own noise blocks, read from the start
+            expected = model.initial_memory(1) if not segments else model.read_memory(
+                torch.cat([block[row] for block in blocks[: segments // 2]])[None])
+            torch.testing.assert_close(states[row], expected[0])
+    for step in (3, 5, 7):
+        before = drifted.segments_read.copy()
+        drifted.advance(model, step=step)
+        assert (drifted.segments_read == np.where(before + 2 > 6, 2, before + 2)).all()
+
+
+def test_drift_steps_are_refused_where_they_cannot_apply(data, tmp_path):
+    with pytest.raises(ValueError, match="both choose what a step reads: set one of them to null"):
+        TrainSettings.model_validate({**DRIFT.model_dump(), "valid_length_factor": 2, "long_step_every": 4})
+    with pytest.raises(ValueError, match="drifted_memory_segments 6 is less than the 8 segments"):
+        train_stage(data_dir=data, segments=8, output=tmp_path / "a", model=MODEL, train=DRIFT, progress=False)
+    assert not (tmp_path / "a").exists()
+
+
 def test_a_finished_stage_publishes_deleted_outputs_again(data, stage_1, tmp_path):
     # Snakemake deletes a job's declared outputs before it reruns the job; the stage's
     # checkpoints/ are not among them, so the rerun publishes instead of training again.
@@ -363,7 +433,8 @@ def test_bad_input_is_refused_before_training(data, tmp_path):
 def test_two_processes_under_torchrun_train_like_one(data, tmp_path):
     """DDP on the CPU (gloo): each process takes half of every batch; gradients averaged
     across them equal one process's over the whole batch (dropout off to compare). Without a
-    micro_batch_size (the paper's config), each process's share is one forward pass."""
+    micro_batch_size (the paper's config), each process's share is one forward pass. Every
+    2nd step starts from drifted memories: each process carries those of its own rows."""
     import subprocess
     import sys
 
@@ -371,7 +442,7 @@ def test_two_processes_under_torchrun_train_like_one(data, tmp_path):
 
     no_dropout = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     model = ModelSettings(pretrained=False, backbone_overrides=no_dropout, num_memory_tokens=4, classifier_dropout=0.0)
-    settings = TRAIN.model_copy(update={"max_steps": 6, "eval_every": 3, "micro_batch_size": 2})
+    settings = DRIFT.model_copy(update={"max_steps": 6, "eval_every": 3, "micro_batch_size": 2})
     train_stage(data_dir=data, segments=2, output=tmp_path / "single", model=model, train=settings, progress=False)
 
     config = tmp_path / "stage.yaml"
@@ -392,6 +463,7 @@ def test_two_processes_under_torchrun_train_like_one(data, tmp_path):
         torch.testing.assert_close(parallel[2]["checkpoints/last"][key], tensor, atol=1e-5, rtol=1e-4, msg=key)
     state = torch.load(tmp_path / "ddp" / "checkpoints" / "last" / "training_state.pt", weights_only=True)
     assert len(state["rng"]) == 2  # both processes' RNG states, for an exact resume
+    assert [len(saved["segments_read"]) for saved in state["drifted_memory"]] == [4, 4]  # and drifted memories
 
 
 @pytest.fixture(scope="module")

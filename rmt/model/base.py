@@ -178,6 +178,18 @@ class RecurrentMemoryModel(nn.Module):
     def initial_memory(self, batch_size: int) -> Tensor:
         return self.memory_embeddings[None].expand(batch_size, -1, -1)  # (B, m, H)
 
+    def _check_memory(self, memory: Tensor, batch_size: int) -> Tensor:
+        """A given starting memory: (B, m, H), as memory_states hands it out."""
+        expected = (batch_size, self.config.num_memory_tokens, self.embedding_dim)
+        if tuple(memory.shape) != expected:
+            raise ValueError(f"memory must be (batch, memory tokens, hidden) = {expected}, got {tuple(memory.shape)}: "
+                             "pass a memory state of this model (output_memory_states) for each input")
+        return memory.to(self.device)
+
+    def read_memory(self, input_ids, *, memory: Tensor | None = None) -> Tensor:
+        """(B, m, H) the memory after reading `input_ids` (from `memory`, else the initial one)."""
+        return self(input_ids, memory=memory, output_memory_states=True).memory_states[-1]
+
     def _memory_cut(self, step: SegmentStep) -> Tensor | None:
         """(A,) True where this segment's memory input is detached (truncated BPTT): only the
         memory inputs of each example's last `bptt_depth` segments carry gradients. None when
@@ -225,9 +237,10 @@ class RecurrentMemoryModel(nn.Module):
         return memory.to(new_memory.dtype).index_copy(0, step.rows, new_memory), result
 
     def _recur(
-        self, steps: list[SegmentStep], batch_size: int, *, output_memory_states: bool = False, **options
+        self, steps: list[SegmentStep], batch_size: int, *, memory: Tensor | None = None,
+        output_memory_states: bool = False, **options
     ) -> tuple[list[SegmentResult], tuple[Tensor, ...] | None]:
-        memory = self.initial_memory(batch_size)
+        memory = self.initial_memory(batch_size) if memory is None else self._check_memory(memory, batch_size)
         memory_states = [memory]
         results = []
         # Segment-level recomputation: each step keeps only its inputs (the (B, m, H) memory

@@ -128,6 +128,7 @@ class RecurrentMemoryDecoder(RecurrentMemoryModel):
         return_logits: bool = True,
         output_attentions: bool = False,
         output_memory_states: bool = False,
+        memory: Tensor | None = None,
     ) -> RMTDecoderOutput:
         """Language modelling over a batch of texts of any lengths.
 
@@ -136,6 +137,8 @@ class RecurrentMemoryDecoder(RecurrentMemoryModel):
         loss is the ordinary next-token loss of the whole text. return_logits=False saves
         the (B, T, V) logits tensor during training. With max_segments, the text is its first
         max_segments * segment_length tokens: the loss and the logits cover those only.
+        memory: (B, m, H) to start from instead of the learned initial memory (as the
+        encoder's forward takes it).
         """
         rows = [row.to(self.device) for row in token_rows(input_ids, attention_mask)]
         targets = self._next_token_targets(labels, attention_mask, rows) if exists(labels) else None
@@ -155,6 +158,7 @@ class RecurrentMemoryDecoder(RecurrentMemoryModel):
             results, memory_states = self._recur(
                 steps,
                 len(rows),
+                memory=memory,
                 output_memory_states=output_memory_states,
                 output_attentions=output_attentions,
                 return_logits=return_logits,

@@ -155,12 +155,15 @@ class RecurrentMemoryEncoder(RecurrentMemoryModel):
         *,
         output_attentions: bool = False,
         output_memory_states: bool = False,
+        memory: Tensor | None = None,
     ) -> RMTEncoderOutput:
         """Classify a batch of inputs of any lengths.
 
         input_ids: (B, T) with attention_mask (either padding side), or a list of token
         sequences. The tokenizer's [CLS]/[SEP]/[PAD] are removed (the paper's rule) and each
-        segment gets its own. labels: (B,) class indices.
+        segment gets its own. labels: (B,) class indices. memory: (B, m, H) to start from
+        instead of the learned initial memory, e.g. another input's last memory state
+        (output_memory_states): the input then continues that one.
 
         The loss, with K steps (segments counted from the end, where every example's last
         segment is) and A_k the examples that have a segment at step k:
@@ -181,6 +184,7 @@ class RecurrentMemoryEncoder(RecurrentMemoryModel):
             results, memory_states = self._recur(
                 steps,
                 len(rows),
+                memory=memory,
                 output_memory_states=output_memory_states,
                 labels=labels,
                 output_attentions=output_attentions,

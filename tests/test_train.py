@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -55,20 +56,27 @@ def outcome(folder):
     return metrics, history, weights
 
 
+def crash_in_step(step: int, monkeypatch) -> Callable:
+    """Make training raise KeyboardInterrupt in step `step` (after backward, before the
+    optimizer's step); returns the function to patch back for the run that resumes."""
+    original, calls = torch.nn.utils.clip_grad_value_, {"count": 0}
+
+    def crash(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == step:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", crash)
+    return original
+
+
 def test_a_stage_killed_midway_resumes_to_the_same_result(data, tmp_path, monkeypatch, capsys):
     train_stage(data_dir=data, segments=2, output=tmp_path / "whole", model=MODEL, train=TRAIN, progress=False)
 
     # Crash in the middle of step 15: after backward, before the optimizer step, between
     # the checkpoints of steps 12 and 18.
-    original, calls = torch.nn.utils.clip_grad_value_, {"count": 0}
-
-    def crash_at_step_15(*args, **kwargs):
-        calls["count"] += 1
-        if calls["count"] == 15:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", crash_at_step_15)
+    original = crash_in_step(15, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train_stage(data_dir=data, segments=2, output=tmp_path / "resumed", model=MODEL, train=TRAIN, progress=False)
     assert not (tmp_path / "resumed" / "metrics.json").exists()
@@ -309,15 +317,7 @@ def test_drift_steps_read_their_examples_from_carried_noise_memories_and_resume_
     (saved,) = state["drifted_memory"]  # one process's
     assert saved["states"].shape == (8, 4, 32) and set(saved["segments_read"].tolist()) <= {2, 4, 6}
 
-    original, calls = torch.nn.utils.clip_grad_value_, {"count": 0}
-
-    def crash_at_step_15(*args, **kwargs):
-        calls["count"] += 1
-        if calls["count"] == 15:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", crash_at_step_15)
+    original = crash_in_step(15, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train_stage(data_dir=data, segments=2, output=tmp_path / "resumed", model=MODEL, train=DRIFT, progress=False)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", original)

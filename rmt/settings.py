@@ -142,6 +142,11 @@ class TrainSettings(BaseModel):
                                              "step (off: null)")
     drifted_memory_segments: int = Field(default=512, ge=1, description="The most noise segments a carried "
                                          "memory reads before it starts again from the initial memory")
+    # A long test input cycles its split's noise when the noise text is small (pydoc), and the
+    # repeated noise drove a model that holds on fresh noise off its facts (docs/robustness.md).
+    drifted_memory_noise_sentences: int | None = Field(default=None, ge=1, description="A carried memory reads "
+                                                       "a window of this many training-noise sentences over and "
+                                                       "over (null: the noise read on, without repeating)")
     seed: int = 0
     device: str = "auto"
 

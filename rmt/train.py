@@ -155,6 +155,10 @@ class _StageInputs:
             raise ValueError(f"drifted_memory_segments {train.drifted_memory_segments} is less than the {segments} "
                              "segments a drift step's memories read at a time: raise it, or set "
                              "drifted_memory_every to null for this stage")
+        window, sentences = train.drifted_memory_noise_sentences, data.generator.noise["train"].num_sentences
+        if train.drifted_memory_every is not None and window is not None and window > sentences:
+            raise ValueError(f"drifted_memory_noise_sentences {window} exceeds the {sentences} sentences of the "
+                             f"training split's noise in {data.directory}: lower it, or set it to null")
         lengths = [n for n in data.config.curriculum_segments if n < segments] if train.mixed_lengths else []
         # A stage length the data lacks fails here, before anything is written.
         train_arrays = {n: data.arrays("train", n) for n in (*lengths, segments)}
@@ -297,7 +301,8 @@ class _Trainer:
         self.drifted = None if train.drifted_memory_every is None else DriftedMemory(
             noise=inputs.data.generator.noise["train"], segment_length=inputs.data.config.segment_length,
             batch_size=train.batch_size, block_segments=segments, max_segments=train.drifted_memory_segments,
-            seed=train.seed, rank=parallel.rank, world_size=parallel.world_size)
+            seed=train.seed, window_sentences=train.drifted_memory_noise_sentences, rank=parallel.rank,
+            world_size=parallel.world_size)
 
     @classmethod
     def start(cls, inputs: _StageInputs, folder: _StageFolder, *, segments, model, train, init, parallel,

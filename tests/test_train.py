@@ -334,7 +334,7 @@ def test_drifted_memories_span_every_amount_of_noise_and_start_again_past_the_mo
     drifted = DriftedMemory(noise=dataset.generator.noise["train"], segment_length=32, batch_size=8, block_segments=2,
                             max_segments=6, seed=0)
     blocks, draw = [], DriftedMemory._noise_block
-    monkeypatch.setattr(DriftedMemory, "_noise_block", lambda self, rng: blocks.append(draw(self, rng)) or blocks[-1])
+    monkeypatch.setattr(DriftedMemory, "_noise_block", lambda self: blocks.append(draw(self)) or blocks[-1])
     states = drifted.advance(model, step=1).clone()
     assert model.training  # noise is read in eval mode, and the model given back as it was
     read = drifted.segments_read.copy()
@@ -351,11 +351,27 @@ def test_drifted_memories_span_every_amount_of_noise_and_start_again_past_the_mo
         assert (drifted.segments_read == np.where(before + 2 > 6, 2, before + 2)).all()
 
 
+def test_a_window_of_noise_sentences_is_read_over_and_over_as_a_long_input_cycles_small_noise(data):
+    noise = train_module.TaskDataset(data).generator.noise["train"]
+    window = noise.tokens[noise.starts[5] : noise.starts[8]]  # sentences 5, 6 and 7
+    drifted = DriftedMemory(noise=noise, segment_length=32, batch_size=2, block_segments=2, max_segments=64,
+                            seed=0, window_sentences=3)
+    cycled = np.tile(window, 4)
+    assert (drifted._row_noise(5, 0, 3 * len(window)) == cycled[: 3 * len(window)]).all()
+    assert (drifted._row_noise(5, 10, 2 * len(window)) == cycled[10 : 10 + 2 * len(window)]).all()
+    read_on = DriftedMemory(noise=noise, segment_length=32, batch_size=2, block_segments=2, max_segments=64, seed=0)
+    assert (read_on._row_noise(5, 0, 100) == noise.tokens[noise.starts[5] : noise.starts[5] + 100]).all()
+
+
 def test_drift_steps_are_refused_where_they_cannot_apply(data, tmp_path):
     with pytest.raises(ValueError, match="both choose what a step reads: set one of them to null"):
         TrainSettings.model_validate({**DRIFT.model_dump(), "valid_length_factor": 2, "long_step_every": 4})
     with pytest.raises(ValueError, match="drifted_memory_segments 6 is less than the 8 segments"):
         train_stage(data_dir=data, segments=8, output=tmp_path / "a", model=MODEL, train=DRIFT, progress=False)
+    with pytest.raises(ValueError, match="drifted_memory_noise_sentences 100000 exceeds the .* sentences of the "
+                                         "training split's noise"):
+        train_stage(data_dir=data, segments=2, output=tmp_path / "a", model=MODEL, progress=False,
+                    train=DRIFT.model_copy(update={"drifted_memory_noise_sentences": 100_000}))
     assert not (tmp_path / "a").exists()
 
 

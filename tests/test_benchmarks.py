@@ -109,6 +109,13 @@ def test_the_robustness_benchmark_trains_scores_and_reuses_stages(tmp_path):
     assert f"accuracy {right}/10" in completed.stdout and "errors by label:" in completed.stdout
     # the same examples and model as the benchmark's own score at that length
     assert right / 10 == json.loads((folder / "run.json").read_text())["accuracy"]["4"]["accuracy"]
+    # Noise before the fact and after it, apart: one cell per pair, the same facts in each.
+    completed = run("fact_after_noise.py", str(folder), "--before", "0", "--before", "3", "--after", "0",
+                    "--after", "2", "--examples", "10", cwd=tmp_path)
+    cells = json.loads((folder / "fact-after-noise.json").read_text())["accuracy"]
+    assert [(cell["before"], cell["after"]) for cell in cells] == [(0, 0), (0, 2), (3, 0), (3, 2)]
+    assert all(0 <= cell["accuracy"] <= 100 for cell in cells)
+    assert "| noise segments before the fact \\ after it | 0 | 2 |" in completed.stdout
 
 
 def test_a_table_of_no_runs_is_refused_and_overwrites_nothing(tmp_path):

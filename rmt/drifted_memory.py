@@ -6,13 +6,13 @@ fact read early is kept (docs/robustness.md). A drift step starts each example o
 from such a state instead of the initial memory, so that writing the fact is trained from
 drifted memories too.
 
-One memory per row of the batch (a process holds those of its rows), reading its own noise on
-from a random sentence of the training split. On the first drift step each row reads a number
+One memory per row of the batch (a process holds those of its rows), each block of noise it
+reads taken from a random sentence of the training split. On the first drift step each row reads a number
 of noise blocks (a block is the stage's number of segments) drawn uniformly up to
 `max_segments` segments; every drift step after it reads one more block per row, and a row
 that would pass `max_segments` starts again from the initial memory and a new sentence, so the
 rows keep spanning every amount of drift. With `window_sentences`, a row reads a window of
-that many sentences over and over instead: a long test input cycles its split's noise the
+that many sentences over and over instead (a new window when it starts again): a long test input cycles its split's noise the
 same way when the noise text is small (pydoc's test split: 192 sentences, 5,286 tokens), and
 a model that holds on noise read on can drift under a repeated one (docs/robustness.md).
 Reading noise runs without gradients and in eval mode (no dropout, as at test time); the
@@ -45,29 +45,32 @@ class DriftedMemory:
         self.rows = len(range(batch_size)[self.mine])
         self.states: Tensor | None = None  # (rows, m, H), once the first drift step has read noise
         self.segments_read = np.zeros(self.rows, dtype=np.int64)  # noise segments each state has read
-        self.first_sentence = np.zeros(self.rows, dtype=np.int64)  # where each row's noise starts
+        self.first_sentence = np.zeros(self.rows, dtype=np.int64)  # each row's window (window_sentences)
 
-    def _draw_starts(self, rng: np.random.Generator, rows: np.ndarray) -> None:
-        """New noise for `rows` (a mask): a random first sentence (of a window that fits)."""
-        choices = self.noise.num_sentences - (self.window_sentences or 1) + 1
-        self.first_sentence[rows] = rng.integers(choices, size=self.batch_size)[self.mine][rows]
+    def _draw_windows(self, rng: np.random.Generator, rows: np.ndarray) -> None:
+        """New windows for `rows` (a mask): a random first sentence of a window that fits."""
+        if self.window_sentences is not None:
+            choices = self.noise.num_sentences - self.window_sentences + 1
+            self.first_sentence[rows] = rng.integers(choices, size=self.batch_size)[self.mine][rows]
 
-    def _row_noise(self, first: int, offset: int, length: int) -> np.ndarray:
-        """`length` tokens from `offset` of the noise that starts at sentence `first`: the
-        split's noise read on, or its window of window_sentences read over and over."""
-        if self.window_sentences is None:
-            return np.concatenate(list(self.noise.read(first, offset, length, length)))
+    def _window_noise(self, first: int, offset: int, length: int) -> np.ndarray:
+        """`length` tokens from `offset` of the window of sentences from `first`, read over and over."""
         begin = int(self.noise.starts[first])
         last = first + self.window_sentences
         end = int(self.noise.starts[last]) if last < self.noise.num_sentences else len(self.noise.tokens)
         window = self.noise.tokens[begin:end]
         return np.resize(np.roll(window, -(offset % len(window))), length)  # the window cycled from `offset`
 
-    def _noise_block(self) -> torch.Tensor:
-        """(rows, block_segments * segment_length) token ids: each row's next noise."""
+    def _noise_block(self, rng: np.random.Generator) -> torch.Tensor:
+        """(rows, block_segments * segment_length) token ids: each row's next noise, from a
+        random sentence (without windows), or its window's next tokens."""
         length = self.block_segments * self.segment_length
-        blocks = [self._row_noise(int(first), int(read) * self.segment_length, length)
-                  for first, read in zip(self.first_sentence, self.segments_read)]
+        if self.window_sentences is None:
+            firsts = rng.integers(self.noise.num_sentences, size=self.batch_size)[self.mine]
+            blocks = [np.concatenate(list(self.noise.read(int(first), 0, length, length))) for first in firsts]
+        else:
+            blocks = [self._window_noise(int(first), int(read) * self.segment_length, length)
+                      for first, read in zip(self.first_sentence, self.segments_read)]
         return torch.from_numpy(np.stack(blocks).astype(np.int64))
 
     @torch.no_grad()
@@ -89,24 +92,24 @@ class DriftedMemory:
     def _spread(self, model, rng: np.random.Generator) -> None:
         """Each row reads 0..max_segments // block_segments blocks, drawn uniformly."""
         blocks = rng.integers(self.max_segments // self.block_segments + 1, size=self.batch_size)[self.mine]
-        self._draw_starts(rng, np.ones(self.rows, dtype=bool))
+        self._draw_windows(rng, np.ones(self.rows, dtype=bool))
         states = model.initial_memory(self.rows).detach().clone()
         for block in range(int(blocks.max())):
             still_reading = blocks > block  # rows that read this block
-            read = model.read_memory(self._noise_block(), memory=states)
+            read = model.read_memory(self._noise_block(rng), memory=states)
             states = torch.where(torch.as_tensor(still_reading, device=states.device)[:, None, None], read, states)
             self.segments_read += np.where(still_reading, self.block_segments, 0)
         self.states = states
 
     def _read_block(self, model, rng: np.random.Generator) -> None:
         restart = self.segments_read + self.block_segments > self.max_segments
-        self._draw_starts(rng, restart)
+        self._draw_windows(rng, restart)
         states = self.states
         if restart.any():
             initial = model.initial_memory(self.rows).detach()
             states = torch.where(torch.as_tensor(restart, device=states.device)[:, None, None], initial, states)
             self.segments_read[restart] = 0
-        self.states = model.read_memory(self._noise_block(), memory=states)
+        self.states = model.read_memory(self._noise_block(rng), memory=states)
         self.segments_read += self.block_segments
 
     def state_dict(self) -> dict:

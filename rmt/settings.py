@@ -146,7 +146,7 @@ class TrainSettings(BaseModel):
     # repeated noise drove a model that holds on fresh noise off its facts (docs/robustness.md).
     drifted_memory_noise_sentences: int | None = Field(default=None, ge=1, description="A carried memory reads "
                                                        "a window of this many training-noise sentences over and "
-                                                       "over (null: the noise read on, without repeating)")
+                                                       "over (null: each block from a random sentence)")
     seed: int = 0
     device: str = "auto"
 

@@ -334,7 +334,7 @@ def test_drifted_memories_span_every_amount_of_noise_and_start_again_past_the_mo
     drifted = DriftedMemory(noise=dataset.generator.noise["train"], segment_length=32, batch_size=8, block_segments=2,
                             max_segments=6, seed=0)
     blocks, draw = [], DriftedMemory._noise_block
-    monkeypatch.setattr(DriftedMemory, "_noise_block", lambda self: blocks.append(draw(self)) or blocks[-1])
+    monkeypatch.setattr(DriftedMemory, "_noise_block", lambda self, rng: blocks.append(draw(self, rng)) or blocks[-1])
     states = drifted.advance(model, step=1).clone()
     assert model.training  # noise is read in eval mode, and the model given back as it was
     read = drifted.segments_read.copy()
@@ -357,10 +357,11 @@ def test_a_window_of_noise_sentences_is_read_over_and_over_as_a_long_input_cycle
     drifted = DriftedMemory(noise=noise, segment_length=32, batch_size=2, block_segments=2, max_segments=64,
                             seed=0, window_sentences=3)
     cycled = np.tile(window, 4)
-    assert (drifted._row_noise(5, 0, 3 * len(window)) == cycled[: 3 * len(window)]).all()
-    assert (drifted._row_noise(5, 10, 2 * len(window)) == cycled[10 : 10 + 2 * len(window)]).all()
-    read_on = DriftedMemory(noise=noise, segment_length=32, batch_size=2, block_segments=2, max_segments=64, seed=0)
-    assert (read_on._row_noise(5, 0, 100) == noise.tokens[noise.starts[5] : noise.starts[5] + 100]).all()
+    assert (drifted._window_noise(5, 0, 3 * len(window)) == cycled[: 3 * len(window)]).all()
+    assert (drifted._window_noise(5, 10, 2 * len(window)) == cycled[10 : 10 + 2 * len(window)]).all()
+    drifted.first_sentence[:], drifted.segments_read[:] = [5, 5], [0, 2]  # the second row 2 segments on
+    block = drifted._noise_block(np.random.default_rng(0)).numpy()
+    assert (block[0] == cycled[:64]).all() and (block[1] == cycled[64:128]).all()
 
 
 def test_drift_steps_are_refused_where_they_cannot_apply(data, tmp_path):

@@ -4,12 +4,13 @@
         results/benchmarks/robustness-work/<label>/detect_and_memorize/<setting>/seed-<s> \
         --before 0 --before 100 --before 250 --before 400 --after 5 --after 25 --after 100
 
-Scores the run's last stage on built inputs: `before` segments of test-split noise, then
-the fact at the start of a segment, then noise, then the question ending the input, so that
-`after` whole segments lie between the fact's segment and the question's. Every cell uses
-the same --examples facts and questions (the task's own sampler) and the same noise starts,
-so the cells differ in the two distances only. Prints accuracy % per cell (rows: before,
-columns: after) and writes it to <run>/fact-after-noise.json.
+Scores the run's last stage (an encoder's) on built inputs: `before` segments of test-split
+noise, then the fact at the start of a segment, then noise, then the question ending the
+input, whose segment is `after` segments after the fact's (0: the same segment). Every cell
+uses the same --examples facts and questions (the task's own sampler), the same noise before
+the fact and the same noise after it (each from its own start, read as far as the cell
+needs), so the cells differ in the two distances only. Prints accuracy % per cell (rows:
+before, columns: after) and writes it to <run>/fact-after-noise.json.
 
 A test example of the benchmark at 512 segments mixes both distances; this table separates
 them. The memory after `before` noise segments is computed once and continued (the model's
@@ -27,20 +28,21 @@ from robustness_errors import last_stage
 
 
 def build_inputs(data, *, examples: int, seed: int):
-    """The facts, questions and labels of `examples` samples, and a noise start per example."""
+    """`examples` samples (facts, question, label), and per example where its noise before
+    the fact and its noise after it start (test-split sentences)."""
     import numpy as np
 
     rng = np.random.default_rng([seed, 0x6661])
     samples = [data.generator.task.sample(rng) for _ in range(examples)]
-    starts = rng.integers(data.generator.noise["test"].num_sentences, size=examples)
+    starts = rng.integers(data.generator.noise["test"].num_sentences, size=(2, examples))
     return samples, starts
 
 
-def noise(data, start: int, offset: int, length: int):
+def noise(data, start: int, length: int):
     import numpy as np
 
     stream = data.generator.noise["test"]
-    return np.concatenate([np.empty(0, dtype=stream.tokens.dtype), *stream.read(int(start), offset, length, length)])
+    return np.concatenate([np.empty(0, dtype=stream.tokens.dtype), *stream.read(int(start), 0, length, length)])
 
 
 def score(run: Path, before: list[int], after: list[int], examples: int, seed: int) -> dict:
@@ -54,22 +56,26 @@ def score(run: Path, before: list[int], after: list[int], examples: int, seed: i
     if len(data.generator.task.sample(np.random.default_rng(0)).facts) != 1:
         raise typer.BadParameter(f"{run} is not a one-fact task: use a Detect & Memorize or Memorize run")
     objective = check_fits(checkpoint, data, option="RUN", same_segment_length=True)
-    model = objective.load(checkpoint, segment_length=data.config.segment_length).eval()
+    if objective.model_class.architecture != "encoder":
+        raise typer.BadParameter(f"{checkpoint} is a {objective.model_class.architecture}: this scores an encoder's "
+                                 "classifier")
     length = data.config.segment_length
-    samples, starts = build_inputs(data, examples=examples, seed=seed)
+    samples, (before_starts, after_starts) = build_inputs(data, examples=examples, seed=seed)
+    encoded = [(data.generator.encode(s.facts[0]), data.generator.encode(s.question)) for s in samples]
+    if min(after) == 0 and max(len(fact) + len(question) for fact, question in encoded) > length:
+        raise typer.BadParameter(f"a fact and its question do not fit one segment of {length} tokens: use --after 1 "
+                                 "or more", param_hint="--after")
+    model = objective.load(checkpoint, segment_length=length).eval()
     labels = torch.tensor([sample.label for sample in samples])
     table = {}
     with torch.no_grad():
         for segments_before in sorted(before):
-            prefix = np.stack([noise(data, start, 0, segments_before * length) for start in starts])
+            prefix = np.stack([noise(data, start, segments_before * length) for start in before_starts])
             memory = model.read_memory(torch.from_numpy(prefix.astype(np.int64))) if segments_before else None
             for segments_after in sorted(after):
-                rows = []
-                for sample, start in zip(samples, starts):
-                    fact, question = data.generator.encode(sample.facts[0]), data.generator.encode(sample.question)
-                    filler = (segments_after + 1) * length - len(fact) - len(question)
-                    rest = noise(data, start, segments_before * length, filler)
-                    rows.append(np.concatenate([fact, rest, question]).astype(np.int64))
+                rows = [np.concatenate([fact, noise(data, start, (segments_after + 1) * length - len(fact)
+                                                    - len(question)), question]).astype(np.int64)
+                        for (fact, question), start in zip(encoded, after_starts)]
                 logits = model(torch.from_numpy(np.stack(rows)), memory=memory).logits
                 accuracy = (logits.argmax(-1) == labels).float().mean().item()
                 table[(segments_before, segments_after)] = round(100 * accuracy, 1)
@@ -94,13 +100,16 @@ def main(run: Path = typer.Argument(..., help="A robustness run's folder (<workd
         raise typer.BadParameter("segment counts are 0 or more", param_hint="--before/--after")
     import torch
 
+    from rmt.utils import json_with, write_atomic
+
     torch.set_num_threads(1)
     table = score(run, before, after, examples, seed)
     text = markdown(table, before, after)
     print("\n" + text)
     result = {"examples": examples, "seed": seed, "checkpoint": str(last_stage(run)),
               "accuracy": [{"before": b, "after": a, "accuracy": value} for (b, a), value in sorted(table.items())]}
-    (run / "fact-after-noise.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(run / "fact-after-noise.json", json.dumps(result, indent=2) + "\n", kind="a fact-after-noise table",
+                 ours=json_with("examples", "accuracy"))
     print(f"written {run / 'fact-after-noise.json'}")
 
 

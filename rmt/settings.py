@@ -141,7 +141,8 @@ class TrainSettings(BaseModel):
                                              "example from a memory that has read only noise, carried from step to "
                                              "step (off: null)")
     drifted_memory_segments: int = Field(default=512, ge=1, description="The most noise segments a carried "
-                                         "memory reads before it starts again from the initial memory")
+                                         "memory reads before it starts again from the initial memory (in "
+                                         "whole blocks of the stage's segments)")
     # A long test input cycles its split's noise when the noise text is small (pydoc), and the
     # repeated noise drove a model that holds on fresh noise off its facts (docs/robustness.md).
     drifted_memory_noise_sentences: int | None = Field(default=None, ge=1, description="A carried memory reads "
@@ -168,6 +169,10 @@ class TrainSettings(BaseModel):
         if self.long_step_bptt_depth is not None and self.long_step_every is None:
             raise ValueError(f"long_step_bptt_depth {self.long_step_bptt_depth} applies to long steps, and "
                              "long_step_every is null: set long_step_every, or long_step_bptt_depth to null")
+        if self.drifted_memory_noise_sentences is not None and self.drifted_memory_every is None:
+            raise ValueError(f"drifted_memory_noise_sentences {self.drifted_memory_noise_sentences} applies to drift "
+                             "steps, and drifted_memory_every is null: set drifted_memory_every, or "
+                             "drifted_memory_noise_sentences to null")
         if self.drifted_memory_every is not None and self.long_step_every is not None:
             raise ValueError(f"drifted_memory_every {self.drifted_memory_every} and long_step_every "
                              f"{self.long_step_every} both choose what a step reads: set one of them to null")

@@ -45,6 +45,7 @@ from rmt.layout import StageFiles
 from rmt.objective import Objective, objective_for
 from rmt.peak_memory import PeakMemory
 from rmt.model.auto import is_checkpoint_folder
+from rmt.model.base import read_checkpoint_config
 from rmt.settings import TRAINING_WRAPPER_SETTINGS, ModelSettings, TrainSettings, label_smoothing_problem
 from rmt.utils import UserError, atomic_directory, claim_output, progress_bar, recover_directory, write_atomic
 
@@ -155,10 +156,8 @@ class _StageInputs:
             raise ValueError(f"drifted_memory_segments {train.drifted_memory_segments} is less than the {segments} "
                              "segments a drift step's memories read at a time: raise it, or set "
                              "drifted_memory_every to null for this stage")
-        window, sentences = train.drifted_memory_noise_sentences, data.generator.noise["train"].num_sentences
-        if train.drifted_memory_every is not None and window is not None and window > sentences:
-            raise ValueError(f"drifted_memory_noise_sentences {window} exceeds the {sentences} sentences of the "
-                             f"training split's noise in {data.directory}: lower it, or set it to null")
+        if train.drifted_memory_every is not None:
+            _check_drift(data, train, init=init, model=model)
         lengths = [n for n in data.config.curriculum_segments if n < segments] if train.mixed_lengths else []
         # A stage length the data lacks fails here, before anything is written.
         train_arrays = {n: data.arrays("train", n) for n in (*lengths, segments)}
@@ -343,6 +342,8 @@ class _Trainer:
         torch.set_rng_state(torch_rng)
         if cuda_rng is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(cuda_rng, self.device)
+        # A state saved before drift steps existed has none: the stage's settings then had no
+        # drift either (other settings start a stage afresh).
         if self.drifted is not None and saved.get("drifted_memory"):
             self.drifted.load_state_dict(saved["drifted_memory"][self.parallel.rank], self.device)
         try:
@@ -510,6 +511,18 @@ def validation_set(data: TaskDataset, segments: int, examples: int | None) -> tu
     num_tokens = segments * data.config.segment_length
     pairs = [data.generator.example("valid", index, num_tokens) for index in range(examples or data.config.valid_examples)]
     return np.stack([tokens for _, tokens in pairs]), np.array([layout.sample.label for layout, _ in pairs])
+
+
+def _check_drift(data: TaskDataset, train: TrainSettings, *, init, model: ModelSettings) -> None:
+    """Drift steps need a memory to carry, and a window of noise the training split holds."""
+    memory_tokens = read_checkpoint_config(init).num_memory_tokens if init is not None else model.num_memory_tokens
+    if not memory_tokens:
+        raise ValueError(f"drifted_memory_every {train.drifted_memory_every} carries memories, and the model has no "
+                         "memory tokens: set drifted_memory_every to null, or num_memory_tokens above 0")
+    window, sentences = train.drifted_memory_noise_sentences, data.generator.noise["train"].num_sentences
+    if window is not None and window > sentences:
+        raise ValueError(f"drifted_memory_noise_sentences {window} exceeds the {sentences} sentences of the "
+                         f"training split's noise in {data.directory}: lower it, or set it to null")
 
 
 def _load_training_state(path: Path) -> dict:

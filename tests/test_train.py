@@ -303,16 +303,29 @@ DRIFT = TRAIN.model_copy(update={"drifted_memory_every": 2, "drifted_memory_segm
 
 
 def test_drift_steps_read_their_examples_from_carried_noise_memories_and_resume_exactly(data, tmp_path, monkeypatch):
-    given, loss = [], train_module.Objective.loss
+    given, carried, loss, advance = [], {}, train_module.Objective.loss, DriftedMemory.advance
 
     def record(self, network, tokens, labels, **options):
-        given.append(None if options["memory"] is None else tuple(options["memory"].shape))
+        given.append(options["memory"])
         return loss(self, network, tokens, labels, **options)
 
+    def record_states(self, model, *, step):
+        carried[step] = advance(self, model, step=step).clone()
+        return carried[step]
+
     monkeypatch.setattr(train_module.Objective, "loss", record)
+    monkeypatch.setattr(DriftedMemory, "advance", record_states)
     train_stage(data_dir=data, segments=2, output=tmp_path / "whole", model=MODEL, train=DRIFT, progress=False)
     # Every 2nd step, both micro-batches of 4 start from drifted memories (4 memory tokens, 32 wide).
-    assert given[:8] == [None, None, (4, 4, 32), (4, 4, 32)] * 2
+    assert [None if memory is None else tuple(memory.shape) for memory in given[:8]] == \
+        [None, None, (4, 4, 32), (4, 4, 32)] * 2
+    # Each example from the memory of its own place in the batch (a micro-batch's rows are sorted).
+    labels = train_module.TaskDataset(data).arrays("train", 2)[1]
+    for step in (1, 3):
+        indices = np.random.default_rng([DRIFT.seed, step]).choice(len(labels), size=DRIFT.batch_size)
+        for start in (0, 4):
+            order = np.argsort(indices[start : start + 4], kind="stable")
+            assert torch.equal(given[2 * step + start // 4], carried[step][start + order])
     state = torch.load(tmp_path / "whole" / "checkpoints" / "last" / "training_state.pt", weights_only=True)
     (saved,) = state["drifted_memory"]  # one process's
     assert saved["states"].shape == (8, 4, 32) and set(saved["segments_read"].tolist()) <= {2, 4, 6}
@@ -373,7 +386,22 @@ def test_drift_steps_are_refused_where_they_cannot_apply(data, tmp_path):
                                          "training split's noise"):
         train_stage(data_dir=data, segments=2, output=tmp_path / "a", model=MODEL, progress=False,
                     train=DRIFT.model_copy(update={"drifted_memory_noise_sentences": 100_000}))
+    with pytest.raises(ValueError, match="drifted_memory_every is null: set drifted_memory_every, or "
+                                         "drifted_memory_noise_sentences to null"):
+        TrainSettings(drifted_memory_noise_sentences=100)
+    with pytest.raises(ValueError, match="the model has no memory tokens: set drifted_memory_every to null"):
+        train_stage(data_dir=data, segments=2, output=tmp_path / "a", train=DRIFT, progress=False,
+                    model=MODEL.model_copy(update={"num_memory_tokens": 0}))
     assert not (tmp_path / "a").exists()
+
+
+def test_drift_steps_train_a_decoder_with_memory_efficient_backprop_too(data, tmp_path):
+    model = DECODER.model_copy(update={"memory_efficient_backprop": True})
+    drift = DRIFT.model_copy(update={"max_steps": 4, "eval_every": 4, "eval_examples": 4})
+    metrics = train_stage(data_dir=data, segments=2, output=tmp_path / "decoder", model=model, train=drift,
+                          progress=False)
+    state = torch.load(tmp_path / "decoder" / "checkpoints" / "last" / "training_state.pt", weights_only=True)
+    assert metrics["steps"] == 4 and state["drifted_memory"][0]["states"].shape[:2] == (8, 4)
 
 
 def test_a_finished_stage_publishes_deleted_outputs_again(data, stage_1, tmp_path):

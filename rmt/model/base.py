@@ -184,10 +184,12 @@ class RecurrentMemoryModel(nn.Module):
         if tuple(memory.shape) != expected:
             raise ValueError(f"memory must be (batch, memory tokens, hidden) = {expected}, got {tuple(memory.shape)}: "
                              "pass a memory state of this model (output_memory_states) for each input")
-        return memory.to(self.device)
+        return memory.to(self.device, self.memory_embeddings.dtype)
 
     def read_memory(self, input_ids, *, memory: Tensor | None = None) -> Tensor:
-        """(B, m, H) the memory after reading `input_ids` (from `memory`, else the initial one)."""
+        """(B, m, H) the memory after reading `input_ids` (from `memory`, else the initial one;
+        as forward() reads them, so cut to max_segments). An input that a second one is to
+        continue holds a whole number of segments: the encoder aligns its segments from the right."""
         return self(input_ids, memory=memory, output_memory_states=True).memory_states[-1]
 
     def _memory_cut(self, step: SegmentStep) -> Tensor | None:

@@ -119,6 +119,10 @@ class RecurrentMemoryDecoder(RecurrentMemoryModel):
             attentions=attentions,
         )
 
+    def read_memory(self, input_ids, *, memory: Tensor | None = None) -> Tensor:
+        # Without logits: no (B, T, V) tensor is kept for a memory that is all the caller wants.
+        return self(input_ids, memory=memory, output_memory_states=True, return_logits=False).memory_states[-1]
+
     def forward(
         self,
         input_ids: Tensor | Sequence[Sequence[int]],

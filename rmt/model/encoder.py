@@ -163,7 +163,8 @@ class RecurrentMemoryEncoder(RecurrentMemoryModel):
         sequences. The tokenizer's [CLS]/[SEP]/[PAD] are removed (the paper's rule) and each
         segment gets its own. labels: (B,) class indices. memory: (B, m, H) to start from
         instead of the learned initial memory, e.g. another input's last memory state
-        (output_memory_states): the input then continues that one.
+        (output_memory_states, read_memory): the input then continues that one, when that
+        one holds a whole number of segments (segments are aligned from the right).
 
         The loss, with K steps (segments counted from the end, where every example's last
         segment is) and A_k the examples that have a segment at step k:

@@ -7,17 +7,17 @@ from such a state instead of the initial memory, so that writing the fact is tra
 drifted memories too.
 
 One memory per row of the batch (a process holds those of its rows), each block of noise it
-reads taken from a random sentence of the training split. On the first drift step each row reads a number
-of noise blocks (a block is the stage's number of segments) drawn uniformly up to
-`max_segments` segments (rounded down to whole blocks); every drift step after it reads one
-more block per row, and a row that would pass `max_segments` starts again from the initial
-memory and reads its first block, so the rows keep spanning one block to the most. The
-blocks of a memory are read by the weights of the steps they were read at, not all by the
-current ones: at a stage's low learning rate they differ little. With `window_sentences`, a
-row reads a window of that many sentences over and over instead (a new window when it starts
-again): a long test input cycles its split's noise the
-same way when the noise text is small (pydoc's test split: 192 sentences, 5,286 tokens), and
-a model that holds on noise read on can drift under a repeated one (docs/robustness.md).
+reads taken from a random sentence of the training split. On the first drift step each row
+reads a number of noise blocks (a block is the stage's number of segments) drawn uniformly
+up to `max_segments` segments (rounded down to whole blocks); every drift step after it reads
+one more block per row, and a row that would pass `max_segments` starts again from the
+initial memory and reads its first block, so the rows keep spanning one block to the most.
+The blocks of a memory are read by the weights of the steps they were read at, not all by
+the current ones: at a stage's low learning rate they differ little. With
+`window_sentences`, a row reads a window of that many sentences over and over instead (a new
+window when it starts again): a long test input cycles its split's noise the same way when
+the noise text is small (pydoc's test split: 192 sentences, 5,286 tokens), and a model that
+holds on noise read on can drift under a repeated one (docs/robustness.md).
 Reading noise runs without gradients and in eval mode (no dropout, as at test time); the
 draws are a function of (seed, step) only, for the whole batch, so that several processes
 train as one does; the states are part of the training state, so a resumed stage continues

@@ -152,12 +152,8 @@ class _StageInputs:
             objective = objective_for(model.architecture, classes=data.card["classes"], tokenizer=tokenizer)
         if problem := label_smoothing_problem(model, train, objective.model_class.architecture):
             raise ValueError(problem)  # before any array is read or validation example generated
-        if train.drifted_memory_every is not None and train.drifted_memory_segments < segments:
-            raise ValueError(f"drifted_memory_segments {train.drifted_memory_segments} is less than the {segments} "
-                             "segments a drift step's memories read at a time: raise it, or set "
-                             "drifted_memory_every to null for this stage")
         if train.drifted_memory_every is not None:
-            _check_drift(data, train, init=init, model=model)
+            _check_drift(data, segments, train, init=init, model=model)
         lengths = [n for n in data.config.curriculum_segments if n < segments] if train.mixed_lengths else []
         # A stage length the data lacks fails here, before anything is written.
         train_arrays = {n: data.arrays("train", n) for n in (*lengths, segments)}
@@ -391,12 +387,10 @@ class _Trainer:
         return tokens, labels, rng.choice(len(labels), size=self.train.batch_size)
 
     def is_drift_step(self, step: int) -> bool:
-        every = self.train.drifted_memory_every
-        return every is not None and step % every == every - 1
+        return _is_kth(step, self.train.drifted_memory_every)
 
     def is_long_step(self, step: int) -> bool:
-        every = self.train.long_step_every
-        return every is not None and step % every == every - 1
+        return _is_kth(step, self.train.long_step_every)
 
     @contextlib.contextmanager
     def bptt_depth(self, step: int):
@@ -513,8 +507,18 @@ def validation_set(data: TaskDataset, segments: int, examples: int | None) -> tu
     return np.stack([tokens for _, tokens in pairs]), np.array([layout.sample.label for layout, _ in pairs])
 
 
-def _check_drift(data: TaskDataset, train: TrainSettings, *, init, model: ModelSettings) -> None:
-    """Drift steps need a memory to carry, and a window of noise the training split holds."""
+def _is_kth(step: int, every: int | None) -> bool:
+    """Whether 0-based `step` is an every-th one (the every-th, 2*every-th, ...); never without `every`."""
+    return every is not None and step % every == every - 1
+
+
+def _check_drift(data: TaskDataset, segments: int, train: TrainSettings, *, init, model: ModelSettings) -> None:
+    """Drift steps read whole blocks of the stage's segments, need a memory to carry, and a
+    window of noise the training split holds."""
+    if train.drifted_memory_segments < segments:
+        raise ValueError(f"drifted_memory_segments {train.drifted_memory_segments} is less than the {segments} "
+                         "segments a drift step's memories read at a time: raise it, or set "
+                         "drifted_memory_every to null for this stage")
     memory_tokens = read_checkpoint_config(init).num_memory_tokens if init is not None else model.num_memory_tokens
     if not memory_tokens:
         raise ValueError(f"drifted_memory_every {train.drifted_memory_every} carries memories, and the model has no "

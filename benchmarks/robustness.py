@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/robustness.py --label today
     .venv/bin/python benchmarks/robustness.py --label mixed --config my-recipe.yaml --reuse-from today
     .venv/bin/python benchmarks/robustness.py --label today --table-only --quote-in README.md
+    .venv/bin/python benchmarks/robustness.py --label params --table-only --any-label --quote-in README.md
 
 For every task x setting x seed: generate the task's data with that seed and setting, train
 the curriculum (params.yaml's recipe, overlaid by --config files) with that training seed,
@@ -17,6 +18,11 @@ The settings change what the recipe was never tuned on (params.yaml was tuned on
     segment-48     48 text tokens per segment (the same noise)
     stdlib-noise   noise from the docstrings of the standard library's modules (the same
                    segment length), a local .txt file written by this script
+
+`--any-label` tabulates what params.yaml (with any --config) trains now, whichever label
+measured it: for each task, setting and seed, a finished run of any label whose settings
+hash is the recipe's (a lever measured from a recipe file and then adopted into params.yaml
+counts as params.yaml's).
 
 `--skip-below 0.5` stops scoring a run at longer lengths once it falls below 50% at a
 shorter one (accuracy only decays with length here); such cells print as "skip".
@@ -191,6 +197,21 @@ def check_jobs(jobs: list[dict]) -> None:
                                      "task, setting and seed first, or leave out --reuse-from", param_hint="--reuse-from")
 
 
+def same_settings_runs(jobs: list[dict], labels: Path, label: str) -> list[dict]:
+    """For each job, a finished run of any label under `labels` that trained what the job's
+    recipe trains now (the same settings hash): `label`'s own if it has one, else the newest.
+    Each result names its label."""
+    results = []
+    for job in jobs:
+        settings = trained_settings(job)
+        found = [done for done in labels.glob(f"*/{job['task']}/{job['setting']}/seed-{job['seed']}/run.json")
+                 if json.loads(done.read_text()).get("settings") == settings]
+        if found:
+            done = max(found, key=lambda done: (done.parents[3].name == label, done.stat().st_mtime))
+            results.append({**json.loads(done.read_text()), "label": done.parents[3].name})
+    return results
+
+
 def finished_curriculum(run: Path) -> bool:
     stages = list(run.glob("stage-*"))
     return bool(stages) and all((stage / "metrics.json").is_file() for stage in stages)
@@ -219,13 +240,14 @@ def _cell(entry: dict | str | None) -> str:
 
 def table(results: list[dict], lengths: list[int]) -> str:
     """One row per run, then the mean and range over seeds per task and setting."""
-    head = ["task", "setting", "seed", *[f"{n}" for n in lengths], "steps", "train min"]
+    labelled = any("label" in r for r in results)  # --any-label: which benchmark measured each run
+    head = ["task", "setting", "seed", *[f"{n}" for n in lengths], "steps", "train min", *["label"] * labelled]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         steps = "+".join(str(s["steps"]) for s in r["stages"])
         lines.append(f"| {r['task']} | {r['setting']} | {r['seed']} | "
                      + " | ".join(_cell(r["accuracy"].get(str(n), NOT_SCORED)) for n in lengths)
-                     + f" | {steps} | {r['train_seconds'] / 60:.1f} |")
+                     + f" | {steps} | {r['train_seconds'] / 60:.1f} |" + (f" {r['label']} |" if labelled else ""))
     return "\n".join(lines) + "\n\n" + summary_table(results, lengths)
 
 
@@ -263,11 +285,17 @@ def main(
                                    "recipe trains them the same way (e.g. a recipe that changes only the last stage)."),
     workdir: Path = typer.Option(RESULTS / "robustness-work", help="The runs' folder; the tables go next to it."),
     table_only: bool = typer.Option(False, "--table-only", help="Only tabulate the runs finished so far."),
+    any_label: bool = typer.Option(False, "--any-label", help="With --table-only: the runs of any label that "
+                                   "trained what this recipe trains now (the same settings), e.g. the README's "
+                                   "table of what params.yaml holds."),
     quote_in: Path = typer.Option(None, help="Also write the table over seeds into this document (README.md) "
                                   "between its robustness-table markers."),
 ):
     if quote_in:
         check_quotable(quote_in)
+    if any_label and not table_only:
+        raise typer.BadParameter("--any-label tabulates runs other labels finished: give --table-only too",
+                                 param_hint="--any-label")
     reuse = workdir / reuse_from if reuse_from else None
     overlays = {setting: setting_overlay(setting, workdir) for setting in settings}  # shared by every label
     tables, workdir = workdir.parent, workdir / label  # a test's --workdir keeps its tables apart too
@@ -278,7 +306,9 @@ def main(
              "overlay": overlays[setting], "folder": str(workdir / task / setting / f"seed-{seed}"),
              "reuse": str(reuse / task / setting / f"seed-{seed}") if reuse else None}
             for seed in seeds for task in tasks for setting in settings]  # a first seed of every cell first
-    if table_only:  # the runs finished so far, e.g. while the benchmark still runs
+    if any_label:
+        results = same_settings_runs(jobs, workdir.parent, label)
+    elif table_only:  # the runs finished so far, e.g. while the benchmark still runs
         results = [json.loads(Path(job["folder"], "run.json").read_text()) for job in jobs
                    if Path(job["folder"], "run.json").is_file()]
     else:
@@ -290,13 +320,18 @@ def main(
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             results = pool.map(run_one, jobs, chunksize=1)
     if not results:  # nothing to tabulate: the tables of an earlier --table-only stay as they are
-        raise typer.BadParameter(f"{workdir} holds no finished run of these tasks, settings and seeds",
-                                 param_hint="--label")
+        where = f"no label in {workdir.parent} holds a run trained as this recipe trains," if any_label else \
+            f"{workdir} holds no finished run of"
+        raise typer.BadParameter(f"{where} these tasks, settings and seeds", param_hint="--label")
     # What the runs recorded, not the command line (--table-only is given no --config or
     # --segments): the recipe (runs from before run.json held it name it only if --config
     # is given), the lengths scored and the test examples per length.
     unrecorded = recipe(configs) if given_configs else "recipe not recorded: pass its --config"
     recipes = " / ".join(sorted({r.get("recipe", unrecorded) for r in results}))
+    if any_label:
+        measured_by = [r["label"] for r in results]
+        recipes = recipe(configs) + ", as trained in " + ", ".join(
+            f"{name} ({measured_by.count(name)})" for name in sorted(set(measured_by)))
     lengths = sorted({int(n) for r in results for n in r["accuracy"]})
     counts = sorted({a["examples"] for r in results for a in r["accuracy"].values() if a is not None})
     per_length = "/".join(map(str, counts)) or str(examples)

@@ -197,8 +197,13 @@ def _stage_entries(curriculum: list[int], *layers: dict) -> dict[int, tuple[str,
 def _stage_values(train: dict, own: dict) -> dict:
     """A stage's training values: `train`'s, with the stage's own laid over them. What a stage
     names itself applies as given, also where `train`'s long validation would leave it out
-    (valid_length_from_segments) or set its examples (valid_length_examples)."""
+    (valid_length_from_segments) or set its examples (valid_length_examples). A stage's own
+    min_steps yields to a lower max_steps it takes from `train`: a quick run's
+    `--set train.max_steps=20` stops every stage at 20, as it says."""
     values = {**train, **own}
+    if "min_steps" in own and "max_steps" not in own:
+        max_steps = values.get("max_steps", TrainSettings.model_fields["max_steps"].default)
+        values["min_steps"] = min(own["min_steps"], max_steps)
     if own.keys() & set(LONG_VALIDATION):
         values["valid_length_from_segments"] = own.get("valid_length_from_segments", 1)
     if "eval_examples" in own:

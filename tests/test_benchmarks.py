@@ -98,6 +98,19 @@ def test_the_robustness_benchmark_trains_scores_and_reuses_stages(tmp_path):
                  "16", cwd=tmp_path, check=False)  # a finished run is not silently left unscored at 16
     message = flat(longer.stderr)
     assert longer.returncode == 2 and "is finished and was not scored at [16] segments" in message, message
+    # What a recipe trains now, whichever label measured it: one file holding tiny.yaml and
+    # last.yaml (as params.yaml holds a lever once measured from a recipe file) finds `after`'s
+    # run, tiny.yaml alone `before`'s.
+    adopted = tmp_path / "adopted.yaml"
+    adopted.write_text((tmp_path / "tiny.yaml").read_text() + (tmp_path / "last.yaml").read_text())
+    found = run("robustness.py", "--label", "now", "--table-only", "--any-label", *common[:-1], str(adopted),
+                cwd=tmp_path)
+    assert "Recipe: params.yaml + adopted.yaml, as trained in after (1);" in found.stdout, found.stdout
+    assert found.stdout.count("| after |") == 1  # the row names the label that measured it
+    found = run("robustness.py", "--label", "now", "--table-only", "--any-label", *common, cwd=tmp_path)
+    assert "as trained in before (1);" in found.stdout, found.stdout
+    refused = run("robustness.py", "--label", "now", "--any-label", *common, cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "give --table-only too" in flat(refused.stderr)
     # Which examples the run gets wrong: one row per example, and the summary by distance.
     folder = tmp_path / "w" / "after" / "detect_and_memorize" / "segment-48" / "seed-1"
     completed = run("robustness_errors.py", str(folder), "--segments", "4", "--examples", "10", cwd=tmp_path)

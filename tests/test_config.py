@@ -172,6 +172,12 @@ def test_last_names_the_curriculums_last_stage_whatever_its_length():
     assert reasoning.train_for(7).learning_rate == reasoning.train.learning_rate
     paper = load_config(ROOT / "params.yaml", ROOT / "config" / "paper.yaml").for_task("memorize")
     assert 7 not in paper.stage_train  # the paper trains every stage at one rate
+    # Detect & Memorize's last stage reads drifted memories too; not Memorize's, not the paper's.
+    params = load_config(ROOT / "params.yaml")
+    assert params.for_task("detect_and_memorize").train_for(7).drifted_memory_every == 2
+    assert params.for_task("memorize").train_for(7).drifted_memory_every is None
+    paper_dm = load_config(ROOT / "params.yaml", ROOT / "config" / "paper.yaml").for_task("detect_and_memorize")
+    assert 7 not in paper_dm.stage_train
     schema = json_schema()
     config = {"stage_train": {"last": {"learning_rate": 1e-4}, 3: None}, "tasks": {"memorize": {"stage_train": {"last": None}}}}
     assert schema_problems(config, schema) == []
@@ -179,7 +185,7 @@ def test_last_names_the_curriculums_last_stage_whatever_its_length():
     params = read_config_files(ROOT / "params.yaml")
     for stage_train, problem in [({"final": {}}, "unknown stage 'final'.*or `last`"), (5, "valid dictionary"),
                                  ({9: None}, r"stages \[9\] that are not in the curriculum"),
-                                 ({"last": {"min_steps": 5000}}, r"stage_train.last: min_steps 5000")]:
+                                 ({"last": {"min_steps": 50, "max_steps": 20}}, r"stage_train.last: min_steps 50")]:
         with pytest.raises(ValueError, match=problem):
             validate_config({**params, "stage_train": stage_train}, ["params.yaml"])
 
@@ -213,3 +219,15 @@ def test_the_config_hash_ignores_the_seed_and_device_only():
     # A setting spelled out at its default is the same configuration: so is one rmt gains later.
     spelled_out = base.model_copy(update={"train": base.train.model_copy(update={"adam_beta2": 0.999})})
     assert "adam_beta2" not in base.train.model_fields_set and spelled_out.config_hash() == base.config_hash()
+
+
+def test_a_stages_own_min_steps_yields_to_a_quick_runs_max_steps():
+    """params.yaml's Detect & Memorize last stage trains at least 300 steps; a quick run's
+    train.max_steps stops it earlier, as it says, instead of failing to validate."""
+    from rmt.cli_common import task_settings
+
+    quick = task_settings([ROOT / "params.yaml"], ["train.max_steps=20", "train.min_steps=0"], "detect_and_memorize")
+    assert (quick.train_for(7).min_steps, quick.train_for(7).max_steps) == (20, 20)
+    assert quick.train_for(7).drifted_memory_every == 2  # the rest of the stage's entry stays
+    full = load_config(ROOT / "params.yaml").for_task("detect_and_memorize")
+    assert (full.train_for(7).min_steps, full.train_for(7).max_steps) == (300, 1000)

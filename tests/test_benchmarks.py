@@ -38,6 +38,14 @@ def test_the_reasoning_search_reports_each_kind_of_question(tmp_path):
                     "escape", "--config", str(tmp_path / "tiny.yaml"), "--workdir", str(tmp_path / "w"), cwd=tmp_path)
     assert "| escape | 0 | 4 |" in completed.stdout
     assert "| escape | 0 | 4 |" in (tmp_path / "reasoning-search.md").read_text()  # next to --workdir
+    # A mixed recipe trains on the lookup and the task, and validates on the task alone.
+    mixed = run("reasoning_search.py", "--steps", "2", "--eval-every", "2", "--examples", "20", "--recipes",
+                "escape-mix-lookup", "--config", str(tmp_path / "tiny.yaml"), "--workdir", str(tmp_path / "w"),
+                cwd=tmp_path)
+    assert "| escape-mix-lookup | 0 | 2 |" in mixed.stdout
+    card = json.loads((tmp_path / "w" / "escape-mix-lookup" / "seed-0" / "data" / "card.json").read_text())
+    assert set(card["splits"]["train"]["1"]["examples_by_form"]) == {"middle_lookup", "reasoning"}
+    assert "examples_by_form" not in card["splits"]["valid"]["1"]
     result = json.loads((tmp_path / "w" / "escape" / "seed-0" / "run.json").read_text())
     assert {"accuracy", "end_room", "middle_room", "escape_step", "curve"} <= set(result)
     stage = json.loads((tmp_path / "w" / "escape" / "seed-0" / "stage-1" / "config.json").read_text())

@@ -102,9 +102,32 @@ def test_train_and_valid_share_no_example(built):
     assert train.isdisjoint(valid)
 
 
+def test_training_forms_replace_a_share_of_the_training_examples_only(built, tmp_path):
+    """data.train_forms: the same examples as without it but for the share drawn from the
+    form, at every length; validation untouched; the card counts the forms."""
+    mixed = build_dataset(DataConfig(task="reasoning", **{**SMALL, "train_forms": {"middle_lookup": 0.5}}),
+                          tmp_path / "mixed", progress=False)
+    plain, data = TaskDataset(built["reasoning"]), TaskDataset(mixed)
+    forms = [data.config.train_form(i) for i in range(40)]
+    assert 10 < forms.count("middle_lookup") < 30 and set(forms) == {"middle_lookup", None}
+    for segments in (1, 3):
+        same = (np.asarray(data.arrays("train", segments)[0]) == np.asarray(plain.arrays("train", segments)[0])).all(1)
+        assert [bool(s) for s in same] == [form is None for form in forms]  # the same rows switch at every length
+        assert np.array_equal(data.arrays("valid", segments)[0], plain.arrays("valid", segments)[0])
+    kinds = data.kinds("valid", 1, range(20))
+    assert set(kinds) == {"end_room", "middle_room"}  # validation asks the task's own questions
+    card = json.loads((mixed / "card.json").read_text())
+    assert card["splits"]["train"]["1"]["examples_by_form"] == {"middle_lookup": forms.count("middle_lookup"),
+                                                                 "reasoning": forms.count(None)}
+    assert "train_forms" not in json.loads((built["reasoning"] / "config.json").read_text())  # files as before
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [
+        (dict(task="memorize", train_forms={"middle_lookup": 0.5}), "it has none: leave train_forms empty"),
+        (dict(task="reasoning", train_forms={"lookup": 0.5}), "choose from middle_lookup"),
+        (dict(task="reasoning", train_forms={"middle_lookup": 1.0}), "together they stay below 1"),
         (dict(task="qa99"), "unknown task"),
         (dict(task="memorize", curriculum_segments=[1, 1]), "distinct"),
         (dict(task="memorize", segment_length=0), "greater than or equal to 1"),

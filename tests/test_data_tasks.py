@@ -79,3 +79,18 @@ def test_the_papers_reasoning_example_is_solved():
 def test_unknown_task_names_the_known_ones():
     with pytest.raises(ValueError, match="detect_and_memorize, memorize, reasoning"):
         get_task("qa99")
+
+
+def test_the_middle_lookup_is_reasonings_simplest_form():
+    """Facts worded from the middle room, questions about it in one phrasing; every answer
+    still follows from the facts, and each question needs its direction's fact."""
+    from rmt.data.tasks import TRAINING_FORMS
+
+    lookup, reasoning = TRAINING_FORMS["reasoning"]["middle_lookup"], get_task("reasoning")
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        sample = lookup.sample(rng)
+        assert reasoning.solve(sample.facts, sample.question) == sample.answer
+        middle, = set.intersection(*[set(FACT.match(fact).group(1, 3)) for fact in sample.facts])
+        assert all(FACT.match(fact).group(1) == middle for fact in sample.facts)  # worded from the middle room
+        assert sample.question.startswith(f"What is the {middle} ") and reasoning.kind(sample) == "middle_room"

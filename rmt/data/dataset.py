@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from rmt.data.generator import GENERATOR_VERSION, SPLITS, Placement, TaskGenerator
+from rmt.data.generator import GENERATOR_VERSION, SPLITS, Placement, TaskGenerator, stable_int
 from rmt.data.noise import load_noise
-from rmt.data.tasks import TASKS, get_task
+from rmt.data.tasks import TASKS, TRAINING_FORMS, get_task
 from rmt.hub import MINILM, load_tokenizer
 from rmt.layout import DATASET_CARD
 from rmt.utils import atomic_directory, claim_output, has_marker, progress_bar
@@ -62,6 +62,12 @@ class DataConfig(BaseModel):
     # Exceptions by length, e.g. {32768: 10}: the longest inputs cost minutes per example.
     test_examples_by_segments: dict[int, int] = Field(default_factory=dict)
     samples: int = Field(default=5, ge=0, description="Examples per split written as text to samples.jsonl")
+    # A saddle the whole task does not leave may be left through a simpler form of it
+    # (Reasoning's middle-room lookup, docs/research.md): mixed into every stage's training
+    # examples, never switched to. Validation and test stay the task's. Not the paper's.
+    train_forms: dict[str, float] = Field(default_factory=dict, description="Share of the training examples drawn "
+                                          "from each named simpler form of the task (rmt.data.tasks.TRAINING_FORMS) "
+                                          "instead of the task itself")
     seed: int = 0
 
     @field_validator("task")
@@ -78,6 +84,28 @@ class DataConfig(BaseModel):
             raise ValueError(f"{values}: segment counts must be distinct and at least 1")
         return sorted(values)
 
+    @model_validator(mode="after")
+    def _known_forms(self) -> "DataConfig":
+        forms = TRAINING_FORMS.get(self.task, {})
+        unknown = sorted(set(self.train_forms) - set(forms))
+        if unknown:
+            choose = f"choose from {', '.join(forms)}" if forms else "it has none: leave train_forms empty"
+            raise ValueError(f"train_forms {unknown} are not forms of the task {self.task}: {choose}")
+        shares = self.train_forms.values()
+        if any(not 0 < share < 1 for share in shares) or sum(shares) >= 1:
+            raise ValueError(f"train_forms {self.train_forms}: each share lies between 0 and 1 and together they "
+                             "stay below 1 (the rest of the training examples are the task's own)")
+        return self
+
+    def train_form(self, index: int) -> str | None:
+        """The form the training example `index` is drawn from at every length (None: the task)."""
+        draw = np.random.default_rng([self.seed, stable_int("train_forms"), index]).random()
+        for name, share in sorted(self.train_forms.items()):
+            if draw < share:
+                return name
+            draw -= share
+        return None
+
     def test_examples_at(self, segments: int) -> int:
         if segments in self.test_examples_by_segments:
             return self.test_examples_by_segments[segments]
@@ -85,8 +113,13 @@ class DataConfig(BaseModel):
             return min(self.long_test_examples, self.test_examples)
         return self.test_examples
 
+    def settings(self) -> dict:
+        """The settings as config.json holds them: without forms, as before forms existed (so
+        the dataset's hash and files stay those of earlier versions)."""
+        return self.model_dump(exclude=set() if self.train_forms else {"train_forms"})
+
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.settings(), sort_keys=True, separators=(",", ":"))
 
 
 def _sha256(data: str | bytes) -> str:
@@ -116,6 +149,12 @@ def build_dataset(config: DataConfig, output: str | Path, *, progress: bool = Tr
         task=task, noise_sentences=noise.sentences, tokenizer=tokenizer,
         segment_length=config.segment_length, placement=config.placement, seed=config.seed,
     )
+    forms = {name: generator.for_task(TRAINING_FORMS[config.task][name]) for name in config.train_forms}
+
+    def generator_for(split: str, index: int) -> TaskGenerator:
+        form = config.train_form(index) if split == "train" else None
+        return generator if form is None else forms[form]
+
     _check_room(config, output, np.dtype(generator.dtype).itemsize)
     _check_lengths_hold_the_task(config, generator)
     config_hash = _sha256(
@@ -128,10 +167,15 @@ def build_dataset(config: DataConfig, output: str | Path, *, progress: bool = Tr
         jobs = [(split, n) for split in STORED_SPLITS for n in config.curriculum_segments]
         for split, segments in progress_bar(jobs, desc=f"{task.name}: writing", unit="length", disable=not progress):
             num_tokens = segments * config.segment_length
-            splits_card.setdefault(split, {})[str(segments)] = _write_length(
-                staging / split / f"segments-{segments}", generator, split, counts[split], num_tokens)
+            card = _write_length(staging / split / f"segments-{segments}", generator_for, split, counts[split],
+                                 num_tokens)
+            if split == "train" and config.train_forms:
+                card["examples_by_form"] = dict(Counter(config.train_form(i) or config.task
+                                                        for i in range(counts[split])))
+            splits_card.setdefault(split, {})[str(segments)] = card
             if segments == config.curriculum_segments[0]:
-                samples += [_sample_record(generator, tokenizer, split, i, num_tokens) for i in range(config.samples)]
+                samples += [_sample_record(generator_for(split, i), tokenizer, split, i, num_tokens)
+                            for i in range(config.samples)]
         test_lengths = [
             {"segments": n, "tokens": n * config.segment_length, "examples": config.test_examples_at(n)}
             for n in config.test_segments
@@ -143,7 +187,7 @@ def build_dataset(config: DataConfig, output: str | Path, *, progress: bool = Tr
         _write_json(staging / "test.json", {"split": STREAMED_SPLIT, "lengths": test_lengths, "config_hash": config_hash})
         with open(staging / "samples.jsonl", "w") as handle:
             handle.writelines(json.dumps(record, sort_keys=True) + "\n" for record in samples)
-        _write_json(staging / "config.json", config.model_dump())
+        _write_json(staging / "config.json", config.settings())
         card = _dataset_card(config, generator, tokenizer, noise, config_hash=config_hash, splits=splits_card,
                              test=test_lengths)
         _write_json(staging / DATASET_CARD, card)  # last: it marks the folder as a whole dataset
@@ -159,13 +203,15 @@ def _check_lengths_hold_the_task(config: DataConfig, generator: TaskGenerator) -
         )
 
 
-def _write_length(folder: Path, generator: TaskGenerator, split: str, count: int, num_tokens: int) -> dict:
-    """The first `count` examples of a split at one length, as token and label arrays; their card."""
+def _write_length(folder: Path, generator_for, split: str, count: int, num_tokens: int) -> dict:
+    """The first `count` examples of a split at one length, as token and label arrays; their
+    card. `generator_for(split, index)`: the generator of that example's form of the task."""
+    generator = generator_for(split, 0)
     tokens = np.empty((count, num_tokens), dtype=generator.dtype)
     labels = np.empty(count, dtype=np.int64)
     fact_positions = []
     for index in range(count):
-        layout, tokens[index] = generator.example(split, index, num_tokens)
+        layout, tokens[index] = generator_for(split, index).example(split, index, num_tokens)
         labels[index] = layout.sample.label
         fact_positions.extend(layout.fact_positions)
     folder.mkdir(parents=True)

@@ -15,6 +15,7 @@ validation or test example is never a training example.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 from dataclasses import dataclass
@@ -157,6 +158,14 @@ class TaskGenerator:
         lengths = np.array([len(ids) for ids in encoded])
         tokens = np.fromiter((t for ids in encoded for t in ids), dtype=self.dtype, count=int(lengths.sum()))
         return NoiseStream(tokens=tokens, starts=np.concatenate([[0], np.cumsum(lengths)[:-1]]))
+
+    def for_task(self, task: Task) -> "TaskGenerator":
+        """This generator for a simpler form of its task: the same noise, tokenizer and seed,
+        so an example differs from the task's own at that index only in its sample."""
+        assert set(task.all_texts()) <= set(self.task.all_texts()), f"{task} is no form of {self.task.name}"
+        twin = copy.copy(self)
+        twin.task = task
+        return twin
 
     # ---------------------------------------------------------------- one example
     def layout(self, split: str, index: int, num_tokens: int) -> ExampleLayout:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from rmt.data.tasks.base import PLACES, Sample, Task
 from rmt.data.tasks.qa1 import DETECT_AND_MEMORIZE, MEMORIZE
-from rmt.data.tasks.qa4 import REASONING
+from rmt.data.tasks.qa4 import MIDDLE_LOOKUP, REASONING
 
 TASKS: dict[str, Task] = {task.name: task for task in (MEMORIZE, DETECT_AND_MEMORIZE, REASONING)}
+# Simpler forms of a task that its training split may mix in (DataConfig.train_forms), by name.
+TRAINING_FORMS: dict[str, dict[str, Task]] = {"reasoning": {"middle_lookup": MIDDLE_LOOKUP}}
 
 
 def get_task(name: str) -> Task:
@@ -16,4 +18,4 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["PLACES", "Sample", "TASKS", "Task", "get_task"]
+__all__ = ["PLACES", "Sample", "TASKS", "TRAINING_FORMS", "Task", "get_task"]

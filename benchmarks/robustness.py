@@ -164,10 +164,6 @@ def check_jobs(jobs: list[dict]) -> None:
     """Refuse, before any work, a recipe that does not validate, a run with nothing to reuse,
     and a label whose finished runs were trained with another recipe (they would be tabulated
     as this one's)."""
-    from pydantic import ValidationError
-
-    from rmt.config import problem_lines
-
     for job in jobs:
         done = Path(job["folder"], "run.json")
         finished = json.loads(done.read_text()) if done.is_file() else {}
@@ -181,13 +177,8 @@ def check_jobs(jobs: list[dict]) -> None:
             raise typer.BadParameter(f"{done.parent} is finished and was not scored at {unscored} segments: give a "
                                      "--label of its own with --reuse-from this one (its stages are reused, only "
                                      "the scoring runs), or the same --segments", param_hint="--segments")
-        try:
-            run_settings(job)
-        except (ValueError, OSError) as error:
-            problems = "; ".join(problem_lines(error)) if isinstance(error, ValidationError) else error
-            raise typer.BadParameter(f"{job['task']} {job['setting']} seed {job['seed']}: {problems}",
-                                     param_hint="--config") from None
-        if "settings" in finished and finished["settings"] != trained_settings(job):
+        settings = validated_settings_hash(job)
+        if "settings" in finished and finished["settings"] != settings:
             raise typer.BadParameter(f"{done.parent} was trained with other settings than {trained} holds now "
                                      "(a file of the recipe changed since): give this recipe a --label of its own",
                                      param_hint="--label")
@@ -197,18 +188,36 @@ def check_jobs(jobs: list[dict]) -> None:
                                      "task, setting and seed first, or leave out --reuse-from", param_hint="--reuse-from")
 
 
+def validated_settings_hash(job: dict) -> str:
+    """The hash of what the job trains, or a refusal naming the recipe's problems."""
+    from pydantic import ValidationError
+
+    from rmt.config import problem_lines
+
+    try:
+        return trained_settings(job)
+    except (ValueError, OSError) as error:
+        problems = "; ".join(problem_lines(error)) if isinstance(error, ValidationError) else error
+        raise typer.BadParameter(f"{job['task']} {job['setting']} seed {job['seed']}: {problems}",
+                                 param_hint="--config") from None
+
+
 def same_settings_runs(jobs: list[dict], labels: Path, label: str) -> list[dict]:
     """For each job, a finished run of any label under `labels` that trained what the job's
-    recipe trains now (the same settings hash): `label`'s own if it has one, else the newest.
+    recipe trains now (the same settings hash). Of several: `label`'s own, then one scored at
+    every length asked, then the first label by name (the same table on every machine).
     Each result names its label."""
     results = []
     for job in jobs:
-        settings = trained_settings(job)
-        found = [done for done in labels.glob(f"*/{job['task']}/{job['setting']}/seed-{job['seed']}/run.json")
-                 if json.loads(done.read_text()).get("settings") == settings]
+        settings, found = validated_settings_hash(job), []
+        for done in sorted(labels.glob(f"*/{job['task']}/{job['setting']}/seed-{job['seed']}/run.json")):
+            run = json.loads(done.read_text())
+            if run.get("settings") == settings:
+                found.append({**run, "label": done.parents[3].name})
         if found:
-            done = max(found, key=lambda done: (done.parents[3].name == label, done.stat().st_mtime))
-            results.append({**json.loads(done.read_text()), "label": done.parents[3].name})
+            results.append(min(found, key=lambda run: (run["label"] != label,
+                                                       not {str(n) for n in job["segments"]} <= set(run["accuracy"]),
+                                                       run["label"])))
     return results
 
 
@@ -335,8 +344,10 @@ def main(
     lengths = sorted({int(n) for r in results for n in r["accuracy"]})
     counts = sorted({a["examples"] for r in results for a in r["accuracy"].values() if a is not None})
     per_length = "/".join(map(str, counts)) or str(examples)
+    # Of the asked runs; --any-label asks for every seed of every setting, most never run.
+    runs = f"{len(results)} runs" if any_label else f"{len(results)} of {len(jobs)} runs"
     text = (f"# Robustness: {label}\n\nRecipe: {recipes}; accuracy % at each number of segments, "
-            f"{per_length} test examples per length; {len(results)} of {len(jobs)} runs.\n\n"
+            f"{per_length} test examples per length; {runs}.\n\n"
             + table(results, lengths))
     tables.mkdir(parents=True, exist_ok=True)
     (tables / f"robustness-{label}.md").write_text(text)
@@ -344,7 +355,7 @@ def main(
     print("\n" + text)
     print(f"written {tables / f'robustness-{label}.md'}")
     if quote_in:
-        quote(quote_in, f"`{label}` ({recipes}), {len(results)} of {len(jobs)} runs, {per_length} test examples "
+        quote(quote_in, f"`{label}` ({recipes}), {runs}, {per_length} test examples "
                         f"per length, as of {time.strftime('%Y-%m-%d')}. "
                         + summary_table(results, lengths))
         print(f"quoted in {quote_in}")

@@ -350,7 +350,7 @@ def data_show(
     if split not in SPLITS:
         raise typer.BadParameter(f"{split!r}: choose one of {', '.join(SPLITS)}", param_hint="--split")
     data = TaskDataset(dataset)
-    layout, tokens = data.generator.example(split, index, segments * data.config.segment_length)
+    layout, tokens = data.example(split, index, segments * data.config.segment_length)
     typer.echo(f"facts: {list(layout.sample.facts)} at tokens {list(layout.fact_positions)}")
     typer.echo(f"question: {layout.sample.question}  answer: {layout.sample.answer} (label {layout.sample.label})")
     typer.echo(data.generator.tokenizer.decode(tokens))

@@ -169,7 +169,8 @@ class PipelineConfig(BaseModel):
             data=data,
             model=_section(f"{task}: model", ModelSettings, {**self.model, **overrides.model}),
             train=_section(f"{task}: train", TrainSettings, train),
-            stage_train={n: _section(f"{task}: stage_train.{key}", TrainSettings, _stage_values(train, values))
+            stage_train={n: _section(f"{task}: stage_train.{key}", TrainSettings,
+                                     _stage_values(train, values, where=f"{task}: stage_train.{key}"))
                          for n, (key, values) in sorted(own.items())},
             evaluate=_section(f"{task}: evaluate", EvaluateSettings, {**self.evaluate, **overrides.evaluate}),
         )
@@ -194,16 +195,18 @@ def _stage_entries(curriculum: list[int], *layers: dict) -> dict[int, tuple[str,
     return {stage: entry for stage, entry in entries.items() if entry[1]}
 
 
-def _stage_values(train: dict, own: dict) -> dict:
+def _stage_values(train: dict, own: dict, *, where: str) -> dict:
     """A stage's training values: `train`'s, with the stage's own laid over them. What a stage
     names itself applies as given, also where `train`'s long validation would leave it out
     (valid_length_from_segments) or set its examples (valid_length_examples). A stage's own
-    min_steps yields to a lower max_steps it takes from `train`: a quick run's
-    `--set train.max_steps=20` stops every stage at 20, as it says."""
+    min_steps never holds it past a max_steps it takes from `train` (a quick run's
+    `--set train.max_steps=20`): it yields, with a warning."""
     values = {**train, **own}
-    if "min_steps" in own and "max_steps" not in own:
-        max_steps = values.get("max_steps", TrainSettings.model_fields["max_steps"].default)
-        values["min_steps"] = min(own["min_steps"], max_steps)
+    max_steps = values.get("max_steps", TrainSettings.model_fields["max_steps"].default)
+    if "max_steps" not in own and own.get("min_steps", 0) > max_steps:
+        warnings.warn(f"{where}: min_steps {own['min_steps']} yields to train.max_steps {max_steps}: the stage "
+                      f"stops at step {max_steps}", stacklevel=2)
+        values["min_steps"] = max_steps
     if own.keys() & set(LONG_VALIDATION):
         values["valid_length_from_segments"] = own.get("valid_length_from_segments", 1)
     if "eval_examples" in own:

@@ -412,7 +412,7 @@ class _Trainer:
         factor = factors[rng.integers(len(factors))] if len(factors) > 1 else factors[0]
         num_tokens = self.segments * factor * data.config.segment_length
         drawn = rng.choice(data.config.train_examples, size=self.train.batch_size)
-        pairs = [data.generator.example("train", int(index), num_tokens) for index in drawn]
+        pairs = [data.example("train", int(index), num_tokens) for index in drawn]
         tokens = np.stack([tokens for _, tokens in pairs])  # (batch, num_tokens)
         labels = np.array([layout.sample.label for layout, _ in pairs])
         return tokens, labels, np.arange(len(labels))
@@ -503,7 +503,7 @@ def validation_set(data: TaskDataset, segments: int, examples: int | None) -> tu
     if segments in data.config.curriculum_segments:
         return data.arrays("valid", segments)
     num_tokens = segments * data.config.segment_length
-    pairs = [data.generator.example("valid", index, num_tokens) for index in range(examples or data.config.valid_examples)]
+    pairs = [data.example("valid", index, num_tokens) for index in range(examples or data.config.valid_examples)]
     return np.stack([tokens for _, tokens in pairs]), np.array([layout.sample.label for layout, _ in pairs])
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,12 @@ def test_the_robustness_benchmark_trains_scores_and_reuses_stages(tmp_path):
     assert "Recipe: params.yaml + adopted.yaml, as trained in after (1);" in found.stdout, found.stdout
     assert found.stdout.count("| after |") == 1  # the row names the label that measured it
     found = run("robustness.py", "--label", "now", "--table-only", "--any-label", *common, cwd=tmp_path)
+    assert "as trained in before (1);" in found.stdout, found.stdout
+    # Of two labels with the same run, the first by name, unless the asked label has it.
+    shutil.copytree(tmp_path / "w" / "before", tmp_path / "w" / "again")
+    found = run("robustness.py", "--label", "now", "--table-only", "--any-label", *common, cwd=tmp_path)
+    assert "as trained in again (1);" in found.stdout, found.stdout
+    found = run("robustness.py", "--label", "before", "--table-only", "--any-label", *common, cwd=tmp_path)
     assert "as trained in before (1);" in found.stdout, found.stdout
     refused = run("robustness.py", "--label", "now", "--any-label", *common, cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "give --table-only too" in flat(refused.stderr)

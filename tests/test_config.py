@@ -226,7 +226,10 @@ def test_a_stages_own_min_steps_yields_to_a_quick_runs_max_steps():
     train.max_steps stops it earlier, as it says, instead of failing to validate."""
     from rmt.cli_common import task_settings
 
-    quick = task_settings([ROOT / "params.yaml"], ["train.max_steps=20", "train.min_steps=0"], "detect_and_memorize")
+    with pytest.warns(UserWarning, match="detect_and_memorize: stage_train.last: min_steps 300 yields to "
+                      "train.max_steps 20: the stage stops at step 20"):
+        quick = task_settings([ROOT / "params.yaml"], ["train.max_steps=20", "train.min_steps=0"],
+                              "detect_and_memorize")
     assert (quick.train_for(7).min_steps, quick.train_for(7).max_steps) == (20, 20)
     assert quick.train_for(7).drifted_memory_every == 2  # the rest of the stage's entry stays
     full = load_config(ROOT / "params.yaml").for_task("detect_and_memorize")

@@ -120,14 +120,26 @@ def test_training_forms_replace_a_share_of_the_training_examples_only(built, tmp
     assert card["splits"]["train"]["1"]["examples_by_form"] == {"middle_lookup": forms.count("middle_lookup"),
                                                                  "reasoning": forms.count(None)}
     assert "train_forms" not in json.loads((built["reasoning"] / "config.json").read_text())  # files as before
+    # Generated, not stored (long steps, `rmt data show`): the same example in the same form.
+    index = forms.index("middle_lookup")
+    layout, tokens = data.example("train", index, 3 * 64)
+    assert np.array_equal(tokens, data.arrays("train", 3)[0][index])
+    plain_layout = plain.example("train", index, 3 * 64)[0]
+    assert (layout.first_sentence, layout.noise_offsets) == (plain_layout.first_sentence, plain_layout.noise_offsets)
+    assert data.kinds("train", 1, [index]) == ["middle_room"]
+    # An overlay clears a lower file's forms with null or a share of 0.
+    assert DataConfig(task="reasoning", train_forms=None).train_forms == {}
+    assert DataConfig(task="reasoning", train_forms={"middle_lookup": 0}).canonical_json() == \
+        DataConfig(task="reasoning").canonical_json()
 
 
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(task="memorize", train_forms={"middle_lookup": 0.5}), "it has none: leave train_forms empty"),
+        (dict(task="memorize", train_forms={"middle_lookup": 0.5}), r"it has none: set forms per task \(tasks.reas"),
         (dict(task="reasoning", train_forms={"lookup": 0.5}), "choose from middle_lookup"),
-        (dict(task="reasoning", train_forms={"middle_lookup": 1.0}), "together they stay below 1"),
+        (dict(task="reasoning", train_forms={"middle_lookup": 1.0}), "less than 1"),
+        (dict(task="reasoning", train_forms={"middle_lookup": 0.6, "middle_lookup ": 0.5}), "not forms"),
         (dict(task="qa99"), "unknown task"),
         (dict(task="memorize", curriculum_segments=[1, 1]), "distinct"),
         (dict(task="memorize", segment_length=0), "greater than or equal to 1"),

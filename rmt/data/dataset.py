@@ -23,7 +23,7 @@ import platform
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Annotated, Iterator, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -65,9 +65,9 @@ class DataConfig(BaseModel):
     # A saddle the whole task does not leave may be left through a simpler form of it
     # (Reasoning's middle-room lookup, docs/research.md): mixed into every stage's training
     # examples, never switched to. Validation and test stay the task's. Not the paper's.
-    train_forms: dict[str, float] = Field(default_factory=dict, description="Share of the training examples drawn "
-                                          "from each named simpler form of the task (rmt.data.tasks.TRAINING_FORMS) "
-                                          "instead of the task itself")
+    train_forms: dict[str, Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=dict, description="Share of the training examples drawn from each named simpler form of the "
+        "task (rmt.data.tasks.TRAINING_FORMS) instead of the task itself; null or a share of 0 clears one")
     seed: int = 0
 
     @field_validator("task")
@@ -84,17 +84,28 @@ class DataConfig(BaseModel):
             raise ValueError(f"{values}: segment counts must be distinct and at least 1")
         return sorted(values)
 
+    @field_validator("train_forms", mode="before")
+    @classmethod
+    def _null_clears_forms(cls, forms):
+        """An overlay clears a file's forms with null (an empty mapping would merge into them)."""
+        return {} if forms is None else forms
+
+    @field_validator("train_forms")
+    @classmethod
+    def _zero_shares_clear_forms(cls, forms: dict[str, float]) -> dict[str, float]:
+        return {name: share for name, share in forms.items() if share}
+
     @model_validator(mode="after")
     def _known_forms(self) -> "DataConfig":
         forms = TRAINING_FORMS.get(self.task, {})
         unknown = sorted(set(self.train_forms) - set(forms))
         if unknown:
-            choose = f"choose from {', '.join(forms)}" if forms else "it has none: leave train_forms empty"
+            where = ", ".join(f"tasks.{task}.data.train_forms" for task in TRAINING_FORMS)
+            choose = f"choose from {', '.join(forms)}" if forms else f"it has none: set forms per task ({where})"
             raise ValueError(f"train_forms {unknown} are not forms of the task {self.task}: {choose}")
-        shares = self.train_forms.values()
-        if any(not 0 < share < 1 for share in shares) or sum(shares) >= 1:
-            raise ValueError(f"train_forms {self.train_forms}: each share lies between 0 and 1 and together they "
-                             "stay below 1 (the rest of the training examples are the task's own)")
+        if sum(self.train_forms.values()) >= 1:
+            raise ValueError(f"train_forms {self.train_forms}: the shares add up to 1 or more; keep them below 1 "
+                             "(the rest of the training examples are the task's own)")
         return self
 
     def train_form(self, index: int) -> str | None:
@@ -149,12 +160,6 @@ def build_dataset(config: DataConfig, output: str | Path, *, progress: bool = Tr
         task=task, noise_sentences=noise.sentences, tokenizer=tokenizer,
         segment_length=config.segment_length, placement=config.placement, seed=config.seed,
     )
-    forms = {name: generator.for_task(TRAINING_FORMS[config.task][name]) for name in config.train_forms}
-
-    def generator_for(split: str, index: int) -> TaskGenerator:
-        form = config.train_form(index) if split == "train" else None
-        return generator if form is None else forms[form]
-
     _check_room(config, output, np.dtype(generator.dtype).itemsize)
     _check_lengths_hold_the_task(config, generator)
     config_hash = _sha256(
@@ -167,15 +172,15 @@ def build_dataset(config: DataConfig, output: str | Path, *, progress: bool = Tr
         jobs = [(split, n) for split in STORED_SPLITS for n in config.curriculum_segments]
         for split, segments in progress_bar(jobs, desc=f"{task.name}: writing", unit="length", disable=not progress):
             num_tokens = segments * config.segment_length
-            card = _write_length(staging / split / f"segments-{segments}", generator_for, split, counts[split],
+            card = _write_length(staging / split / f"segments-{segments}", config, generator, split, counts[split],
                                  num_tokens)
             if split == "train" and config.train_forms:
                 card["examples_by_form"] = dict(Counter(config.train_form(i) or config.task
                                                         for i in range(counts[split])))
             splits_card.setdefault(split, {})[str(segments)] = card
             if segments == config.curriculum_segments[0]:
-                samples += [_sample_record(generator_for(split, i), tokenizer, split, i, num_tokens)
-                            for i in range(config.samples)]
+                samples += [_sample_record(example_generator(config, generator, split, i), tokenizer, split, i,
+                                           num_tokens) for i in range(config.samples)]
         test_lengths = [
             {"segments": n, "tokens": n * config.segment_length, "examples": config.test_examples_at(n)}
             for n in config.test_segments
@@ -203,15 +208,21 @@ def _check_lengths_hold_the_task(config: DataConfig, generator: TaskGenerator) -
         )
 
 
-def _write_length(folder: Path, generator_for, split: str, count: int, num_tokens: int) -> dict:
-    """The first `count` examples of a split at one length, as token and label arrays; their
-    card. `generator_for(split, index)`: the generator of that example's form of the task."""
-    generator = generator_for(split, 0)
+def example_generator(config: DataConfig, generator: TaskGenerator, split: str, index: int) -> TaskGenerator:
+    """The generator of the example `index` of `split` as the dataset holds it: the task's own,
+    or for a training example drawn from a form (train_forms), the form's."""
+    form = config.train_form(index) if split == "train" else None
+    return generator if form is None else generator.for_form(TRAINING_FORMS[config.task][form])
+
+
+def _write_length(folder: Path, config: DataConfig, generator: TaskGenerator, split: str, count: int,
+                  num_tokens: int) -> dict:
+    """The first `count` examples of a split at one length, as token and label arrays; their card."""
     tokens = np.empty((count, num_tokens), dtype=generator.dtype)
     labels = np.empty(count, dtype=np.int64)
     fact_positions = []
     for index in range(count):
-        layout, tokens[index] = generator_for(split, index).example(split, index, num_tokens)
+        layout, tokens[index] = example_generator(config, generator, split, index).example(split, index, num_tokens)
         labels[index] = layout.sample.label
         fact_positions.extend(layout.fact_positions)
     folder.mkdir(parents=True)
@@ -347,10 +358,16 @@ class TaskDataset:
             )
         return self._generator
 
+    def example(self, split: str, index: int, num_tokens: int):
+        """The layout and (num_tokens,) token ids of an example as this dataset holds it (in its
+        form, for a training example drawn from one), at any length."""
+        return example_generator(self.config, self.generator, split, index).example(split, index, num_tokens)
+
     def kinds(self, split: str, segments: int, indices: Sequence[int]) -> np.ndarray:
         """The question kind of each example (the task's `kinds`; "" for a task with none)."""
         task, num_tokens = self.generator.task, segments * self.config.segment_length
-        return np.array([task.kind(self.generator.layout(split, i, num_tokens).sample) for i in indices])
+        return np.array([task.kind(example_generator(self.config, self.generator, split, i)
+                                   .layout(split, i, num_tokens).sample) for i in indices])
 
     def stream(
         self, segments: int, indices: Sequence[int], *, split: str = STREAMED_SPLIT, chunk_size: int = 1 << 16

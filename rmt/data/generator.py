@@ -159,12 +159,14 @@ class TaskGenerator:
         tokens = np.fromiter((t for ids in encoded for t in ids), dtype=self.dtype, count=int(lengths.sum()))
         return NoiseStream(tokens=tokens, starts=np.concatenate([[0], np.cumsum(lengths)[:-1]]))
 
-    def for_task(self, task: Task) -> "TaskGenerator":
+    def for_form(self, form: Task) -> "TaskGenerator":
         """This generator for a simpler form of its task: the same noise, tokenizer and seed,
-        so an example differs from the task's own at that index only in its sample."""
-        assert set(task.all_texts()) <= set(self.task.all_texts()), f"{task} is no form of {self.task.name}"
+        so an example differs from the task's own at that index only in what the form fixes."""
+        if (form.name, form.classes, form.num_facts) != (self.task.name, self.task.classes, self.task.num_facts):
+            raise ValueError(f"{form} is not a form of the task {self.task.name}: its name, classes and number of "
+                             "facts must be the task's")
         twin = copy.copy(self)
-        twin.task = task
+        twin.task = form
         return twin
 
     # ---------------------------------------------------------------- one example

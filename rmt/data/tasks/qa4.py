@@ -49,7 +49,7 @@ class TwoRelationTask:
     # from the middle room, questions only about it, in one phrasing. The defaults are bAbI's.
     wording: Literal["either", "middle"] = "either"
     subjects: Literal["any", "middle"] = "any"
-    question_forms: Literal[1, 2] = 2
+    question_phrasings: Literal[1, 2] = 2
 
     def kind(self, sample: Sample) -> str:
         """A question about the middle room names the room both facts mention."""
@@ -64,9 +64,11 @@ class TwoRelationTask:
         # On the line a - b - c, "toward" is the direction from a to b (b is `toward` of a).
         toward, back = AXES[rng.integers(len(AXES))]
         relations = [(b, toward, a), (b, back, c)]  # b is east of a; b is west of c
+        # Every coin is drawn whatever the form, so that a simpler form's example differs from
+        # the task's own only in what the form fixes (its noise and fact positions are the same).
         # Each fact may be worded from either side: "b is east of a" or "a is west of b".
         facts = [
-            _fact(*relation) if self.wording == "middle" or rng.integers(2)
+            _fact(*relation) if rng.integers(2) or self.wording == "middle"
             else _fact(relation[2], OPPOSITE[relation[1]], relation[0])
             for relation in relations
         ]
@@ -74,9 +76,9 @@ class TwoRelationTask:
         facts = tuple(facts[i] for i in order)
         # Ask about one relation, from one of its two rooms, in one of two phrasings.
         subject, direction, other = relations[rng.integers(2)]
-        if self.subjects == "any" and rng.integers(2):  # turn "subject is direction of other" around
+        if rng.integers(2) and self.subjects == "any":  # turn "subject is direction of other" around
             subject, direction, other = other, OPPOSITE[direction], subject
-        if self.question_forms == 1 or rng.integers(2):
+        if rng.integers(2) or self.question_phrasings == 1:
             question, answer = f"What is the {subject} {direction} of?", other
         else:
             question, answer = f"What is {OPPOSITE[direction]} of the {subject}?", other
@@ -109,4 +111,4 @@ REASONING = TwoRelationTask()
 # The lookup a plain BERT learns within ~1100 steps where the whole task stays at its
 # end-room shortcut (docs/research.md): which of the two facts about the middle room points
 # the way the question asks.
-MIDDLE_LOOKUP = TwoRelationTask(wording="middle", subjects="middle", question_forms=1)
+MIDDLE_LOOKUP = TwoRelationTask(wording="middle", subjects="middle", question_phrasings=1)

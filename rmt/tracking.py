@@ -166,7 +166,8 @@ def _retry(uri: str, what: str, call: Callable[..., T], *args, **kwargs) -> T:
     jitter (so that the processes that collided do not collide again), anything else raised."""
     for attempt in range(1, RETRY_ATTEMPTS + 1):
         try:
-            return call(*args, **kwargs)
+            with _ctrl_c_held():
+                return call(*args, **kwargs)
         except Exception as error:
             if not _is_transient(error):
                 raise
@@ -178,6 +179,26 @@ def _retry(uri: str, what: str, call: Callable[..., T], *args, **kwargs) -> T:
                 ) from error
             time.sleep(random.uniform(0, min(RETRY_MAX_DELAY, RETRY_BASE_DELAY * 2**attempt)))
     raise AssertionError("unreachable")
+
+
+@contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Hold a ctrl-c (SIGINT) that arrives during one call into the store, and deliver it as
+    soon as the call is done. Raised at any point inside MLflow's SQLAlchemy code, where
+    KeyboardInterrupt (no Exception) passes by the handlers that roll back, it left a killed
+    job's SQLite store locked past every retry of recording the run FAILED (a `dvc repro`
+    stopped with ctrl-c under load). Not across the retries' sleeps: ctrl-c ends those at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)
 
 
 @contextmanager

@@ -289,6 +289,27 @@ def test_retry_waits_out_a_locked_database_then_gives_up_clearly(monkeypatch):
     assert len(calls) == 1
 
 
+def test_a_ctrl_c_during_a_store_call_is_delivered_when_the_call_is_done(monkeypatch):
+    """The write it interrupts goes on to its end (its transaction closed), then ctrl-c stops
+    the job as ever; the job's own ctrl-c handling is back in place."""
+    monkeypatch.setattr(tracking, "RETRY_BASE_DELAY", 0.001)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # an xdist worker may ignore it
+    try:
+        steps = []
+
+        def write():
+            signal.raise_signal(signal.SIGINT)
+            steps.append("written")  # not cut off by the ctrl-c
+            return "done"
+
+        with pytest.raises(KeyboardInterrupt):
+            tracking._retry("sqlite:///x.db", "writing", write)
+        assert steps == ["written"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert tracking._retry("sqlite:///x.db", "writing", lambda: "quiet") == "quiet"  # nothing held over
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_only_the_tracking_module_imports_mlflow():
     pattern = re.compile(r"^\s*(import\s+mlflow|from\s+mlflow)\b", re.MULTILINE)
     importers = sorted(

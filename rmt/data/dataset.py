@@ -110,6 +110,8 @@ class DataConfig(BaseModel):
 
     def train_form(self, index: int) -> str | None:
         """The form the training example `index` is drawn from at every length (None: the task)."""
+        if not self.train_forms:  # every example of every dataset passes here: no draw without forms
+            return None
         draw = np.random.default_rng([self.seed, stable_int("train_forms"), index]).random()
         for name, share in sorted(self.train_forms.items()):
             if draw < share:
@@ -167,6 +169,9 @@ def build_dataset(config: DataConfig, output: str | Path, *, progress: bool = Tr
     )
     splits_card, samples = {}, []
     counts = {"train": config.train_examples, "valid": config.valid_examples}
+    # The same rows take the same form at every length: counted once for the card.
+    forms = dict(Counter(config.train_form(i) or config.task for i in range(counts["train"]))) \
+        if config.train_forms else None
     with atomic_directory(output, marker=DATASET_CARD, kind="a dataset") as staging:
         (staging / "noise.txt").write_text("\n".join(noise.sentences) + "\n")
         jobs = [(split, n) for split in STORED_SPLITS for n in config.curriculum_segments]
@@ -174,9 +179,8 @@ def build_dataset(config: DataConfig, output: str | Path, *, progress: bool = Tr
             num_tokens = segments * config.segment_length
             card = _write_length(staging / split / f"segments-{segments}", config, generator, split, counts[split],
                                  num_tokens)
-            if split == "train" and config.train_forms:
-                card["examples_by_form"] = dict(Counter(config.train_form(i) or config.task
-                                                        for i in range(counts[split])))
+            if split == "train" and forms:
+                card["examples_by_form"] = forms
             splits_card.setdefault(split, {})[str(segments)] = card
             if segments == config.curriculum_segments[0]:
                 samples += [_sample_record(example_generator(config, generator, split, i), tokenizer, split, i,
@@ -358,16 +362,19 @@ class TaskDataset:
             )
         return self._generator
 
+    def generator_for(self, split: str, index: int) -> TaskGenerator:
+        """The generator of one example as this dataset holds it (in its form, for a training
+        example drawn from one), at any length."""
+        return example_generator(self.config, self.generator, split, index)
+
     def example(self, split: str, index: int, num_tokens: int):
-        """The layout and (num_tokens,) token ids of an example as this dataset holds it (in its
-        form, for a training example drawn from one), at any length."""
-        return example_generator(self.config, self.generator, split, index).example(split, index, num_tokens)
+        """The layout and (num_tokens,) token ids of an example as this dataset holds it."""
+        return self.generator_for(split, index).example(split, index, num_tokens)
 
     def kinds(self, split: str, segments: int, indices: Sequence[int]) -> np.ndarray:
         """The question kind of each example (the task's `kinds`; "" for a task with none)."""
         task, num_tokens = self.generator.task, segments * self.config.segment_length
-        return np.array([task.kind(example_generator(self.config, self.generator, split, i)
-                                   .layout(split, i, num_tokens).sample) for i in indices])
+        return np.array([task.kind(self.generator_for(split, i).layout(split, i, num_tokens).sample) for i in indices])
 
     def stream(
         self, segments: int, indices: Sequence[int], *, split: str = STREAMED_SPLIT, chunk_size: int = 1 << 16

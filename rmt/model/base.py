@@ -109,12 +109,14 @@ def position_limit(backbone: nn.Module) -> int | None:
     return limit
 
 
-def _full_batch_tensors(batch: int, length: int, count: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """rows (B,) and lengths (B,) of a full-batch step, and positions (2, count, B): every
-    step's segment index and the count, as views of two (count,) rows."""
+def _full_batch_tensors(batch: int, length: int, count: int, device: torch.device) -> tuple[Tensor, Tensor, list]:
+    """rows (B,) and lengths (B,) of a full-batch step, and for each of the `count` steps its
+    (segment index, count), each (B,): views built once, so that a step of a long stream only
+    picks them from a list instead of indexing a tensor (two dispatches per segment)."""
     positions = torch.stack([torch.arange(count, device=device), torch.full((count,), count, device=device)])
+    per_step = positions[..., None].expand(2, count, batch)
     return (torch.arange(batch, device=device), torch.full((batch,), length, device=device),
-            positions[..., None].expand(2, count, batch))
+            list(zip(per_step[0].unbind(0), per_step[1].unbind(0))))
 
 
 class RecurrentMemoryModel(nn.Module):
@@ -300,12 +302,13 @@ class RecurrentMemoryModel(nn.Module):
             tokens = nn.functional.pad(tokens, (0, self.config.segment_length - length))
         rows, lengths, positions = self._cached(("full batch", batch, length, count, tokens.device),
                                                 lambda: _full_batch_tensors(batch, length, count, tokens.device))
+        segment_index, num_segments = positions[index]
         return SegmentStep(
             rows=rows,
             tokens=tokens,
             lengths=lengths,
-            segment_index=positions[0, index],
-            num_segments=positions[1, index],
+            segment_index=segment_index,
+            num_segments=num_segments,
             token_labels=token_labels,
             length=length,
             segments_after=(count - 1 - index, count - 1 - index),

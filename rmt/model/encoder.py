@@ -74,23 +74,27 @@ class RecurrentMemoryEncoder(RecurrentMemoryModel):
         """Token ids (A, S) of the segment layout (memory slots hold [PAD], replaced by
         memory vectors) and its attention mask (A, S)."""
         if exists(step.length):  # every row has as many tokens: only the text changes
-            tokens, length, start = step.tokens, step.length, self.text_start
-            template, attention_mask = self._layout(tokens.shape[0], length, tokens.device)
-            ids = template.clone()
-            ids[:, start : start + length] = tokens if length == tokens.shape[1] else tokens[:, :length]
-            return ids, attention_mask
+            tokens, length = step.tokens, step.length
+            before, after, attention_mask = self._layout(tokens.shape[0], length, tokens.device)
+            text = tokens if length == tokens.shape[1] else tokens[:, :length]
+            return torch.cat((before, text, after), dim=1), attention_mask
         return self._build_segment_ids(step.tokens, step.lengths)
 
-    def _layout(self, rows: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """The ids (A, S) of a segment whose rows all hold `length` tokens, with 0 in place
-        of the text, and its attention mask (A, S). Built once per shape (a stream asks for
-        the same one at every segment) by the general layout, so both agree by construction."""
+    def _layout(self, rows: int, length: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """The ids (A, ·) before and after the text of a segment whose rows all hold `length`
+        tokens, and its attention mask (A, S). Built once per shape (a stream asks for the same
+        one at every segment) by the general layout, so both agree by construction."""
         config = self.config
         key = ("layout", rows, length, device, config.segment_length, config.num_memory_tokens,
                config.cls_token_id, config.sep_token_id, config.pad_token_id)
-        return self._cached(key, lambda: self._build_segment_ids(
-            torch.zeros(rows, config.segment_length, dtype=torch.long, device=device),
-            torch.full((rows,), length, device=device)))
+
+        def build():
+            ids, attention_mask = self._build_segment_ids(
+                torch.zeros(rows, config.segment_length, dtype=torch.long, device=device),
+                torch.full((rows,), length, device=device))
+            return ids[:, : self.text_start], ids[:, self.text_start + length :], attention_mask
+
+        return self._cached(key, build)
 
     def _build_segment_ids(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """_segment_ids for (A, L) tokens of (A,) lengths each, whatever they are."""

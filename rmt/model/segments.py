@@ -175,38 +175,49 @@ def stream_segments(
     if num_tokens < 1:
         raise ValueError(f"num_tokens={num_tokens}: a stream needs at least one token")
     iterator = iter(chunks)
+    sizes = [end - start for start, end in segment_bounds(num_tokens, segment_length, align)]
     buffered: list[Tensor] = []
     available = 0
     delivered = 0
-    for start, end in segment_bounds(num_tokens, segment_length, align):
-        size = end - start
-        while available < size:
-            try:
-                chunk = next(iterator)
-            except StopIteration:
-                raise ValueError(
-                    f"The stream ended after {delivered + available} tokens but num_tokens={num_tokens}: "
-                    "pass the stream's true length"
-                ) from None
-            chunk = torch.as_tensor(chunk, dtype=torch.long)
-            chunk = chunk[None] if chunk.dim() == 1 else chunk
-            if chunk.dim() != 2:
-                raise ValueError(f"Stream chunks must be (tokens,) or (batch, tokens), got shape {tuple(chunk.shape)}")
-            if buffered and chunk.shape[0] != buffered[0].shape[0]:
-                raise ValueError(
-                    f"A chunk has {chunk.shape[0]} rows after chunks of {buffered[0].shape[0]}: "
-                    "every chunk of a stream must have the same batch size"
-                )
-            buffered.append(chunk)
-            available += chunk.shape[1]
+    next_segment = 0
+    while next_segment < len(sizes):
+        while available < sizes[next_segment]:
+            buffered.append(_stream_chunk(iterator, buffered, delivered + available, num_tokens))
+            available += buffered[-1].shape[1]
+        # Every segment the buffered tokens hold, cut in one split (a chunk holds many
+        # segments, and a slice per segment is a measurable share of a small model's step).
+        ready, taken = [], 0
+        while next_segment < len(sizes) and taken + sizes[next_segment] <= available:
+            ready.append(sizes[next_segment])
+            taken += sizes[next_segment]
+            next_segment += 1
         joined = torch.cat(buffered, dim=1) if len(buffered) > 1 else buffered[0]
-        segment, rest = joined[:, :size], joined[:, size:]
-        buffered = [rest] if rest.shape[1] else []
-        available -= size
-        delivered += size
-        yield segment
+        *segments, remainder = joined.split(ready + [available - taken], dim=1)
+        buffered = [remainder] if available > taken else []
+        available, delivered = available - taken, delivered + taken
+        yield from segments
     leftover = available + sum(torch.as_tensor(chunk).shape[-1] for chunk in iterator)
     if leftover:
         raise ValueError(
             f"The stream holds {num_tokens + leftover} tokens but num_tokens={num_tokens}: pass the stream's true length"
         )
+
+
+def _stream_chunk(iterator: Iterator, buffered: list[Tensor], received: int, num_tokens: int) -> Tensor:
+    """The stream's next chunk as (B, c), checked against the chunks before it."""
+    try:
+        chunk = next(iterator)
+    except StopIteration:
+        raise ValueError(
+            f"The stream ended after {received} tokens but num_tokens={num_tokens}: pass the stream's true length"
+        ) from None
+    chunk = torch.as_tensor(chunk, dtype=torch.long)
+    chunk = chunk[None] if chunk.dim() == 1 else chunk
+    if chunk.dim() != 2:
+        raise ValueError(f"Stream chunks must be (tokens,) or (batch, tokens), got shape {tuple(chunk.shape)}")
+    if buffered and chunk.shape[0] != buffered[0].shape[0]:
+        raise ValueError(
+            f"A chunk has {chunk.shape[0]} rows after chunks of {buffered[0].shape[0]}: "
+            "every chunk of a stream must have the same batch size"
+        )
+    return chunk

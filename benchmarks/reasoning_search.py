@@ -26,6 +26,8 @@ from pathlib import Path
 
 import typer
 
+from rmt.data.tasks import TRAINING_FORMS
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "benchmarks"
 
@@ -48,6 +50,11 @@ RECIPES = {
     # where the whole task stays at its shortcut; validation stays the whole task (a
     # deviation from the paper's training data, data.train_forms).
     "escape-mix-lookup": {**ESCAPE, "data": {"train_forms": {"middle_lookup": 0.5}}},
+    # The forms ramped in one after another, simplest first, the task last (train.form_curriculum,
+    # a deviation from the paper's training data), with 100,000 training examples as each form
+    # draws its examples from them and the stored split's 10,000 were memorised in earlier searches.
+    "escape-forms-100k": {**ESCAPE, "data": {"train_examples": 100_000},
+                          "train": {**ESCAPE["train"], "form_curriculum": list(TRAINING_FORMS["reasoning"])}},
 }
 
 

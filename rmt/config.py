@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rmt.data.dataset import DataConfig
 from rmt.data.tasks import TASKS
 from rmt.paper import FIGURE3_TOKENS
-from rmt.settings import LONG_VALIDATION, ModelSettings, TrainSettings, label_smoothing_problem
+from rmt.settings import LONG_VALIDATION, ModelSettings, TrainSettings, form_curriculum_problem, label_smoothing_problem
 
 
 class EvaluateSettings(BaseModel):
@@ -225,9 +225,10 @@ class TaskSettings(BaseModel):
     evaluate: EvaluateSettings
 
     @model_validator(mode="after")
-    def _label_smoothing_fits_the_model(self) -> "TaskSettings":
+    def _training_fits_the_task(self) -> "TaskSettings":
         for segments, train in {"train": self.train, **self.stage_train}.items():
-            if problem := label_smoothing_problem(self.model, train):
+            problem = label_smoothing_problem(self.model, train) or form_curriculum_problem(self.task, train)
+            if problem:
                 where = "train" if segments == "train" else f"stage_train.{segments}"
                 raise ValueError(f"{self.task}: {where}: {problem}")
         return self

@@ -148,6 +148,20 @@ class TrainSettings(BaseModel):
     drifted_memory_noise_sentences: int | None = Field(default=None, ge=1, description="A carried memory reads "
                                                        "a window of this many training-noise sentences over and "
                                                        "over (null: each block from a random sentence)")
+    # A middle-room Reasoning question is answered by a parity of four binary features, which
+    # gradient descent does not find from the whole task (docs/research.md); learned one feature
+    # at a time, each new form ramped in while the one before still answers most of the batch,
+    # it is. A deviation from the paper's training data: validation and test stay the task's.
+    form_curriculum: list[str] = Field(default_factory=list, description="Simpler forms of the task "
+                                       "(TRAINING_FORMS), simplest first: the stage trains on the first, then ramps "
+                                       "in each next one (the task itself last) once the one before scores "
+                                       "form_advance_accuracy on its own validation examples")
+    form_ramp_steps: int = Field(default=1000, ge=1, description="Steps over which a newly ramped-in form's share "
+                                 "of each batch rises from form_start_share to all of it")
+    form_start_share: float = Field(default=0.1, gt=0, le=1, description="A newly ramped-in form's first share of "
+                                    "each batch (the rest from the form before it)")
+    form_advance_accuracy: float = Field(default=0.95, gt=0, le=1, description="Validation accuracy on a form's own "
+                                         "examples at which the next one is ramped in")
     seed: int = 0
     device: str = "auto"
 
@@ -173,6 +187,9 @@ class TrainSettings(BaseModel):
             raise ValueError(f"drifted_memory_noise_sentences {self.drifted_memory_noise_sentences} applies to drift "
                              "steps, and drifted_memory_every is null: set drifted_memory_every, or "
                              "drifted_memory_noise_sentences to null")
+        if self.form_curriculum and (self.long_step_every is not None or self.mixed_lengths):
+            raise ValueError(f"form_curriculum {self.form_curriculum} chooses what a step reads, and so do "
+                             "long_step_every and mixed_lengths: set form_curriculum to [] or turn those off")
         if self.drifted_memory_every is not None and self.long_step_every is not None:
             raise ValueError(f"drifted_memory_every {self.drifted_memory_every} and long_step_every "
                              f"{self.long_step_every} both choose what a step reads: set one of them to null")
@@ -188,6 +205,20 @@ class TrainSettings(BaseModel):
         elif self.valid_length_factor > 1 and self.valid_length_examples is not None:
             values.update(eval_examples=self.valid_length_examples)
         return TrainSettings(**values)
+
+
+def form_curriculum_problem(task: str, train: TrainSettings) -> str | None:
+    """Why `train.form_curriculum` does not fit the task, if it does not."""
+    from rmt.data.tasks import TRAINING_FORMS
+
+    forms = TRAINING_FORMS.get(task, {})
+    unknown = [name for name in train.form_curriculum if name not in forms]
+    if unknown:
+        choose = f"choose from {', '.join(forms)}" if forms else "this task has none: set it per task"
+        return f"form_curriculum names {unknown}, which are not forms of the task {task}: {choose}"
+    if len(set(train.form_curriculum)) < len(train.form_curriculum):
+        return f"form_curriculum {train.form_curriculum} names a form twice: list each once, simplest first"
+    return None
 
 
 def label_smoothing_problem(model: ModelSettings, train: TrainSettings, architecture: str | None = None) -> str | None:

@@ -37,7 +37,7 @@ from transformers import get_constant_schedule_with_warmup, get_linear_schedule_
 
 from rmt.checkpoint import check_fits
 from rmt.data.dataset import TaskDataset
-from rmt.data.tasks import get_task
+from rmt.data.tasks import TRAINING_FORMS, get_task
 from rmt.distributed import Distributed
 from rmt.drifted_memory import DriftedMemory
 from rmt.hub import load_tokenizer
@@ -46,7 +46,8 @@ from rmt.objective import Objective, objective_for
 from rmt.peak_memory import PeakMemory
 from rmt.model.auto import is_checkpoint_folder
 from rmt.model.base import read_checkpoint_config
-from rmt.settings import TRAINING_WRAPPER_SETTINGS, ModelSettings, TrainSettings, label_smoothing_problem
+from rmt.form_curriculum import FORM_VALID_EXAMPLES, FormCurriculum
+from rmt.settings import TRAINING_WRAPPER_SETTINGS, ModelSettings, TrainSettings, form_curriculum_problem, label_smoothing_problem
 from rmt.utils import UserError, atomic_directory, claim_output, progress_bar, recover_directory, write_atomic
 
 if TYPE_CHECKING:
@@ -150,7 +151,9 @@ class _StageInputs:
             tokenizer = load_tokenizer(model.backbone)
             data.check_vocabulary(tokenizer, f"the backbone '{model.backbone}'")
             objective = objective_for(model.architecture, classes=data.card["classes"], tokenizer=tokenizer)
-        if problem := label_smoothing_problem(model, train, objective.model_class.architecture):
+        problem = (label_smoothing_problem(model, train, objective.model_class.architecture)
+                   or form_curriculum_problem(data.config.task, train))
+        if problem:
             raise ValueError(problem)  # before any array is read or validation example generated
         if train.drifted_memory_every is not None:
             _check_drift(data, segments, train, init=init, model=model)
@@ -184,6 +187,8 @@ class _Progress:
     seconds: float = 0.0
     history: list = field(default_factory=list)
     run_id: str | None = None  # the MLflow run the stage logs to, continued on resume
+    form_phase: int = 0  # train.form_curriculum: the newest form being ramped in (its length: the task)
+    form_phase_step: int = 0  # the step at which it came in
 
     def record(self, record: dict) -> bool:
         """Add a validation; True when it is the best so far. Ties in accuracy (common at
@@ -198,9 +203,10 @@ class _Progress:
         self.evaluations_without_gain += 1
         return False
 
-    def decide(self, train: TrainSettings, accuracy: float) -> None:
-        """Stop on the target accuracy or patience (never before min_steps), or at max_steps."""
-        may_stop = self.step >= train.min_steps
+    def decide(self, train: TrainSettings, accuracy: float, *, forms_done: bool = True) -> None:
+        """Stop on the target accuracy or patience (never before min_steps, nor while the form
+        curriculum has yet to bring the task in), or at max_steps."""
+        may_stop = self.step >= train.min_steps and forms_done
         if may_stop and train.target_accuracy is not None and accuracy >= train.target_accuracy:
             self.stop_reason = "target_accuracy"
         elif may_stop and self.evaluations_without_gain >= train.patience:
@@ -293,6 +299,8 @@ class _Trainer:
                           if train.schedule == "linear" else
                           get_constant_schedule_with_warmup(self.optimizer, train.warmup_steps))
         self.pending_metrics: list[tuple[dict, int]] = []
+        self.forms = FormCurriculum.of(train)
+        self._form_valid: tuple = (None, None, None)  # (phase, tokens, labels) of the newest form
         self.drifted = None if train.drifted_memory_every is None else DriftedMemory(
             noise=inputs.data.generator.noise["train"], segment_length=inputs.data.config.segment_length,
             batch_size=train.batch_size, block_segments=segments, max_segments=train.drifted_memory_segments,
@@ -381,10 +389,60 @@ class _Trainer:
         rng = np.random.default_rng([self.train.seed, step])
         if self.is_long_step(step):
             return self._long_batch(rng)
+        if not self.forms_done:
+            return self._form_batch(rng)
         lengths = sorted(self.inputs.train_arrays)
         length = lengths[rng.integers(len(lengths))] if len(lengths) > 1 else lengths[0]
         tokens, labels = self.inputs.train_arrays[length]
         return tokens, labels, rng.choice(len(labels), size=self.train.batch_size)
+
+    @property
+    def steps_in_form_phase(self) -> int:
+        return self.progress.step - self.progress.form_phase_step
+
+    @property
+    def forms_done(self) -> bool:
+        """No form curriculum, or it has brought the task in whole."""
+        return self.forms is None or self.forms.done(self.progress.form_phase, self.steps_in_form_phase)
+
+    def _form_batch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A batch of the form curriculum's current mix, generated from training examples drawn by `rng`."""
+        data = self.inputs.data
+        forms = self.forms.rows(self.progress.form_phase, self.steps_in_form_phase, self.train.batch_size)
+        drawn = rng.choice(data.config.train_examples, size=self.train.batch_size)
+        pairs = [self._form_example(form, "train", int(index)) for form, index in zip(forms, drawn)]
+        tokens = np.stack([tokens for _, tokens in pairs])  # (batch, segments * segment_length)
+        labels = np.array([layout.sample.label for layout, _ in pairs])
+        return tokens, labels, np.arange(len(labels))
+
+    def _form_example(self, form: str | None, split: str, index: int):
+        """An example of `form` (None: the task, as its dataset holds it) at the stage's length."""
+        data = self.inputs.data
+        num_tokens = self.segments * data.config.segment_length
+        if form is None:
+            return data.example(split, index, num_tokens)
+        return data.generator.for_form(TRAINING_FORMS[data.config.task][form]).example(split, index, num_tokens)
+
+    def _check_form(self, record: dict) -> None:
+        """Score the newest form on its own validation examples once it is ramped in whole, and
+        ramp in the next one when it is learned."""
+        progress, phase = self.progress, self.progress.form_phase
+        record["form"] = self.forms.forms[phase] or self.inputs.data.config.task
+        record["form_share"] = self.forms.share(phase, self.steps_in_form_phase)
+        if not self.forms.may_advance(phase, self.steps_in_form_phase):
+            return
+        if self._form_valid[0] != phase:  # generated once per form
+            pairs = [self._form_example(self.forms.forms[phase], "valid", index) for index in range(FORM_VALID_EXAMPLES)]
+            self._form_valid = (phase, np.stack([tokens for _, tokens in pairs]),
+                                np.array([layout.sample.label for layout, _ in pairs]))
+        _, tokens, labels = self._form_valid
+        accuracy, _ = evaluate_arrays(self.model, self.inputs.objective, tokens, labels, None, self.micro, self.device,
+                                      self.parallel)
+        self.model.train()
+        record["form_accuracy"] = accuracy
+        self.pending_metrics.append(({"valid_accuracy/form": accuracy}, progress.step))
+        if accuracy >= self.forms.advance_accuracy:
+            progress.form_phase, progress.form_phase_step = phase + 1, progress.step
 
     def is_drift_step(self, step: int) -> bool:
         return _is_kth(step, self.train.drifted_memory_every)
@@ -471,11 +529,13 @@ class _Trainer:
         self.pending_metrics.append(({"valid_accuracy": accuracy, "valid_loss": valid_loss,
                                       **{f"valid_accuracy/{kind}": value for kind, value in by_kind.items()}},
                                      progress.step))
+        if not self.forms_done:
+            self._check_form(record)
         if progress.record(record):
             self.folder.save(self.folder.best_so_far, self.model, self.tokenizer)
         # The stage stops on its weakest kind of question: a shortcut that answers one kind
         # (Reasoning's end-room questions) must not end the stage.
-        progress.decide(self.train, min([accuracy, *by_kind.values()]))
+        progress.decide(self.train, min([accuracy, *by_kind.values()]), forms_done=self.forms_done)
         return record
 
     def checkpoint(self, run: "Run | None") -> None:

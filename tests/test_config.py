@@ -71,6 +71,11 @@ def test_the_minilm_config_validates():
         ({"colour": "red"}, "Extra inputs"),
         ({"stage_train": {9: {"max_steps": 5}}}, "not in the curriculum"),
         ({"stage_train": {2: {"max_steps": 5, "min_steps": 10}}}, "min_steps 10 exceeds"),
+        # Forms are the task's: set for every task, Memorize has none.
+        ({"stage_train": {1: {"form_curriculum": ["middle_lookup"]}}},
+         r"memorize: stage_train.1: form_curriculum names \['middle_lookup'\], which are not forms"),
+        ({"tasks": {"reasoning": {"stage_train": {1: {"form_curriculum": ["middle"]}}}}},
+         "reasoning: stage_train.1: .* choose from middle_lookup, middle_lookup_both_phrasings"),
     ],
 )
 def test_a_bad_value_is_named(values, message):

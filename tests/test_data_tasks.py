@@ -94,3 +94,24 @@ def test_the_middle_lookup_is_reasonings_simplest_form():
         middle, = set.intersection(*[set(FACT.match(fact).group(1, 3)) for fact in sample.facts])
         assert all(FACT.match(fact).group(1) == middle for fact in sample.facts)  # worded from the middle room
         assert sample.question.startswith(f"What is the {middle} ") and reasoning.kind(sample) == "middle_room"
+
+
+def test_reasonings_forms_add_one_feature_each_up_to_its_middle_room_questions():
+    """Each form of the curriculum varies one more of what a middle-room answer depends on:
+    the question's phrasing, then the side of each fact the middle room stands on."""
+    from rmt.data.tasks import TRAINING_FORMS
+
+    forms, reasoning = TRAINING_FORMS["reasoning"], get_task("reasoning")
+    assert list(forms) == ["middle_lookup", "middle_lookup_both_phrasings", "middle_room_questions"]
+    rng = np.random.default_rng(1)
+    for name, phrasings, middle_first in (("middle_lookup_both_phrasings", {"the", "direction"}, {True}),
+                                          ("middle_room_questions", {"the", "direction"}, {True, False})):
+        seen_phrasings, seen_sides = set(), set()
+        for _ in range(300):
+            sample = forms[name].sample(rng)
+            assert reasoning.solve(sample.facts, sample.question) == sample.answer
+            assert reasoning.kind(sample) == "middle_room"
+            middle, = set.intersection(*[set(FACT.match(fact).group(1, 3)) for fact in sample.facts])
+            seen_phrasings.add("the" if sample.question.startswith("What is the ") else "direction")
+            seen_sides |= {FACT.match(fact).group(1) == middle for fact in sample.facts}
+        assert (seen_phrasings, seen_sides) == (phrasings, middle_first), name

@@ -638,3 +638,94 @@ def test_label_smoothing_is_refused_where_it_does_not_apply(data, tmp_path):
         train_stage(data_dir=data, segments=1, output=tmp_path / "s", progress=False, model=DECODER,
                     train=TRAIN.model_copy(update={"label_smoothing_factor": 0.1}))
     assert not (tmp_path / "s").exists()
+
+
+FORMS = TRAIN.model_copy(update={"form_curriculum": ["middle_lookup", "middle_room_questions"], "form_ramp_steps": 6,
+                                 "form_start_share": 0.5, "form_advance_accuracy": 0.01, "max_steps": 36,
+                                 "target_accuracy": 0.01, "clip_value": None, "clip_norm": 1.0})
+
+
+@pytest.fixture
+def forms_seen(monkeypatch):
+    """The form of every training example each step generates, in order."""
+    seen = []
+    original = train_module._Trainer._form_example
+
+    def spy(self, form, split, index):
+        if split == "train":
+            seen.append(form)
+        return original(self, form, split, index)
+
+    monkeypatch.setattr(train_module._Trainer, "_form_example", spy)
+    return seen
+
+
+def test_a_form_curriculum_ramps_each_form_in_after_the_one_before_and_then_trains_on_the_task(
+        reasoning, tmp_path, forms_seen):
+    metrics = train_stage(data_dir=reasoning, segments=1, output=tmp_path / "forms", model=MODEL, train=FORMS,
+                          progress=False)
+    batches = [forms_seen[i : i + 8] for i in range(0, len(forms_seen), 8)]
+    # Steps 1-6: the first form alone; it is learned at the step-6 validation, so the next
+    # comes in at half of each batch and takes all of it by step 12; then the task.
+    assert batches[:6] == [["middle_lookup"] * 8] * 6
+    assert batches[6] == ["middle_room_questions"] * 4 + ["middle_lookup"] * 4
+    assert batches[11] == ["middle_room_questions"] * 7 + ["middle_lookup"]
+    assert batches[12] == [None] * 4 + ["middle_room_questions"] * 4  # the task, as its dataset holds it
+    assert len(batches) == 18  # from step 19 on, the stored task data, as a stage without forms
+    history = [json.loads(line) for line in (tmp_path / "forms" / "history.jsonl").read_text().splitlines()]
+    assert [(r["form"], r["form_share"]) for r in history[:2]] == [("middle_lookup", 1.0), ("middle_room_questions", 1.0)]
+    assert all(0 <= r["form_accuracy"] <= 1 for r in history[:2]) and "form" not in history[2]
+    # The target (0.01) is met at every validation, yet the stage runs until the task is in whole.
+    assert metrics["stop_reason"] == "target_accuracy" and metrics["steps"] == 18
+
+
+def test_the_examples_of_a_form_are_the_forms(reasoning, tmp_path, forms_seen, monkeypatch):
+    drawn = []
+    original = train_module._Trainer._form_batch
+
+    def keep(self, rng):
+        batch = original(self, rng)
+        drawn.append(batch)
+        return batch
+
+    monkeypatch.setattr(train_module._Trainer, "_form_batch", keep)
+    train_stage(data_dir=reasoning, segments=1, output=tmp_path / "forms", model=MODEL,
+                train=FORMS.model_copy(update={"max_steps": 6, "target_accuracy": None}), progress=False)
+    data = train_module.TaskDataset(reasoning)
+    for tokens, labels, _ in drawn:  # the first form: every question about the middle room, in one phrasing
+        for row in tokens:
+            text = data.generator.tokenizer.decode(row)
+            assert "what is the" in text and "what is east of" not in text and "what is west of" not in text
+    assert len(drawn) == 6
+
+
+def test_a_stage_killed_during_its_form_curriculum_resumes_to_the_same_result(reasoning, tmp_path, monkeypatch):
+    train = FORMS.model_copy(update={"target_accuracy": None, "max_steps": 24, "clip_value": 5.0, "clip_norm": None})
+    train_stage(data_dir=reasoning, segments=1, output=tmp_path / "whole", model=MODEL, train=train, progress=False)
+    original = crash_in_step(9, monkeypatch)  # in the second form's ramp
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(data_dir=reasoning, segments=1, output=tmp_path / "resumed", model=MODEL, train=train,
+                    progress=False)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", original)
+    train_stage(data_dir=reasoning, segments=1, output=tmp_path / "resumed", model=MODEL, train=train, progress=False)
+    whole, resumed = outcome(tmp_path / "whole"), outcome(tmp_path / "resumed")
+    assert resumed[:2] == whole[:2]
+    for key, tensor in whole[2]["best"].items():
+        assert torch.equal(resumed[2]["best"][key], tensor), key
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"form_curriculum": ["lookup"]}, r"not forms of the task reasoning: choose from middle_lookup, "),
+    ({"form_curriculum": ["middle_lookup", "middle_lookup"]}, "names a form twice"),
+])
+def test_a_form_curriculum_that_does_not_fit_the_task_is_refused_before_training(reasoning, data, tmp_path, change,
+                                                                               problem):
+    with pytest.raises(ValueError, match=problem):
+        train_stage(data_dir=reasoning, segments=1, output=tmp_path / "refused", model=MODEL,
+                    train=TRAIN.model_copy(update=change), progress=False)
+    with pytest.raises(ValueError, match="not forms of the task memorize: this task has none"):
+        train_stage(data_dir=data, segments=1, output=tmp_path / "memorize", model=MODEL,
+                    train=TRAIN.model_copy(update={"form_curriculum": ["middle_lookup"]}), progress=False)
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "memorize").exists()
+    with pytest.raises(ValueError, match="chooses what a step reads"):
+        TrainSettings(form_curriculum=["middle_lookup"], mixed_lengths=True)

@@ -108,7 +108,14 @@ class TwoRelationTask:
 
 
 REASONING = TwoRelationTask()
+# Simpler forms, from the simplest up; each adds one of the binary features whose parity
+# answers a middle-room question (docs/research.md), and the training form curriculum
+# (train.form_curriculum) ramps them in in this order.
 # The lookup a plain BERT learns within ~1100 steps where the whole task stays at its
-# end-room shortcut (docs/research.md): which of the two facts about the middle room points
-# the way the question asks.
+# end-room shortcut: which of the two facts about the middle room points the way the
+# question asks.
 MIDDLE_LOOKUP = TwoRelationTask(wording="middle", subjects="middle", question_phrasings=1)
+# + the second phrasing ("What is west of the b?"), answered by the opposite direction word.
+MIDDLE_LOOKUP_BOTH_PHRASINGS = TwoRelationTask(wording="middle", subjects="middle", question_phrasings=2)
+# + facts worded from either side: the task's own middle-room questions.
+MIDDLE_ROOM_QUESTIONS = TwoRelationTask(subjects="middle")

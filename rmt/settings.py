@@ -165,6 +165,11 @@ class TrainSettings(BaseModel):
     seed: int = 0
     device: str = "auto"
 
+    @field_validator("form_curriculum", mode="before")
+    @classmethod
+    def _null_clears_forms(cls, forms):
+        return [] if forms is None else forms
+
     @model_validator(mode="after")
     def _accumulation_divides(self) -> "TrainSettings":
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
@@ -187,9 +192,14 @@ class TrainSettings(BaseModel):
             raise ValueError(f"drifted_memory_noise_sentences {self.drifted_memory_noise_sentences} applies to drift "
                              "steps, and drifted_memory_every is null: set drifted_memory_every, or "
                              "drifted_memory_noise_sentences to null")
-        if self.form_curriculum and (self.long_step_every is not None or self.mixed_lengths):
-            raise ValueError(f"form_curriculum {self.form_curriculum} chooses what a step reads, and so do "
-                             "long_step_every and mixed_lengths: set form_curriculum to [] or turn those off")
+        if self.form_curriculum and self.long_step_every is not None:
+            raise ValueError(f"form_curriculum {self.form_curriculum} and long_step_every {self.long_step_every} both "
+                             "choose what a step reads: set one of them to null (a form curriculum belongs to stage 1: "
+                             "stage_train: {1: {form_curriculum: [...]}})")
+        if self.form_curriculum and self.mixed_lengths:
+            raise ValueError(f"form_curriculum {self.form_curriculum} and mixed_lengths both choose what a step reads: "
+                             "turn mixed_lengths off (a form curriculum belongs to stage 1: "
+                             "stage_train: {1: {form_curriculum: [...]}})")
         if self.drifted_memory_every is not None and self.long_step_every is not None:
             raise ValueError(f"drifted_memory_every {self.drifted_memory_every} and long_step_every "
                              f"{self.long_step_every} both choose what a step reads: set one of them to null")

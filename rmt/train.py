@@ -26,6 +26,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ContextManager
@@ -103,7 +104,7 @@ def train_stage(
             if not finished_before:
                 with PeakMemory(device) as memory:
                     trainer.run(run, show_progress=progress)
-            metrics = folder.publish(trainer.progress, segments)
+            metrics = folder.publish(trainer.progress, segments, unfinished_form=trainer.unfinished_form)
             if run is not None and not finished_before:
                 _log_outcome(run, metrics, folder, peak_memory_mb=memory.absolute_mb)
     return metrics
@@ -155,6 +156,7 @@ class _StageInputs:
                    or form_curriculum_problem(data.config.task, train))
         if problem:
             raise ValueError(problem)  # before any array is read or validation example generated
+        _warn_if_forms_cannot_finish(train)
         if train.drifted_memory_every is not None:
             _check_drift(data, segments, train, init=init, model=model)
         lengths = [n for n in data.config.curriculum_segments if n < segments] if train.mixed_lengths else []
@@ -267,11 +269,13 @@ class _StageFolder(StageFiles):
         if self.parallel.is_main:
             _write_lines(self.history, progress.history)
 
-    def publish(self, progress: _Progress, segments: int) -> dict:
-        """The stage's final outputs, from its saved state: idempotent."""
+    def publish(self, progress: _Progress, segments: int, *, unfinished_form: str | None = None) -> dict:
+        """The stage's final outputs, from its saved state: idempotent. unfinished_form: the form
+        a form curriculum was still on when the stage stopped (max_steps), if it was."""
         metrics = {"segments": segments, "best_valid_accuracy": progress.best_accuracy,
                    "best_valid_loss": progress.best_loss, "best_step": progress.best_step, "steps": progress.step,
-                   "stop_reason": progress.stop_reason, "seconds": round(progress.seconds, 1)}
+                   "stop_reason": progress.stop_reason, "seconds": round(progress.seconds, 1),
+                   **({"unfinished_form": unfinished_form} if unfinished_form else {})}
         if self.parallel.is_main:
             self.write_history(progress)
             if not (self.best.is_dir() and any(self.best.iterdir())):
@@ -384,13 +388,14 @@ class _Trainer:
         return self.scheduler.get_last_lr()[0]
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The arrays and row indices of step `step`'s batch: a function of (seed, step) only,
-        so that a resumed run sees the same data, and every process draws the same rows."""
+        """The arrays and row indices of step `step`'s batch: a function of (seed, step) and the
+        saved counters only, so that a resumed run sees the same data, and every process draws
+        the same rows."""
         rng = np.random.default_rng([self.train.seed, step])
         if self.is_long_step(step):
             return self._long_batch(rng)
         if not self.forms_done:
-            return self._form_batch(rng)
+            return self._form_batch(rng, step)
         lengths = sorted(self.inputs.train_arrays)
         length = lengths[rng.integers(len(lengths))] if len(lengths) > 1 else lengths[0]
         tokens, labels = self.inputs.train_arrays[length]
@@ -405,10 +410,14 @@ class _Trainer:
         """No form curriculum, or it has brought the task in whole."""
         return self.forms is None or self.forms.done(self.progress.form_phase, self.steps_in_form_phase)
 
-    def _form_batch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A batch of the form curriculum's current mix, generated from training examples drawn by `rng`."""
-        data = self.inputs.data
-        forms = self.forms.rows(self.progress.form_phase, self.steps_in_form_phase, self.train.batch_size)
+    @property
+    def unfinished_form(self) -> str | None:
+        return None if self.forms_done else self.forms.forms[self.progress.form_phase] or self.inputs.data.config.task
+
+    def _form_batch(self, rng: np.random.Generator, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A batch of the form curriculum's mix at `step`, generated from training examples drawn by `rng`."""
+        data, phase = self.inputs.data, self.progress.form_phase
+        forms = self.forms.rows(phase, step - self.progress.form_phase_step, self.train.batch_size)
         drawn = rng.choice(data.config.train_examples, size=self.train.batch_size)
         pairs = [self._form_example(form, "train", int(index)) for form, index in zip(forms, drawn)]
         tokens = np.stack([tokens for _, tokens in pairs])  # (batch, segments * segment_length)
@@ -427,8 +436,9 @@ class _Trainer:
         """Score the newest form on its own validation examples once it is ramped in whole, and
         ramp in the next one when it is learned."""
         progress, phase = self.progress, self.progress.form_phase
-        record["form"] = self.forms.forms[phase] or self.inputs.data.config.task
+        record["form"] = self.unfinished_form
         record["form_share"] = self.forms.share(phase, self.steps_in_form_phase)
+        self.pending_metrics.append(({"form_phase": phase}, progress.step))
         if not self.forms.may_advance(phase, self.steps_in_form_phase):
             return
         if self._form_valid[0] != phase:  # generated once per form
@@ -529,10 +539,13 @@ class _Trainer:
         self.pending_metrics.append(({"valid_accuracy": accuracy, "valid_loss": valid_loss,
                                       **{f"valid_accuracy/{kind}": value for kind, value in by_kind.items()}},
                                      progress.step))
-        if not self.forms_done:
+        forms_running = not self.forms_done
+        if forms_running:
             self._check_form(record)
         if progress.record(record):
             self.folder.save(self.folder.best_so_far, self.model, self.tokenizer)
+        if forms_running:  # patience counts from the task on: the forms take as long as they take
+            progress.evaluations_without_gain = 0
         # The stage stops on its weakest kind of question: a shortcut that answers one kind
         # (Reasoning's end-room questions) must not end the stage.
         progress.decide(self.train, min([accuracy, *by_kind.values()]), forms_done=self.forms_done)
@@ -565,6 +578,15 @@ def validation_set(data: TaskDataset, segments: int, examples: int | None) -> tu
     num_tokens = segments * data.config.segment_length
     pairs = [data.example("valid", index, num_tokens) for index in range(examples or data.config.valid_examples)]
     return np.stack([tokens for _, tokens in pairs]), np.array([layout.sample.label for layout, _ in pairs])
+
+
+def _warn_if_forms_cannot_finish(train: TrainSettings) -> None:
+    forms = FormCurriculum.of(train)
+    if forms is not None and train.max_steps < (fewest := forms.fewest_steps(train.eval_every)):
+        warnings.warn(f"max_steps {train.max_steps} stops the stage before its form_curriculum can bring the task in "
+                      f"(at least {fewest} steps with form_ramp_steps {train.form_ramp_steps} and eval_every "
+                      f"{train.eval_every}): the stage will end on a form (metrics.json: unfinished_form)",
+                      stacklevel=3)
 
 
 def _is_kth(step: int, every: int | None) -> bool:

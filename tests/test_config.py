@@ -75,7 +75,7 @@ def test_the_minilm_config_validates():
         ({"stage_train": {1: {"form_curriculum": ["middle_lookup"]}}},
          r"memorize: stage_train.1: form_curriculum names \['middle_lookup'\], which are not forms"),
         ({"tasks": {"reasoning": {"stage_train": {1: {"form_curriculum": ["middle"]}}}}},
-         "reasoning: stage_train.1: .* choose from middle_lookup, middle_lookup_both_phrasings"),
+         "reasoning: stage_train.1: .* choose from middle_lookup, middle_lookup_either_wording, "),
     ],
 )
 def test_a_bad_value_is_named(values, message):

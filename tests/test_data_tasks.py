@@ -97,14 +97,17 @@ def test_the_middle_lookup_is_reasonings_simplest_form():
 
 
 def test_reasonings_forms_add_one_feature_each_up_to_its_middle_room_questions():
-    """Each form of the curriculum varies one more of what a middle-room answer depends on:
-    the question's phrasing, then the side of each fact the middle room stands on."""
+    """Beyond the lookup, each form varies one more of what a middle-room answer depends on
+    (the side of each fact the middle room stands on, or the question's phrasing), and the
+    last varies both: the task's own middle-room questions."""
     from rmt.data.tasks import TRAINING_FORMS
 
     forms, reasoning = TRAINING_FORMS["reasoning"], get_task("reasoning")
-    assert list(forms) == ["middle_lookup", "middle_lookup_both_phrasings", "middle_room_questions"]
+    assert list(forms) == ["middle_lookup", "middle_lookup_either_wording", "middle_lookup_both_phrasings",
+                           "middle_room_questions"]
     rng = np.random.default_rng(1)
-    for name, phrasings, middle_first in (("middle_lookup_both_phrasings", {"the", "direction"}, {True}),
+    for name, phrasings, middle_first in (("middle_lookup_either_wording", {"the"}, {True, False}),
+                                          ("middle_lookup_both_phrasings", {"the", "direction"}, {True}),
                                           ("middle_room_questions", {"the", "direction"}, {True, False})):
         seen_phrasings, seen_sides = set(), set()
         for _ in range(300):

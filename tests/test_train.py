@@ -642,19 +642,20 @@ def test_label_smoothing_is_refused_where_it_does_not_apply(data, tmp_path):
 
 FORMS = TRAIN.model_copy(update={"form_curriculum": ["middle_lookup", "middle_room_questions"], "form_ramp_steps": 6,
                                  "form_start_share": 0.5, "form_advance_accuracy": 0.01, "max_steps": 36,
-                                 "target_accuracy": 0.01, "clip_value": None, "clip_norm": 1.0})
+                                 "target_accuracy": None, "clip_value": None, "clip_norm": 1.0})
 
 
 @pytest.fixture
 def forms_seen(monkeypatch):
-    """The form of every training example each step generates, in order."""
+    """(form, sample) of every training example a form curriculum generates, in order."""
     seen = []
     original = train_module._Trainer._form_example
 
     def spy(self, form, split, index):
+        layout, tokens = original(self, form, split, index)
         if split == "train":
-            seen.append(form)
-        return original(self, form, split, index)
+            seen.append((form, layout.sample))
+        return layout, tokens
 
     monkeypatch.setattr(train_module._Trainer, "_form_example", spy)
     return seen
@@ -662,45 +663,82 @@ def forms_seen(monkeypatch):
 
 def test_a_form_curriculum_ramps_each_form_in_after_the_one_before_and_then_trains_on_the_task(
         reasoning, tmp_path, forms_seen):
-    metrics = train_stage(data_dir=reasoning, segments=1, output=tmp_path / "forms", model=MODEL, train=FORMS,
-                          progress=False)
-    batches = [forms_seen[i : i + 8] for i in range(0, len(forms_seen), 8)]
+    metrics = train_stage(data_dir=reasoning, segments=1, output=tmp_path / "forms", model=MODEL,
+                          train=FORMS.model_copy(update={"max_steps": 24}), progress=False)
+    batches = [[form for form, _ in forms_seen[i : i + 8]] for i in range(0, len(forms_seen), 8)]
     # Steps 1-6: the first form alone; it is learned at the step-6 validation, so the next
     # comes in at half of each batch and takes all of it by step 12; then the task.
     assert batches[:6] == [["middle_lookup"] * 8] * 6
     assert batches[6] == ["middle_room_questions"] * 4 + ["middle_lookup"] * 4
-    assert batches[11] == ["middle_room_questions"] * 7 + ["middle_lookup"]
+    assert batches[10] == ["middle_room_questions"] * 7 + ["middle_lookup"]  # ceil(8 * (0.5 + 0.5 * 4/6))
+    assert batches[11] == ["middle_room_questions"] * 8
     assert batches[12] == [None] * 4 + ["middle_room_questions"] * 4  # the task, as its dataset holds it
-    assert len(batches) == 18  # from step 19 on, the stored task data, as a stage without forms
+    assert len(batches) == 18 and metrics["steps"] == 24  # steps 19-24: the stored task data
     history = [json.loads(line) for line in (tmp_path / "forms" / "history.jsonl").read_text().splitlines()]
+    # Each form is scored at the first validation after its ramp; from step 18 on, the task alone.
     assert [(r["form"], r["form_share"]) for r in history[:2]] == [("middle_lookup", 1.0), ("middle_room_questions", 1.0)]
-    assert all(0 <= r["form_accuracy"] <= 1 for r in history[:2]) and "form" not in history[2]
-    # The target (0.01) is met at every validation, yet the stage runs until the task is in whole.
-    assert metrics["stop_reason"] == "target_accuracy" and metrics["steps"] == 18
+    assert all(0 <= r["form_accuracy"] <= 1 for r in history[:2])
+    assert not any("form" in r for r in history[2:]) and "unfinished_form" not in metrics
 
 
-def test_the_examples_of_a_form_are_the_forms(reasoning, tmp_path, forms_seen, monkeypatch):
-    drawn = []
-    original = train_module._Trainer._form_batch
+def test_the_examples_of_each_form_are_the_forms(reasoning, tmp_path, forms_seen):
+    from rmt.data.tasks.qa4 import _FACT, _WHAT_IS_X_DIR_OF
 
-    def keep(self, rng):
-        batch = original(self, rng)
-        drawn.append(batch)
-        return batch
-
-    monkeypatch.setattr(train_module._Trainer, "_form_batch", keep)
+    reasoning_task = train_module.get_task("reasoning")
     train_stage(data_dir=reasoning, segments=1, output=tmp_path / "forms", model=MODEL,
-                train=FORMS.model_copy(update={"max_steps": 6, "target_accuracy": None}), progress=False)
-    data = train_module.TaskDataset(reasoning)
-    for tokens, labels, _ in drawn:  # the first form: every question about the middle room, in one phrasing
-        for row in tokens:
-            text = data.generator.tokenizer.decode(row)
-            assert "what is the" in text and "what is east of" not in text and "what is west of" not in text
-    assert len(drawn) == 6
+                train=FORMS.model_copy(update={"max_steps": 18}), progress=False)
+    by_form = {}
+    for form, sample in forms_seen:
+        by_form.setdefault(form, []).append(sample)
+    assert set(by_form) == {"middle_lookup", "middle_room_questions", None}
+    for sample in by_form["middle_lookup"]:  # one phrasing, facts worded from the middle room
+        middle = _WHAT_IS_X_DIR_OF.match(sample.question).group(1)
+        assert all(_FACT.match(fact).group(1) == middle for fact in sample.facts)
+    for form, samples in by_form.items():
+        kinds = {reasoning_task.kind(sample) for sample in samples}
+        assert kinds == ({"end_room", "middle_room"} if form is None else {"middle_room"}), form
+
+
+def test_patience_counts_from_when_the_form_curriculum_has_brought_the_task_in(reasoning, tmp_path, monkeypatch):
+    def flat(*args, kinds=None, **kwargs):  # the same score at every validation: no gain ever
+        return (0.5, 1.0) if kinds is None else (0.5, 1.0, {"end_room": 0.5, "middle_room": 0.5})
+
+    monkeypatch.setattr(train_module, "evaluate_arrays", flat)
+    metrics = train_stage(data_dir=reasoning, segments=1, output=tmp_path / "patience", model=MODEL,
+                          train=FORMS.model_copy(update={"patience": 2, "form_advance_accuracy": 0.5}),
+                          progress=False)
+    # The task is in whole at step 18; the validations there and at 24 are the two without gain.
+    assert (metrics["stop_reason"], metrics["steps"]) == ("early_stopping", 24)
+    # A target reached while the forms run does not stop the stage either.
+    target = train_stage(data_dir=reasoning, segments=1, output=tmp_path / "target", model=MODEL,
+                         train=FORMS.model_copy(update={"target_accuracy": 0.5, "form_advance_accuracy": 0.5}),
+                         progress=False)
+    assert (target["stop_reason"], target["steps"]) == ("target_accuracy", 18)
+
+
+def test_a_stage_too_short_for_its_form_curriculum_is_warned_about_and_says_where_it_ended(reasoning, tmp_path):
+    with pytest.warns(UserWarning, match=r"max_steps 12 stops the stage before its form_curriculum .*at least 18"):
+        metrics = train_stage(data_dir=reasoning, segments=1, output=tmp_path / "short", model=MODEL,
+                              train=FORMS.model_copy(update={"max_steps": 12, "form_advance_accuracy": 1.0}),
+                              progress=False)
+    assert (metrics["stop_reason"], metrics["unfinished_form"]) == ("max_steps", "middle_lookup")
+
+
+def test_form_curriculum_ramps_and_boundaries():
+    from rmt.form_curriculum import FormCurriculum
+
+    forms = FormCurriculum(forms=("a", "b", None), ramp_steps=333, start_share=0.1, advance_accuracy=0.9)
+    assert forms.rows(0, 5, 4) == ["a"] * 4
+    assert forms.rows(1, 0, 4) == ["b", "a", "a", "a"]  # at least one row of the newest form
+    assert forms.share(1, 332) < 1 and forms.share(1, 333) == 1.0 and forms.ramped_in(1, 333)
+    assert forms.may_advance(1, 333) and not forms.may_advance(2, 333) and forms.done(2, 333)
+    assert not forms.done(2, 332) and not forms.done(1, 333)
+    assert forms.fewest_steps(100) == 100 + 400 + 333  # first check, b's ramp to a validation, the task's ramp
+    assert TrainSettings(form_curriculum=None).form_curriculum == []  # null clears it, as elsewhere
 
 
 def test_a_stage_killed_during_its_form_curriculum_resumes_to_the_same_result(reasoning, tmp_path, monkeypatch):
-    train = FORMS.model_copy(update={"target_accuracy": None, "max_steps": 24, "clip_value": 5.0, "clip_norm": None})
+    train = FORMS.model_copy(update={"max_steps": 24, "clip_value": 5.0, "clip_norm": None})
     train_stage(data_dir=reasoning, segments=1, output=tmp_path / "whole", model=MODEL, train=train, progress=False)
     original = crash_in_step(9, monkeypatch)  # in the second form's ramp
     with pytest.raises(KeyboardInterrupt):
@@ -727,5 +765,5 @@ def test_a_form_curriculum_that_does_not_fit_the_task_is_refused_before_training
         train_stage(data_dir=data, segments=1, output=tmp_path / "memorize", model=MODEL,
                     train=TRAIN.model_copy(update={"form_curriculum": ["middle_lookup"]}), progress=False)
     assert not (tmp_path / "refused").exists() and not (tmp_path / "memorize").exists()
-    with pytest.raises(ValueError, match="chooses what a step reads"):
+    with pytest.raises(ValueError, match="form_curriculum .* and mixed_lengths both choose what a step reads"):
         TrainSettings(form_curriculum=["middle_lookup"], mixed_lengths=True)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from rmt.data.tasks.base import PLACES, Sample, Task
 from rmt.data.tasks.qa1 import DETECT_AND_MEMORIZE, MEMORIZE
-from rmt.data.tasks.qa4 import MIDDLE_LOOKUP, MIDDLE_LOOKUP_BOTH_PHRASINGS, MIDDLE_ROOM_QUESTIONS, REASONING
+from rmt.data.tasks.qa4 import (MIDDLE_LOOKUP, MIDDLE_LOOKUP_BOTH_PHRASINGS, MIDDLE_LOOKUP_EITHER_WORDING,
+                                MIDDLE_ROOM_QUESTIONS, REASONING)
 
 TASKS: dict[str, Task] = {task.name: task for task in (MEMORIZE, DETECT_AND_MEMORIZE, REASONING)}
 # Simpler forms of a task for training only, by name: mixed into its stored training split
 # (DataConfig.train_forms) or ramped in one after another (TrainSettings.form_curriculum).
 TRAINING_FORMS: dict[str, dict[str, Task]] = {"reasoning": {
     "middle_lookup": MIDDLE_LOOKUP,
+    "middle_lookup_either_wording": MIDDLE_LOOKUP_EITHER_WORDING,
     "middle_lookup_both_phrasings": MIDDLE_LOOKUP_BOTH_PHRASINGS,
     "middle_room_questions": MIDDLE_ROOM_QUESTIONS,
 }}

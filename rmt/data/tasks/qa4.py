@@ -109,13 +109,16 @@ class TwoRelationTask:
 
 REASONING = TwoRelationTask()
 # Simpler forms, from the simplest up; each adds one of the binary features whose parity
-# answers a middle-room question (docs/research.md), and the training form curriculum
-# (train.form_curriculum) ramps them in in this order.
+# answers a middle-room question (docs/research.md). The form curriculum that learns the
+# task (train.form_curriculum) ramps in middle_lookup, middle_lookup_either_wording,
+# middle_room_questions, in this order.
 # The lookup a plain BERT learns within ~1100 steps where the whole task stays at its
 # end-room shortcut: which of the two facts about the middle room points the way the
 # question asks.
 MIDDLE_LOOKUP = TwoRelationTask(wording="middle", subjects="middle", question_phrasings=1)
-# + the second phrasing ("What is west of the b?"), answered by the opposite direction word.
+# + facts worded from either side ("a is west of b" or "b is east of a").
+MIDDLE_LOOKUP_EITHER_WORDING = TwoRelationTask(subjects="middle", question_phrasings=1)
+# + the second phrasing instead ("What is west of the b?"), answered by the opposite direction word.
 MIDDLE_LOOKUP_BOTH_PHRASINGS = TwoRelationTask(wording="middle", subjects="middle", question_phrasings=2)
-# + facts worded from either side: the task's own middle-room questions.
+# Both: the task's own middle-room questions.
 MIDDLE_ROOM_QUESTIONS = TwoRelationTask(subjects="middle")

@@ -156,6 +156,11 @@ class TrainSettings(BaseModel):
                                        "(TRAINING_FORMS), simplest first: the stage trains on the first, then ramps "
                                        "in each next one (the task itself last) once the one before scores "
                                        "form_advance_accuracy on its own validation examples")
+    # Noise drowns a form's slope: the lookup left chance by step ~1,100 on 24-token examples and
+    # not within 2,500 on the stage's 64 with noise (docs/research.md).
+    form_text_tokens: int | None = Field(default=None, ge=1, description="Text tokens of a form's examples, "
+                                         "fewer than the stage's for less noise (encoder models; null: the "
+                                         "stage's length). The task itself always has the stage's length")
     form_ramp_steps: int = Field(default=1000, ge=1, description="Steps over which a newly ramped-in form's share "
                                  "of each batch rises from form_start_share to all of it")
     form_start_share: float = Field(default=0.1, gt=0, le=1, description="A newly ramped-in form's first share of "

@@ -156,6 +156,7 @@ class _StageInputs:
                    or form_curriculum_problem(data.config.task, train))
         if problem:
             raise ValueError(problem)  # before any array is read or validation example generated
+        _check_form_length(data, segments, train, objective)
         _warn_if_forms_cannot_finish(train)
         if train.drifted_memory_every is not None:
             _check_drift(data, segments, train, init=init, model=model)
@@ -420,17 +421,26 @@ class _Trainer:
         forms = self.forms.rows(phase, step - self.progress.form_phase_step, self.train.batch_size)
         drawn = rng.choice(data.config.train_examples, size=self.train.batch_size)
         pairs = [self._form_example(form, "train", int(index)) for form, index in zip(forms, drawn)]
-        tokens = np.stack([tokens for _, tokens in pairs])  # (batch, segments * segment_length)
-        labels = np.array([layout.sample.label for layout, _ in pairs])
-        return tokens, labels, np.arange(len(labels))
+        return self._padded(pairs)
+
+    def _padded(self, pairs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Token ids (batch, longest) of (layout, tokens) pairs, shorter ones padded with [PAD] on
+        the right (form_text_tokens; the encoder reads an example without its padding), and labels."""
+        longest = max(len(tokens) for _, tokens in pairs)
+        ids = np.full((len(pairs), longest), self.tokenizer.pad_token_id, dtype=np.int64)
+        for row, (_, tokens) in zip(ids, pairs):
+            row[: len(tokens)] = tokens
+        return ids, np.array([layout.sample.label for layout, _ in pairs]), np.arange(len(pairs))
 
     def _form_example(self, form: str | None, split: str, index: int):
-        """An example of `form` (None: the task, as its dataset holds it) at the stage's length."""
+        """An example of `form` at form_text_tokens (None: the task, as its dataset holds it, at
+        the stage's length)."""
         data = self.inputs.data
         num_tokens = self.segments * data.config.segment_length
         if form is None:
             return data.example(split, index, num_tokens)
-        return data.generator.for_form(TRAINING_FORMS[data.config.task][form]).example(split, index, num_tokens)
+        form_generator = data.generator.for_form(TRAINING_FORMS[data.config.task][form])
+        return form_generator.example(split, index, self.train.form_text_tokens or num_tokens)
 
     def _check_form(self, record: dict) -> None:
         """Score the newest form on its own validation examples once it is ramped in whole, and
@@ -443,8 +453,7 @@ class _Trainer:
             return
         if self._form_valid[0] != phase:  # generated once per form
             pairs = [self._form_example(self.forms.forms[phase], "valid", index) for index in range(FORM_VALID_EXAMPLES)]
-            self._form_valid = (phase, np.stack([tokens for _, tokens in pairs]),
-                                np.array([layout.sample.label for layout, _ in pairs]))
+            self._form_valid = (phase, *self._padded(pairs)[:2])
         _, tokens, labels = self._form_valid
         accuracy, _ = evaluate_arrays(self.model, self.inputs.objective, tokens, labels, None, self.micro, self.device,
                                       self.parallel)
@@ -578,6 +587,22 @@ def validation_set(data: TaskDataset, segments: int, examples: int | None) -> tu
     num_tokens = segments * data.config.segment_length
     pairs = [data.example("valid", index, num_tokens) for index in range(examples or data.config.valid_examples)]
     return np.stack([tokens for _, tokens in pairs]), np.array([layout.sample.label for layout, _ in pairs])
+
+
+def _check_form_length(data: TaskDataset, segments: int, train: TrainSettings, objective: Objective) -> None:
+    """form_text_tokens fits the task (its facts and question) and the stage, on an encoder."""
+    tokens, stage_tokens = train.form_text_tokens, segments * data.config.segment_length
+    if tokens is None or not train.form_curriculum:
+        return
+    if not tokens <= stage_tokens:
+        raise ValueError(f"form_text_tokens {tokens} is longer than the stage's examples ({stage_tokens} tokens): "
+                         "lower it, or set it to null for the stage's length")
+    if tokens < (fewest := data.generator.min_tokens):
+        raise ValueError(f"form_text_tokens {tokens} cannot hold the {data.config.task} facts and question "
+                         f"({fewest} tokens): raise it to {fewest} or more")
+    if tokens < stage_tokens and objective.model_class.architecture != "encoder":
+        raise ValueError(f"form_text_tokens {tokens} pads a form's examples to the stage's length, and a "
+                         f"{objective.model_class.architecture} would read the padding: set it to null")
 
 
 def _warn_if_forms_cannot_finish(train: TrainSettings) -> None:

@@ -49,6 +49,20 @@ def test_the_paper_recipe_validates_and_builds():
     assert model.config.segment_positions == 512
 
 
+def test_the_long_reasoning_recipe_changes_reasonings_first_stage_and_model_only():
+    base = load_config(ROOT / "params.yaml")
+    config = load_config(ROOT / "params.yaml", ROOT / "config" / "reasoning-long.yaml")
+    reasoning, first = config.for_task("reasoning"), config.for_task("reasoning").train_for(1)
+    assert first.form_curriculum == ["middle_lookup", "middle_lookup_either_wording", "middle_room_questions"]
+    assert (first.form_text_tokens, first.learning_rate, first.schedule, first.batch_size) == (24, 1e-3, "constant", 64)
+    assert reasoning.train_for(2).form_curriculum == [] and reasoning.train_for(2).learning_rate == 5e-4
+    shape = base.for_task("reasoning").model.backbone_overrides
+    assert reasoning.model.backbone_overrides == {**shape, "hidden_dropout_prob": 0.0,
+                                                  "attention_probs_dropout_prob": 0.0}  # the shape kept
+    for task in ("memorize", "detect_and_memorize"):
+        assert config.for_task(task) == base.for_task(task)
+
+
 def test_the_seeds_overlay_keeps_every_task_and_adds_seeds():
     config = load_config(ROOT / "params.yaml", ROOT / "config" / "seeds.yaml")
     assert config.seeds == [0, 1, 2] and list(config.tasks) == list(load_config(ROOT / "params.yaml").tasks)

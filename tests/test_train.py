@@ -767,3 +767,42 @@ def test_a_form_curriculum_that_does_not_fit_the_task_is_refused_before_training
     assert not (tmp_path / "refused").exists() and not (tmp_path / "memorize").exists()
     with pytest.raises(ValueError, match="form_curriculum .* and mixed_lengths both choose what a step reads"):
         TrainSettings(form_curriculum=["middle_lookup"], mixed_lengths=True)
+
+
+def test_forms_can_be_shorter_than_the_stage_with_less_noise(reasoning, tmp_path, monkeypatch):
+    """form_text_tokens: a form's examples hold fewer tokens (less noise), padded with [PAD]
+    beside the task's own, which keep the stage's length; the encoder reads them unpadded."""
+    batches = []
+    original = train_module._Trainer._form_batch
+
+    def keep(self, rng, step):
+        batches.append(original(self, rng, step))
+        return batches[-1]
+
+    monkeypatch.setattr(train_module._Trainer, "_form_batch", keep)
+    train = FORMS.model_copy(update={"form_text_tokens": 24, "max_steps": 18})
+    train_stage(data_dir=reasoning, segments=1, output=tmp_path / "short", model=MODEL, train=train, progress=False)
+    from rmt.hub import load_tokenizer
+
+    pad = load_tokenizer(MODEL.backbone).pad_token_id
+    real_lengths = [set((tokens != pad).sum(axis=1).tolist()) for tokens, _, _ in batches]
+    assert real_lengths[0] == {24} and batches[0][0].shape == (8, 24)  # forms alone: no padding at all
+    assert real_lengths[12] == {24, 32} and batches[12][0].shape == (8, 32)  # the task comes in at its length
+    model = RecurrentMemoryEncoder.from_pretrained(tmp_path / "short" / "best").eval()
+    tokens = torch.as_tensor(batches[12][0])
+    with torch.no_grad():
+        padded = model(tokens).logits
+        unpadded = model([row[row != pad] for row in tokens]).logits
+    torch.testing.assert_close(padded, unpadded)
+
+
+@pytest.mark.parametrize("tokens, model, problem", [
+    (20, MODEL, "cannot hold the reasoning facts and question .* raise it to"),
+    (40, MODEL, "longer than the stage's examples"),
+    (24, DECODER, "a decoder would read the padding"),
+])
+def test_forms_too_short_too_long_or_on_a_decoder_are_refused(reasoning, tmp_path, tokens, model, problem):
+    with pytest.raises(ValueError, match=problem):
+        train_stage(data_dir=reasoning, segments=1, output=tmp_path / "refused", model=model,
+                    train=FORMS.model_copy(update={"form_text_tokens": tokens}), progress=False)
+    assert not (tmp_path / "refused").exists()

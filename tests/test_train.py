@@ -71,6 +71,22 @@ def crash_in_step(step: int, monkeypatch) -> Callable:
     return original
 
 
+def assert_crash_resumes_to(whole_folder, data_dir, *, segments, train, crash_at, monkeypatch):
+    """A stage killed in step `crash_at`, then run again, ends as the uninterrupted one in
+    `whole_folder` did: metrics, history and both checkpoints' weights."""
+    folder = whole_folder.parent / "resumed"
+    original = crash_in_step(crash_at, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(data_dir=data_dir, segments=segments, output=folder, model=MODEL, train=train, progress=False)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", original)
+    train_stage(data_dir=data_dir, segments=segments, output=folder, model=MODEL, train=train, progress=False)
+    whole, resumed = outcome(whole_folder), outcome(folder)
+    assert resumed[:2] == whole[:2]
+    for name in ("best", "checkpoints/last"):
+        for key, tensor in whole[2][name].items():
+            assert torch.equal(resumed[2][name][key], tensor), (name, key)
+
+
 def test_a_stage_killed_midway_resumes_to_the_same_result(data, tmp_path, monkeypatch, capsys):
     train_stage(data_dir=data, segments=2, output=tmp_path / "whole", model=MODEL, train=TRAIN, progress=False)
 
@@ -330,15 +346,7 @@ def test_drift_steps_read_their_examples_from_carried_noise_memories_and_resume_
     (saved,) = state["drifted_memory"]  # one process's
     assert saved["states"].shape == (8, 4, 32) and set(saved["segments_read"].tolist()) <= {2, 4, 6}
 
-    original = crash_in_step(15, monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train_stage(data_dir=data, segments=2, output=tmp_path / "resumed", model=MODEL, train=DRIFT, progress=False)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", original)
-    train_stage(data_dir=data, segments=2, output=tmp_path / "resumed", model=MODEL, train=DRIFT, progress=False)
-    whole, resumed = outcome(tmp_path / "whole"), outcome(tmp_path / "resumed")
-    assert resumed[:2] == whole[:2]
-    for key, tensor in whole[2]["checkpoints/last"].items():
-        assert torch.equal(resumed[2]["checkpoints/last"][key], tensor), key
+    assert_crash_resumes_to(tmp_path / "whole", data, segments=2, train=DRIFT, crash_at=15, monkeypatch=monkeypatch)
 
 
 def test_drifted_memories_span_every_amount_of_noise_and_start_again_past_the_most(data, monkeypatch):
@@ -740,16 +748,8 @@ def test_form_curriculum_ramps_and_boundaries():
 def test_a_stage_killed_during_its_form_curriculum_resumes_to_the_same_result(reasoning, tmp_path, monkeypatch):
     train = FORMS.model_copy(update={"max_steps": 24, "clip_value": 5.0, "clip_norm": None})
     train_stage(data_dir=reasoning, segments=1, output=tmp_path / "whole", model=MODEL, train=train, progress=False)
-    original = crash_in_step(9, monkeypatch)  # in the second form's ramp
-    with pytest.raises(KeyboardInterrupt):
-        train_stage(data_dir=reasoning, segments=1, output=tmp_path / "resumed", model=MODEL, train=train,
-                    progress=False)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", original)
-    train_stage(data_dir=reasoning, segments=1, output=tmp_path / "resumed", model=MODEL, train=train, progress=False)
-    whole, resumed = outcome(tmp_path / "whole"), outcome(tmp_path / "resumed")
-    assert resumed[:2] == whole[:2]
-    for key, tensor in whole[2]["best"].items():
-        assert torch.equal(resumed[2]["best"][key], tensor), key
+    # Crash in the second form's ramp.
+    assert_crash_resumes_to(tmp_path / "whole", reasoning, segments=1, train=train, crash_at=9, monkeypatch=monkeypatch)
 
 
 @pytest.mark.parametrize("change, problem", [

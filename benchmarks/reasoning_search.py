@@ -26,7 +26,7 @@ from pathlib import Path
 
 import typer
 
-from rmt.config import merge, read_config_files
+from rmt.config import read_config_files
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "benchmarks"
@@ -34,7 +34,6 @@ RESULTS = ROOT / "results" / "benchmarks"
 # Each form adds one feature of the middle-room answer's parity: the facts' wording first,
 # then the question's phrasing (the other order stalled at 90% on its second form, docs/research.md).
 REASONING_FORMS = ["middle_lookup", "middle_lookup_either_wording", "middle_room_questions"]
-LONG = read_config_files(ROOT / "config" / "reasoning-long.yaml")
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 # The probe's escape on the simplest variant: lr 1e-3 held after warm-up, no dropout,
 # weight decay 0.01, clipping by norm 1, batch 64.
@@ -59,10 +58,9 @@ RECIPES = {
     # draws its examples from them and the stored split's 10,000 were memorised in earlier searches.
     "escape-forms-100k": {**ESCAPE, "data": {"train_examples": 100_000},
                           "train": {**ESCAPE["train"], "form_curriculum": REASONING_FORMS}},
-    # config/reasoning-long.yaml's stage 1: the same with the forms' examples 24 tokens long
-    # (facts and question, no noise), the task at the stage's 64; and with 40 (some noise).
-    "reasoning-long": LONG,
-    "reasoning-long-forms-40-tokens": merge(LONG, {"tasks": {"reasoning": {"stage_train": {1: {"form_text_tokens": 40}}}}}),
+    # config/reasoning-long.yaml's stage 1: the same with plain cross-entropy and the forms'
+    # examples 24 tokens long (facts and question, no noise), the task at the stage's 64.
+    "reasoning-long": read_config_files(ROOT / "config" / "reasoning-long.yaml"),
 }
 
 

@@ -306,6 +306,9 @@ class _Trainer:
         self.pending_metrics: list[tuple[dict, int]] = []
         self.forms = FormCurriculum.of(train)
         self._form_valid: tuple = (None, None, None)  # (phase, tokens, labels) of the newest form
+        # Built once: a batch generates an example of a form per row.
+        self.form_generators = {name: inputs.data.generator.for_form(TRAINING_FORMS[inputs.data.config.task][name])
+                                for name in train.form_curriculum}
         self.drifted = None if train.drifted_memory_every is None else DriftedMemory(
             noise=inputs.data.generator.noise["train"], segment_length=inputs.data.config.segment_length,
             batch_size=train.batch_size, block_segments=segments, max_segments=train.drifted_memory_segments,
@@ -439,8 +442,7 @@ class _Trainer:
         num_tokens = self.segments * data.config.segment_length
         if form is None:
             return data.example(split, index, num_tokens)
-        form_generator = data.generator.for_form(TRAINING_FORMS[data.config.task][form])
-        return form_generator.example(split, index, self.train.form_text_tokens or num_tokens)
+        return self.form_generators[form].example(split, index, self.train.form_text_tokens or num_tokens)
 
     def _check_form(self, record: dict) -> None:
         """Score the newest form on its own validation examples once it is ramped in whole, and

@@ -231,6 +231,11 @@ class TaskSettings(BaseModel):
             if problem:
                 where = "train" if segments == "train" else f"stage_train.{segments}"
                 raise ValueError(f"{self.task}: {where}: {problem}")
+        for segments in self.curriculum:
+            try:
+                self.train_for(segments)
+            except ValidationError as error:
+                raise ValueError(f"{self.task}: the stage on {segments} segments: {error.errors()[0]['msg']}") from None
         return self
 
     @property

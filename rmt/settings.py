@@ -197,7 +197,9 @@ class TrainSettings(BaseModel):
             raise ValueError(f"drifted_memory_noise_sentences {self.drifted_memory_noise_sentences} applies to drift "
                              "steps, and drifted_memory_every is null: set drifted_memory_every, or "
                              "drifted_memory_noise_sentences to null")
-        if self.form_curriculum and self.long_step_every is not None:
+        # Below valid_length_from_segments a stage has no long steps (for_stage), so the clash
+        # is checked once the stage is known (TaskSettings) unless long steps apply everywhere.
+        if self.form_curriculum and self.long_step_every is not None and self.valid_length_from_segments == 1:
             raise ValueError(f"form_curriculum {self.form_curriculum} and long_step_every {self.long_step_every} both "
                              "choose what a step reads: set one of them to null (a form curriculum belongs to stage 1: "
                              "stage_train: {1: {form_curriculum: [...]}})")

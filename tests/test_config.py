@@ -90,11 +90,26 @@ def test_the_minilm_config_validates():
          r"memorize: stage_train.1: form_curriculum names \['middle_lookup'\], which are not forms"),
         ({"tasks": {"reasoning": {"stage_train": {1: {"form_curriculum": ["middle"]}}}}},
          "reasoning: stage_train.1: .* choose from middle_lookup, middle_lookup_either_wording, "),
+        # Forms and long steps both choose what a step reads: refused where both apply.
+        ({"train": {"long_step_every": 4, "valid_length_factor": 4, "valid_length_from_segments": 1},
+          "tasks": {"reasoning": {"stage_train": {1: {"form_curriculum": ["middle_lookup"]}}}}},
+         "form_curriculum .* and long_step_every 4 both choose"),
+        ({"train": {"long_step_every": 4, "valid_length_factor": 4, "valid_length_from_segments": 4},
+          "tasks": {"reasoning": {"train": {"form_curriculum": ["middle_lookup"]}}}},
+         "reasoning: the stage on 4 segments: .*form_curriculum .* and long_step_every 4 both choose"),
     ],
 )
 def test_a_bad_value_is_named(values, message):
     with pytest.raises(ValidationError, match=message):
         PipelineConfig(**values)
+
+
+def test_long_steps_from_a_later_stage_leave_a_first_stage_form_curriculum_alone():
+    config = PipelineConfig(train={"long_step_every": 4, "valid_length_factor": 4, "valid_length_from_segments": 4},
+                            tasks={"reasoning": {"stage_train": {1: {"form_curriculum": ["middle_lookup"]}}}})
+    reasoning = config.for_task("reasoning")
+    assert reasoning.train_for(1).form_curriculum == ["middle_lookup"] and reasoning.train_for(1).long_step_every is None
+    assert reasoning.train_for(4).long_step_every == 4 and reasoning.train_for(4).form_curriculum == []
 
 
 def test_overlays_merge_field_by_field(tmp_path):

@@ -110,6 +110,11 @@ def train_stage(
     return metrics
 
 
+def _own_rows(rows: np.ndarray | list, parallel: Distributed) -> np.ndarray | list:
+    """A process's rows of a batch every process draws whole: every world_size-th."""
+    return rows[parallel.rank :: parallel.world_size]
+
+
 def micro_batch_size(train: TrainSettings, world_size: int) -> int:
     """Examples per forward pass: as set, else each process's whole share of the batch (the
     paper's batch of 32 on 4 GPUs is 8 per GPU, with no accumulation)."""
@@ -392,9 +397,10 @@ class _Trainer:
         return self.scheduler.get_last_lr()[0]
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The arrays and row indices of step `step`'s batch: a function of (seed, step) and the
-        saved counters only, so that a resumed run sees the same data, and every process draws
-        the same rows."""
+        """This process's share of step `step`'s batch: arrays and the indices of its rows in
+        them. The batch is a function of (seed, step) and the saved counters only, so that a
+        resumed run sees the same data, and every process draws the same batch and keeps every
+        world_size-th row of it (a generated batch: generates only those)."""
         rng = np.random.default_rng([self.train.seed, step])
         if self.is_long_step(step):
             return self._long_batch(rng)
@@ -403,7 +409,7 @@ class _Trainer:
         lengths = sorted(self.inputs.train_arrays)
         length = lengths[rng.integers(len(lengths))] if len(lengths) > 1 else lengths[0]
         tokens, labels = self.inputs.train_arrays[length]
-        return tokens, labels, rng.choice(len(labels), size=self.train.batch_size)
+        return tokens, labels, _own_rows(rng.choice(len(labels), size=self.train.batch_size), self.parallel)
 
     @property
     def steps_in_form_phase(self) -> int:
@@ -423,7 +429,7 @@ class _Trainer:
         data, phase = self.inputs.data, self.progress.form_phase
         forms = self.forms.rows(phase, step - self.progress.form_phase_step, self.train.batch_size)
         drawn = rng.choice(data.config.train_examples, size=self.train.batch_size)
-        pairs = [self._form_example(form, "train", int(index)) for form, index in zip(forms, drawn)]
+        pairs = [self._form_example(form, "train", int(index)) for form, index in _own_rows(list(zip(forms, drawn)), self.parallel)]
         return self._padded(pairs)
 
     def _padded(self, pairs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -491,7 +497,7 @@ class _Trainer:
         factor = factors[rng.integers(len(factors))] if len(factors) > 1 else factors[0]
         num_tokens = self.segments * factor * data.config.segment_length
         drawn = rng.choice(data.config.train_examples, size=self.train.batch_size)
-        pairs = [data.example("train", int(index), num_tokens) for index in drawn]
+        pairs = [data.example("train", int(index), num_tokens) for index in _own_rows(drawn, self.parallel)]
         tokens = np.stack([tokens for _, tokens in pairs])  # (batch, num_tokens)
         labels = np.array([layout.sample.label for layout, _ in pairs])
         return tokens, labels, np.arange(len(labels))
@@ -502,7 +508,6 @@ class _Trainer:
         share = train.batch_size // parallel.world_size  # examples per process and step
         accumulation = share // self.micro
         tokens, labels, indices = self.batch(step)
-        indices = indices[parallel.rank :: parallel.world_size]
         drifted = self.drifted.advance(self.model, step=step) if self.is_drift_step(step) else None  # (share, m, H)
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0

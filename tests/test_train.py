@@ -267,10 +267,12 @@ def test_long_steps_train_every_kth_step_on_generated_examples_at_the_validation
     rng = np.random.default_rng([long.seed, 3])
     dataset = train_module.TaskDataset(data)
     drawn = np.random.default_rng([long.seed, 3]).choice(dataset.config.train_examples, size=long.batch_size)
-    tokens, labels, rows = trainer_batch(SimpleNamespace(inputs=SimpleNamespace(data=dataset), segments=2, train=long), rng)
-    assert tokens.shape == (long.batch_size, 6 * 32) and (rows == np.arange(long.batch_size)).all()
-    assert (tokens[0] == dataset.generator.example("train", int(drawn[0]), 6 * 32)[1]).all()
-    assert labels[0] == dataset.generator.label("train", int(drawn[0]), 6 * 32)
+    second_of_two = SimpleNamespace(rank=1, world_size=2)  # generates only its own rows: the odd ones
+    trainer = SimpleNamespace(inputs=SimpleNamespace(data=dataset), segments=2, train=long, parallel=second_of_two)
+    tokens, labels, rows = trainer_batch(trainer, rng)
+    assert tokens.shape == (long.batch_size // 2, 6 * 32) and (rows == np.arange(long.batch_size // 2)).all()
+    assert (tokens[0] == dataset.generator.example("train", int(drawn[1]), 6 * 32)[1]).all()
+    assert labels[-1] == dataset.generator.label("train", int(drawn[-1]), 6 * 32)
 
 
 def test_long_steps_back_propagate_through_their_last_segments_only_when_asked(data, tmp_path, monkeypatch):
@@ -482,41 +484,58 @@ def test_bad_input_is_refused_before_training(data, tmp_path):
         assert not (tmp_path / folder / "checkpoints").exists()
 
 
-@pytest.mark.slow
-def test_two_processes_under_torchrun_train_like_one(data, tmp_path):
-    """DDP on the CPU (gloo): each process takes half of every batch; gradients averaged
-    across them equal one process's over the whole batch (dropout off to compare). Without a
-    micro_batch_size (the paper's config), each process's share is one forward pass. Every
-    2nd step starts from drifted memories: each process carries those of its own rows."""
+def train_under_torchrun(data, output, *, model: ModelSettings, train: TrainSettings, segments: int):
     import subprocess
     import sys
 
     import yaml
 
-    no_dropout = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    model = ModelSettings(pretrained=False, backbone_overrides=no_dropout, num_memory_tokens=4, classifier_dropout=0.0)
-    settings = DRIFT.model_copy(update={"max_steps": 6, "eval_every": 3, "micro_batch_size": 2})
-    train_stage(data_dir=data, segments=2, output=tmp_path / "single", model=model, train=settings, progress=False)
-
-    config = tmp_path / "stage.yaml"
-    config.write_text(yaml.safe_dump({"model": model.model_dump(),
-                                      "train": settings.model_copy(update={"micro_batch_size": None}).model_dump()}))
+    config = output.parent / f"{output.name}.yaml"
+    config.write_text(yaml.safe_dump({"model": model.model_dump(), "train": train.model_dump()}))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "rmt", "train", "--data", str(data), "--segments", "2", "--output", str(tmp_path / "ddp"),
+               "-m", "rmt", "train", "--data", str(data), "--segments", str(segments), "--output", str(output),
                "--config", str(config)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+NO_DROPOUT = ModelSettings(pretrained=False, num_memory_tokens=4, classifier_dropout=0.0, backbone_overrides={
+    **TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task, segments, settings", [
+    # Every 2nd step starts from drifted memories: each process carries those of its own rows.
+    ("data", 2, DRIFT.model_copy(update={"max_steps": 6, "eval_every": 3})),
+    # Generated batches (the forms at 24 tokens beside the task's 32): each process generates
+    # its own rows only, padded to its own longest.
+    ("reasoning", 1, TRAIN.model_copy(update={
+        "form_curriculum": ["middle_lookup", "middle_room_questions"], "form_text_tokens": 24, "form_ramp_steps": 3,
+        "form_advance_accuracy": 0.01, "max_steps": 12, "eval_every": 3, "target_accuracy": None})),
+])
+def test_two_processes_under_torchrun_train_like_one(task, segments, settings, request, tmp_path):
+    """DDP on the CPU (gloo): each process takes half of every batch; gradients averaged
+    across them equal one process's over the whole batch (dropout off to compare). Without a
+    micro_batch_size (the paper's config), each process's share is one forward pass."""
+    data = request.getfixturevalue(task)
+    train_stage(data_dir=data, segments=segments, output=tmp_path / "single", model=NO_DROPOUT,
+                train=settings.model_copy(update={"micro_batch_size": 2}), progress=False)
+    train_under_torchrun(data, tmp_path / "ddp", model=NO_DROPOUT, train=settings.model_copy(
+        update={"micro_batch_size": None}), segments=segments)
     single, parallel = outcome(tmp_path / "single"), outcome(tmp_path / "ddp")
     # The validation loss is summed over two processes: equal up to float rounding.
     assert parallel[0].pop("best_valid_loss") == pytest.approx(single[0].pop("best_valid_loss"), rel=1e-6)
     assert parallel[0] == single[0]
     history = [json.loads(line) for line in parallel[1].splitlines()]
-    assert [record["step"] for record in history] == [3, 6]
+    assert [record["step"] for record in history] == list(range(3, settings.max_steps + 1, 3))
     for key, tensor in single[2]["checkpoints/last"].items():
         torch.testing.assert_close(parallel[2]["checkpoints/last"][key], tensor, atol=1e-5, rtol=1e-4, msg=key)
     state = torch.load(tmp_path / "ddp" / "checkpoints" / "last" / "training_state.pt", weights_only=True)
     assert len(state["rng"]) == 2  # both processes' RNG states, for an exact resume
-    assert [len(saved["segments_read"]) for saved in state["drifted_memory"]] == [4, 4]  # and drifted memories
+    if settings.drifted_memory_every:
+        assert [len(saved["segments_read"]) for saved in state["drifted_memory"]] == [4, 4]  # and drifted memories
+    if settings.form_curriculum:  # both forms were learned (the bar is 1%), and the task came in
+        assert [r.get("form") for r in history] == ["middle_lookup", "middle_room_questions", None, None]
 
 
 @pytest.fixture(scope="module")

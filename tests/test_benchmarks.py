@@ -52,6 +52,14 @@ def test_the_reasoning_search_reports_each_kind_of_question(tmp_path):
     stage = json.loads((tmp_path / "w" / "escape" / "seed-0" / "stage-1" / "config.json").read_text())
     assert stage["train"]["schedule"] == "constant" and stage["train"]["max_steps"] == 4  # the budget wins
     assert stage["train"]["learning_rate"] == 1e-3  # the recipe's, not params.yaml's last-stage rate
+    # The research tool that splits a checkpoint's errors on a form by what its examples hold.
+    run_folder = tmp_path / "w" / "escape" / "seed-0"
+    errors = subprocess.run([sys.executable, str(ROOT / "docs" / "research" / "form_errors.py"), str(run_folder / "data"),
+                             str(run_folder / "stage-1" / "best"), "--examples", "40"], capture_output=True, text=True,
+                            timeout=600, cwd=tmp_path)
+    assert errors.returncode == 0, errors.stderr[-3000:]
+    assert "| all |  | any |" in errors.stdout and "| phrasing | <dir> of the X | any |" in errors.stdout
+    assert "| answering fact first | True | the X <dir> of |" in errors.stdout
     # A finished run is reused only under the settings it was trained with.
     (tmp_path / "tiny.yaml").write_text(TINY + "data: {train_examples: 65}\n")
     changed = run("reasoning_search.py", "--steps", "4", "--eval-every", "2", "--examples", "20", "--recipes",

@@ -104,7 +104,7 @@ def test_reasonings_forms_add_one_feature_each_up_to_its_middle_room_questions()
 
     forms, reasoning = TRAINING_FORMS["reasoning"], get_task("reasoning")
     assert list(forms) == ["middle_lookup", "middle_lookup_either_wording", "middle_lookup_both_phrasings",
-                           "middle_room_questions"]
+                           "middle_room_questions", "whole_task"]
     rng = np.random.default_rng(1)
     for name, phrasings, middle_first in (("middle_lookup_either_wording", {"the"}, {True, False}),
                                           ("middle_lookup_both_phrasings", {"the", "direction"}, {True}),
@@ -118,3 +118,29 @@ def test_reasonings_forms_add_one_feature_each_up_to_its_middle_room_questions()
             seen_phrasings.add("the" if sample.question.startswith("What is the ") else "direction")
             seen_sides |= {FACT.match(fact).group(1) == middle for fact in sample.facts}
         assert (seen_phrasings, seen_sides) == (phrasings, middle_first), name
+
+
+def test_the_whole_task_as_a_form_is_the_task_almost_without_noise_at_short_form_text_tokens(tmp_path):
+    """Generated at a length that holds little more than the facts and the question, the
+    task's form is an example of the task almost without noise; at the stored length, the
+    example the dataset holds."""
+    from rmt.data.dataset import DataConfig, TaskDataset, build_dataset
+    from rmt.data.tasks import TRAINING_FORMS
+
+    data = TaskDataset(build_dataset(DataConfig(task="reasoning", segment_length=64, train_examples=8, valid_examples=4,
+                                                curriculum_segments=[1], test_segments=[1], test_examples=2, samples=0),
+                                     tmp_path / "reasoning", progress=False))
+    whole = data.generator.for_form(TRAINING_FORMS["reasoning"]["whole_task"])
+    for index in range(8):
+        stored_layout, stored = data.example("train", index, 64)
+        short_layout, short = whole.example("train", index, 24)
+        assert get_task("reasoning").solve(short_layout.sample.facts, short_layout.sample.question) == \
+            short_layout.sample.answer
+        text = data.generator.tokenizer.decode(short, skip_special_tokens=True)
+        parts = [*short_layout.sample.facts, short_layout.sample.question]
+        where = [text.find(part.lower()) for part in parts]  # facts and question in order, whole
+        assert -1 not in where and where == sorted(where)
+        assert len(text) - sum(map(len, parts)) < 20  # of noise, the word or two the length leaves room for
+        assert whole.example("train", index, 64)[0].sample == stored_layout.sample
+        assert (whole.example("train", index, 64)[1] == stored).all()
+

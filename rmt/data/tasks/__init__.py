@@ -16,6 +16,10 @@ TRAINING_FORMS: dict[str, dict[str, Task]] = {"reasoning": {
     "middle_lookup_either_wording": MIDDLE_LOOKUP_EITHER_WORDING,
     "middle_lookup_both_phrasings": MIDDLE_LOOKUP_BOTH_PHRASINGS,
     "middle_room_questions": MIDDLE_ROOM_QUESTIONS,
+    # The task itself, generated as a form: at a short form_text_tokens (24), its facts and
+    # question with at most a word of noise, a step between the forms and the task as its
+    # dataset holds it.
+    "whole_task": REASONING,
 }}
 
 

@@ -161,6 +161,12 @@ class TrainSettings(BaseModel):
     form_text_tokens: int | None = Field(default=None, ge=1, description="Text tokens of a form's examples, "
                                          "fewer than the stage's for less noise (encoder models; null: the "
                                          "stage's length). The task itself always has the stage's length")
+    # At one fixed short length a form's layout never moves, and the model learns its positions:
+    # lookup and wording learned at 24 tokens fell from 90% to 27% at 28 (docs/research.md).
+    form_text_tokens_max: int | None = Field(default=None, ge=1, description="With form_text_tokens: each form "
+                                             "example's length is drawn between the two (per example, the same "
+                                             "on every visit), so that its facts move among a varying amount of "
+                                             "noise (null: all at form_text_tokens)")
     form_ramp_steps: int = Field(default=1000, ge=1, description="Steps over which a newly ramped-in form's share "
                                  "of each batch rises from form_start_share to all of it")
     form_start_share: float = Field(default=0.1, gt=0, le=1, description="A newly ramped-in form's first share of "
@@ -203,6 +209,9 @@ class TrainSettings(BaseModel):
             raise ValueError(f"form_curriculum {self.form_curriculum} and long_step_every {self.long_step_every} both "
                              "choose what a step reads: set one of them to null (a form curriculum belongs to stage 1: "
                              "stage_train: {1: {form_curriculum: [...]}})")
+        if self.form_text_tokens_max is not None and not (self.form_text_tokens or 1 << 62) <= self.form_text_tokens_max:
+            raise ValueError(f"form_text_tokens_max {self.form_text_tokens_max} is the longest of the lengths from "
+                             f"form_text_tokens ({self.form_text_tokens}): set form_text_tokens to at most it")
         if self.form_curriculum and self.mixed_lengths:
             raise ValueError(f"form_curriculum {self.form_curriculum} and mixed_lengths both choose what a step reads: "
                              "turn mixed_lengths off (a form curriculum belongs to stage 1: "

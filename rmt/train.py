@@ -38,6 +38,7 @@ from transformers import get_constant_schedule_with_warmup, get_linear_schedule_
 
 from rmt.checkpoint import check_fits
 from rmt.data.dataset import TaskDataset
+from rmt.data.generator import SPLITS
 from rmt.data.tasks import TRAINING_FORMS, get_task
 from rmt.distributed import Distributed
 from rmt.drifted_memory import DriftedMemory
@@ -448,7 +449,14 @@ class _Trainer:
         num_tokens = self.segments * data.config.segment_length
         if form is None:
             return data.example(split, index, num_tokens)
-        return self.form_generators[form].example(split, index, self.train.form_text_tokens or num_tokens)
+        return self.form_generators[form].example(split, index, self._form_length(split, index) or num_tokens)
+
+    def _form_length(self, split: str, index: int) -> int | None:
+        """Text tokens of a form's example `index` of `split` (None: the stage's length)."""
+        shortest, longest = self.train.form_text_tokens, self.train.form_text_tokens_max
+        if longest is None or longest == shortest:
+            return shortest
+        return int(np.random.default_rng([self.train.seed, SPLITS.index(split), index]).integers(shortest, longest + 1))
 
     def _check_form(self, record: dict) -> None:
         """Score the newest form on its own validation examples once it is ramped in whole, and
@@ -601,9 +609,10 @@ def _check_form_length(data: TaskDataset, segments: int, train: TrainSettings, o
     tokens, stage_tokens = train.form_text_tokens, segments * data.config.segment_length
     if tokens is None or not train.form_curriculum:
         return
-    if not tokens <= stage_tokens:
-        raise ValueError(f"form_text_tokens {tokens} is longer than the stage's examples ({stage_tokens} tokens): "
-                         "lower it, or set it to null for the stage's length")
+    for name in ("form_text_tokens", "form_text_tokens_max"):
+        if not (getattr(train, name) or 0) <= stage_tokens:
+            raise ValueError(f"{name} {getattr(train, name)} is longer than the stage's examples ({stage_tokens} "
+                             "tokens): lower it, or set it to null for the stage's length")
     if tokens < (fewest := data.generator.min_tokens):
         raise ValueError(f"form_text_tokens {tokens} cannot hold the {data.config.task} facts and question "
                          f"({fewest} tokens): raise it to {fewest} or more")

@@ -815,13 +815,38 @@ def test_forms_can_be_shorter_than_the_stage_with_less_noise(reasoning, tmp_path
     torch.testing.assert_close(padded, unpadded)
 
 
+def test_forms_can_vary_in_length_each_example_keeping_its_own(reasoning, tmp_path, monkeypatch):
+    """form_text_tokens_max: each form example's length is drawn between form_text_tokens and
+    it, so its facts move among noise; an example drawn again has the length it had."""
+    lengths = {}
+    original = train_module._Trainer._form_example
+
+    def spy(self, form, split, index):
+        layout, tokens = original(self, form, split, index)
+        if form is not None:
+            assert lengths.setdefault((split, index), len(tokens)) == len(tokens)
+        return layout, tokens
+
+    monkeypatch.setattr(train_module._Trainer, "_form_example", spy)
+    train = FORMS.model_copy(update={"form_text_tokens": 24, "form_text_tokens_max": 32, "max_steps": 12})
+    train_stage(data_dir=reasoning, segments=1, output=tmp_path / "varied", model=MODEL, train=train, progress=False)
+    for split in ("train", "valid"):
+        seen = [length for (where, _), length in lengths.items() if where == split]
+        assert min(seen) >= 24 and max(seen) <= 32 and len(set(seen)) > 4, (split, sorted(set(seen)))
+
+
 @pytest.mark.parametrize("tokens, model, problem", [
     (20, MODEL, "cannot hold the reasoning facts and question .* raise it to"),
     (40, MODEL, "longer than the stage's examples"),
+    ((24, 40), MODEL, "form_text_tokens_max 40 is longer than the stage's examples"),
     (24, DECODER, "a decoder would read the padding"),
 ])
 def test_forms_too_short_too_long_or_on_a_decoder_are_refused(reasoning, tmp_path, tokens, model, problem):
+    shortest, longest = tokens if isinstance(tokens, tuple) else (tokens, None)
     with pytest.raises(ValueError, match=problem):
-        train_stage(data_dir=reasoning, segments=1, output=tmp_path / "refused", model=model,
-                    train=FORMS.model_copy(update={"form_text_tokens": tokens}), progress=False)
+        train_stage(data_dir=reasoning, segments=1, output=tmp_path / "refused", model=model, progress=False,
+                    train=FORMS.model_copy(update={"form_text_tokens": shortest, "form_text_tokens_max": longest}))
     assert not (tmp_path / "refused").exists()
+    for bad in ({"form_text_tokens_max": 30}, {"form_text_tokens": 31, "form_text_tokens_max": 30}):
+        with pytest.raises(ValueError, match="form_text_tokens_max 30 is the longest .* set form_text_tokens to at"):
+            TrainSettings(**bad)

@@ -235,7 +235,8 @@ class TaskSettings(BaseModel):
             try:
                 self.train_for(segments)
             except ValidationError as error:
-                raise ValueError(f"{self.task}: the stage on {segments} segments: {error.errors()[0]['msg']}") from None
+                problem = error.errors()[0]["msg"].removeprefix("Value error, ")
+                raise ValueError(f"{self.task}: the stage on {segments} segments: {problem}") from None
         return self
 
     @property

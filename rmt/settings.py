@@ -209,7 +209,10 @@ class TrainSettings(BaseModel):
             raise ValueError(f"form_curriculum {self.form_curriculum} and long_step_every {self.long_step_every} both "
                              "choose what a step reads: set one of them to null (a form curriculum belongs to stage 1: "
                              "stage_train: {1: {form_curriculum: [...]}})")
-        if self.form_text_tokens_max is not None and not (self.form_text_tokens or 1 << 62) <= self.form_text_tokens_max:
+        if self.form_text_tokens_max is not None and self.form_text_tokens is None:
+            raise ValueError(f"form_text_tokens_max {self.form_text_tokens_max} is the longest of the lengths from "
+                             "form_text_tokens, which is null: set form_text_tokens, or form_text_tokens_max to null")
+        if self.form_text_tokens_max is not None and self.form_text_tokens > self.form_text_tokens_max:
             raise ValueError(f"form_text_tokens_max {self.form_text_tokens_max} is the longest of the lengths from "
                              f"form_text_tokens ({self.form_text_tokens}): set form_text_tokens to at most it")
         if self.form_curriculum and self.mixed_lengths:
@@ -235,7 +238,7 @@ class TrainSettings(BaseModel):
 
 def form_curriculum_problem(task: str, train: TrainSettings) -> str | None:
     """Why `train.form_curriculum` does not fit the task, if it does not."""
-    from rmt.data.tasks import TRAINING_FORMS
+    from rmt.data.tasks import TASKS, TRAINING_FORMS
 
     forms = TRAINING_FORMS.get(task, {})
     unknown = [name for name in train.form_curriculum if name not in forms]
@@ -244,6 +247,11 @@ def form_curriculum_problem(task: str, train: TrainSettings) -> str | None:
         return f"form_curriculum names {unknown}, which are not forms of the task {task}: {choose}"
     if len(set(train.form_curriculum)) < len(train.form_curriculum):
         return f"form_curriculum {train.form_curriculum} names a form twice: list each once, simplest first"
+    itself = [name for name in train.form_curriculum if forms[name] == TASKS[task]]
+    if itself and train.form_text_tokens is None:
+        return (f"form_curriculum names {itself}, the task itself, and form_text_tokens is null: at the stage's "
+                "length it is the task as stored, which the curriculum brings in last anyway; set form_text_tokens "
+                "or leave it out")
     return None
 
 

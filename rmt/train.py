@@ -38,7 +38,7 @@ from transformers import get_constant_schedule_with_warmup, get_linear_schedule_
 
 from rmt.checkpoint import check_fits
 from rmt.data.dataset import TaskDataset
-from rmt.data.generator import SPLITS
+from rmt.data.generator import SPLITS, stable_int
 from rmt.data.tasks import TRAINING_FORMS, get_task
 from rmt.distributed import Distributed
 from rmt.drifted_memory import DriftedMemory
@@ -112,7 +112,8 @@ def train_stage(
 
 
 def _own_rows(rows: np.ndarray | list, parallel: Distributed) -> np.ndarray | list:
-    """A process's rows of a batch every process draws whole: every world_size-th."""
+    """A process's rows of what every process draws whole (a batch, the validation set): every
+    world_size-th."""
     return rows[parallel.rank :: parallel.world_size]
 
 
@@ -426,7 +427,8 @@ class _Trainer:
         return None if self.forms_done else self.forms.forms[self.progress.form_phase] or self.inputs.data.config.task
 
     def _form_batch(self, rng: np.random.Generator, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A batch of the form curriculum's mix at `step`, generated from training examples drawn by `rng`."""
+        """This process's share of a batch of the form curriculum's mix at `step`, generated from
+        training examples drawn by `rng`."""
         data, phase = self.inputs.data, self.progress.form_phase
         forms = self.forms.rows(phase, step - self.progress.form_phase_step, self.train.batch_size)
         drawn = rng.choice(data.config.train_examples, size=self.train.batch_size)
@@ -434,7 +436,7 @@ class _Trainer:
         return self._padded(pairs)
 
     def _padded(self, pairs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Token ids (batch, longest) of (layout, tokens) pairs, shorter ones padded with [PAD] on
+        """Token ids (examples, longest) of (layout, tokens) pairs, shorter ones padded with [PAD] on
         the right (form_text_tokens; the encoder reads an example without its padding), and labels."""
         longest = max(len(tokens) for _, tokens in pairs)
         ids = np.full((len(pairs), longest), self.tokenizer.pad_token_id, dtype=np.int64)
@@ -456,7 +458,8 @@ class _Trainer:
         shortest, longest = self.train.form_text_tokens, self.train.form_text_tokens_max
         if longest is None or longest == shortest:
             return shortest
-        return int(np.random.default_rng([self.train.seed, SPLITS.index(split), index]).integers(shortest, longest + 1))
+        rng = np.random.default_rng([self.train.seed, stable_int("form_text_tokens"), SPLITS.index(split), index])
+        return int(rng.integers(shortest, longest + 1))
 
     def _check_form(self, record: dict) -> None:
         """Score the newest form on its own validation examples once it is ramped in whole, and
@@ -506,7 +509,7 @@ class _Trainer:
         num_tokens = self.segments * factor * data.config.segment_length
         drawn = rng.choice(data.config.train_examples, size=self.train.batch_size)
         pairs = [data.example("train", int(index), num_tokens) for index in _own_rows(drawn, self.parallel)]
-        tokens = np.stack([tokens for _, tokens in pairs])  # (batch, num_tokens)
+        tokens = np.stack([tokens for _, tokens in pairs])  # (share, num_tokens): this process's rows
         labels = np.array([layout.sample.label for layout, _ in pairs])
         return tokens, labels, np.arange(len(labels))
 
@@ -605,14 +608,16 @@ def validation_set(data: TaskDataset, segments: int, examples: int | None) -> tu
 
 
 def _check_form_length(data: TaskDataset, segments: int, train: TrainSettings, objective: Objective) -> None:
-    """form_text_tokens fits the task (its facts and question) and the stage, on an encoder."""
+    """form_text_tokens (and form_text_tokens_max) fit the task (its facts and question) and
+    the stage, on an encoder."""
     tokens, stage_tokens = train.form_text_tokens, segments * data.config.segment_length
     if tokens is None or not train.form_curriculum:
         return
-    for name in ("form_text_tokens", "form_text_tokens_max"):
+    for name, null_means in (("form_text_tokens", "the stage's length"),
+                             ("form_text_tokens_max", "all at form_text_tokens")):
         if not (getattr(train, name) or 0) <= stage_tokens:
             raise ValueError(f"{name} {getattr(train, name)} is longer than the stage's examples ({stage_tokens} "
-                             "tokens): lower it, or set it to null for the stage's length")
+                             f"tokens): lower it, or set it to null for {null_means}")
     if tokens < (fewest := data.generator.min_tokens):
         raise ValueError(f"form_text_tokens {tokens} cannot hold the {data.config.task} facts and question "
                          f"({fewest} tokens): raise it to {fewest} or more")
@@ -716,7 +721,7 @@ def evaluate_arrays(model, objective: Objective, tokens, labels, limit: int | No
     {kind: accuracy})."""
     model.eval()
     count = len(labels) if limit is None else min(limit, len(labels))
-    mine = np.arange(parallel.rank, count, parallel.world_size)
+    mine = _own_rows(np.arange(count), parallel)
     hits, loss_sum = np.zeros(count, dtype=bool), 0.0
     for start in range(0, len(mine), batch_size):
         rows = mine[start : start + batch_size]

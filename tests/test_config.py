@@ -96,7 +96,15 @@ def test_the_minilm_config_validates():
          "form_curriculum .* and long_step_every 4 both choose"),
         ({"train": {"long_step_every": 4, "valid_length_factor": 4, "valid_length_from_segments": 4},
           "tasks": {"reasoning": {"train": {"form_curriculum": ["middle_lookup"]}}}},
-         "reasoning: the stage on 4 segments: .*form_curriculum .* and long_step_every 4 both choose"),
+         "reasoning: the stage on 4 segments: form_curriculum .* and long_step_every 4 both choose"),
+        ({"train": {"form_text_tokens_max": 30}}, "form_text_tokens, which is null: set form_text_tokens, or"),
+        ({"train": {"form_text_tokens": 31, "form_text_tokens_max": 30}},
+         r"form_text_tokens_max 30 is the longest of the lengths from form_text_tokens \(31\): set form_text_tokens"),
+        # The task itself is a form only where it is generated shorter than stored.
+        ({"tasks": {"reasoning": {"stage_train": {1: {"form_curriculum": ["middle_lookup", "whole_task"]}}}}},
+         r"names \['whole_task'\], the task itself, and form_text_tokens is null"),
+        ({"tasks": {"reasoning": {"data": {"train_forms": {"whole_task": 0.5}}}}},
+         r"train_forms \['whole_task'\] is the task itself: its share would change nothing"),
     ],
 )
 def test_a_bad_value_is_named(values, message):

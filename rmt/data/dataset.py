@@ -103,6 +103,10 @@ class DataConfig(BaseModel):
             where = ", ".join(f"tasks.{task}.data.train_forms" for task in TRAINING_FORMS)
             choose = f"choose from {', '.join(forms)}" if forms else f"it has none: set forms per task ({where})"
             raise ValueError(f"train_forms {unknown} are not forms of the task {self.task}: {choose}")
+        itself = sorted(name for name in self.train_forms if forms[name] == TASKS[self.task])
+        if itself:
+            raise ValueError(f"train_forms {itself} is the task itself: its share would change nothing; name a "
+                             "simpler form, or leave it out")
         if sum(self.train_forms.values()) >= 1:
             raise ValueError(f"train_forms {self.train_forms}: the shares add up to 1 or more; keep them below 1 "
                              "(the rest of the training examples are the task's own)")

@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rmt.data.dataset import DataConfig
 from rmt.data.tasks import TASKS
 from rmt.paper import FIGURE3_TOKENS
-from rmt.settings import LONG_VALIDATION, ModelSettings, TrainSettings, form_curriculum_problem, label_smoothing_problem
+from rmt.settings import (LONG_VALIDATION, ModelSettings, TrainSettings, form_curriculum_problem, form_length_problem,
+                          label_smoothing_problem)
 
 
 class EvaluateSettings(BaseModel):
@@ -233,9 +234,10 @@ class TaskSettings(BaseModel):
                 raise ValueError(f"{self.task}: {where}: {problem}")
         for segments in self.curriculum:
             try:
-                self.train_for(segments)
+                problem = form_length_problem(self.train_for(segments), segments * self.data.segment_length)
             except ValidationError as error:
                 problem = error.errors()[0]["msg"].removeprefix("Value error, ")
+            if problem:
                 raise ValueError(f"{self.task}: the stage on {segments} segments: {problem}") from None
         return self
 

@@ -255,6 +255,18 @@ def form_curriculum_problem(task: str, train: TrainSettings) -> str | None:
     return None
 
 
+def form_length_problem(train: TrainSettings, stage_tokens: int) -> str | None:
+    """Why a form curriculum's lengths do not fit a stage of `stage_tokens` tokens, if they do not."""
+    if not train.form_curriculum:
+        return None
+    for name, null_means in (("form_text_tokens", "the stage's length"),
+                             ("form_text_tokens_max", "all at form_text_tokens")):
+        if not (getattr(train, name) or 0) <= stage_tokens:
+            return (f"{name} {getattr(train, name)} is longer than the stage's examples ({stage_tokens} tokens): "
+                    f"lower it, or set it to null for {null_means}")
+    return None
+
+
 def label_smoothing_problem(model: ModelSettings, train: TrainSettings, architecture: str | None = None) -> str | None:
     """Why these settings cannot smooth labels, if they cannot: smoothing applies to the
     encoder's classifier on each example's last segment (`architecture`: a checkpoint's)."""

@@ -49,7 +49,8 @@ from rmt.peak_memory import PeakMemory
 from rmt.model.auto import is_checkpoint_folder
 from rmt.model.base import read_checkpoint_config
 from rmt.form_curriculum import FORM_VALID_EXAMPLES, FormCurriculum
-from rmt.settings import TRAINING_WRAPPER_SETTINGS, ModelSettings, TrainSettings, form_curriculum_problem, label_smoothing_problem
+from rmt.settings import (TRAINING_WRAPPER_SETTINGS, ModelSettings, TrainSettings, form_curriculum_problem,
+                          form_length_problem, label_smoothing_problem)
 from rmt.utils import UserError, atomic_directory, claim_output, progress_bar, recover_directory, write_atomic
 
 if TYPE_CHECKING:
@@ -613,11 +614,8 @@ def _check_form_length(data: TaskDataset, segments: int, train: TrainSettings, o
     tokens, stage_tokens = train.form_text_tokens, segments * data.config.segment_length
     if tokens is None or not train.form_curriculum:
         return
-    for name, null_means in (("form_text_tokens", "the stage's length"),
-                             ("form_text_tokens_max", "all at form_text_tokens")):
-        if not (getattr(train, name) or 0) <= stage_tokens:
-            raise ValueError(f"{name} {getattr(train, name)} is longer than the stage's examples ({stage_tokens} "
-                             f"tokens): lower it, or set it to null for {null_means}")
+    if problem := form_length_problem(train, stage_tokens):
+        raise ValueError(problem)
     if tokens < (fewest := data.generator.min_tokens):
         raise ValueError(f"form_text_tokens {tokens} cannot hold the {data.config.task} facts and question "
                          f"({fewest} tokens): raise it to {fewest} or more")

@@ -98,6 +98,10 @@ def test_the_minilm_config_validates():
           "tasks": {"reasoning": {"train": {"form_curriculum": ["middle_lookup"]}}}},
          "reasoning: the stage on 4 segments: form_curriculum .* and long_step_every 4 both choose"),
         ({"train": {"form_text_tokens_max": 30}}, "form_text_tokens, which is null: set form_text_tokens, or"),
+        # Form lengths are checked against each stage before any data is generated.
+        ({"tasks": {"reasoning": {"stage_train": {1: {"form_curriculum": ["middle_lookup"], "form_text_tokens": 24,
+                                                       "form_text_tokens_max": 80}}}}},
+         r"reasoning: the stage on 1 segments: form_text_tokens_max 80 is longer than the stage's examples \(64 "),
         ({"train": {"form_text_tokens": 31, "form_text_tokens_max": 30}},
          r"form_text_tokens_max 30 is the longest of the lengths from form_text_tokens \(31\): set form_text_tokens"),
         # The task itself is a form only where it is generated shorter than stored.

@@ -112,6 +112,15 @@ def train_stage(
     return metrics
 
 
+def padded_right(sequences: list, pad_token_id: int) -> np.ndarray:
+    """(examples, longest) token ids, the shorter sequences padded on the right (an encoder reads
+    an example without its padding)."""
+    ids = np.full((len(sequences), max(map(len, sequences))), pad_token_id, dtype=np.int64)
+    for row, tokens in zip(ids, sequences):
+        row[: len(tokens)] = tokens
+    return ids
+
+
 def _own_rows(rows: np.ndarray | list, parallel: Distributed) -> np.ndarray | list:
     """A process's rows of what every process draws whole (a batch, the validation set): every
     world_size-th."""
@@ -433,16 +442,14 @@ class _Trainer:
         data, phase = self.inputs.data, self.progress.form_phase
         forms = self.forms.rows(phase, step - self.progress.form_phase_step, self.train.batch_size)
         drawn = rng.choice(data.config.train_examples, size=self.train.batch_size)
-        pairs = [self._form_example(form, "train", int(index)) for form, index in _own_rows(list(zip(forms, drawn)), self.parallel)]
+        mine = _own_rows(list(zip(forms, drawn)), self.parallel)
+        pairs = [self._form_example(form, "train", int(index)) for form, index in mine]
         return self._padded(pairs)
 
     def _padded(self, pairs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Token ids (examples, longest) of (layout, tokens) pairs, shorter ones padded with [PAD] on
         the right (form_text_tokens; the encoder reads an example without its padding), and labels."""
-        longest = max(len(tokens) for _, tokens in pairs)
-        ids = np.full((len(pairs), longest), self.tokenizer.pad_token_id, dtype=np.int64)
-        for row, (_, tokens) in zip(ids, pairs):
-            row[: len(tokens)] = tokens
+        ids = padded_right([tokens for _, tokens in pairs], self.tokenizer.pad_token_id)
         return ids, np.array([layout.sample.label for layout, _ in pairs]), np.arange(len(pairs))
 
     def _form_example(self, form: str | None, split: str, index: int):

@@ -13,7 +13,6 @@ From the project root, on a run's dataset and a stage's checkpoint:
 import collections
 from pathlib import Path
 
-import numpy as np
 import torch
 import typer
 from transformers import AutoTokenizer
@@ -22,6 +21,7 @@ from rmt.data.dataset import TaskDataset
 from rmt.data.tasks import TRAINING_FORMS
 from rmt.data.tasks.qa4 import _FACT, _WHAT_IS_X_DIR_OF
 from rmt.objective import objective_for
+from rmt.train import padded_right
 
 DIRECTIONS = ("east", "west", "north", "south")
 
@@ -53,9 +53,7 @@ def main(data: Path, checkpoint: Path, form: str = typer.Option("middle_room_que
     counts = collections.defaultdict(lambda: [0, 0])  # (feature, value, phrasing) -> [right, seen]
     for start in range(0, examples, batch_size):
         pairs = [generator.example(split, index, text_tokens) for index in range(start, min(examples, start + batch_size))]
-        ids = np.full((len(pairs), max(len(tokens) for _, tokens in pairs)), tokenizer.pad_token_id, dtype=np.int64)
-        for row, (_, tokens) in zip(ids, pairs):
-            row[: len(tokens)] = tokens  # padded on the right: the encoder reads an example without it
+        ids = padded_right([tokens for _, tokens in pairs], tokenizer.pad_token_id)
         with torch.inference_mode():
             predicted = objective.class_logits(model, torch.from_numpy(ids)).argmax(-1).tolist()
         for (layout, _), guess in zip(pairs, predicted):

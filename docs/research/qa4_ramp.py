@@ -66,8 +66,12 @@ def main():
         parts = [forms[stage].batch("train", idx[:n_new])]
         if n_new < 64:
             parts.append(forms[stage - 1].batch("train", idx[n_new:]))
-        ids = torch.cat([x[0] for x in parts]); labels = torch.cat([x[1] for x in parts])
-        out = model(ids).logits
+        # Forms of different lengths in one batch: right-padded, the padding masked out.
+        width = max(x[0].shape[1] for x in parts)
+        ids = torch.cat([F.pad(x[0], (0, width - x[0].shape[1])) for x in parts])
+        mask = torch.cat([F.pad(torch.ones_like(x[0]), (0, width - x[0].shape[1])) for x in parts])
+        labels = torch.cat([x[1] for x in parts])
+        out = model(ids, attention_mask=mask).logits
         loss = F.cross_entropy(out, labels)
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sched.step()

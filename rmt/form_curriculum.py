@@ -7,6 +7,8 @@ drawn from the form before it, which keeps answering most of the batch while the
 feature is learned. The task itself comes last, ramped in the same way; from then on the
 stage trains on its stored data as any other stage. Why: docs/research.md (a middle-room
 Reasoning question is a parity of four features, learned one at a time, never all at once).
+A step may also be a form at a length of its own (FormStep.text_tokens): a form learned on
+short examples is then carried, a few tokens at a time, to the stage's length.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rmt.settings import TrainSettings
+from rmt.settings import FormStep, TrainSettings
 
 # Validation examples of a form, to decide when the next one comes in: 1.9 points of
 # standard error at 90%, enough to tell a learned form (95%+) from the shortcut (50-75%).
@@ -23,7 +25,7 @@ FORM_VALID_EXAMPLES = 256
 
 @dataclass(frozen=True)
 class FormCurriculum:
-    forms: tuple[str | None, ...]  # simplest first; None, the task itself, last
+    forms: tuple[FormStep | None, ...]  # simplest first; None, the task itself, last
     ramp_steps: int
     start_share: float
     advance_accuracy: float
@@ -41,7 +43,7 @@ class FormCurriculum:
             return 1.0
         return self.start_share + (1 - self.start_share) * steps_in_phase / self.ramp_steps
 
-    def rows(self, phase: int, steps_in_phase: int, batch_size: int) -> list[str | None]:
+    def rows(self, phase: int, steps_in_phase: int, batch_size: int) -> list[FormStep | None]:
         """The form of each row of a batch, the newest form's rows first: at least one of them,
         however small the batch."""
         newest = min(batch_size, math.ceil(self.share(phase, steps_in_phase) * batch_size))

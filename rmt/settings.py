@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from rmt.hub import MINILM
 from rmt.model.config import Architecture, RMTConfig
@@ -16,6 +16,24 @@ _WRAPPER_DEFAULTS = {field.name: field.default for field in dataclasses.fields(R
 # The wrapper settings a stage sets on the checkpoint it starts from; the memory size and
 # the classifier are the checkpoint's own.
 TRAINING_WRAPPER_SETTINGS = ("bptt_depth", "memory_efficient_backprop", "loss_on_all_segments")
+
+
+class FormStep(BaseModel):
+    """A step of a form curriculum at a length of its own: every example `text_tokens` long, its
+    facts among noise (a plain form name in the curriculum is a step at form_text_tokens).
+    Steps of one form at growing lengths carry what was learned on short,
+    noiseless examples over to the stage's length (docs/research.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    form: str = Field(description="A form of the task (TRAINING_FORMS)")
+    text_tokens: int | None = Field(default=None, ge=1, description="Text tokens of each of this step's examples "
+                                    "(null: the stage's form_text_tokens)")
+
+    @property
+    def label(self) -> str:
+        """How history.jsonl and metrics.json name the step: `form`, or `form@text_tokens`."""
+        return self.form if self.text_tokens is None else f"{self.form}@{self.text_tokens}"
 
 
 class ModelSettings(BaseModel):
@@ -152,10 +170,12 @@ class TrainSettings(BaseModel):
     # gradient descent does not find from the whole task (docs/research.md); learned one feature
     # at a time, each new form ramped in while the one before still answers most of the batch,
     # it is. A deviation from the paper's training data: validation and test stay the task's.
-    form_curriculum: list[str] = Field(default_factory=list, description="Simpler forms of the task "
-                                       "(TRAINING_FORMS), simplest first: the stage trains on the first, then ramps "
-                                       "in each next one (the task itself last) once the one before scores "
-                                       "form_advance_accuracy on its own validation examples")
+    form_curriculum: list[str | FormStep] = Field(default_factory=list, description="Simpler forms of the task "
+                                                  "(TRAINING_FORMS), simplest first: the stage trains on the first, "
+                                                  "then ramps in each next one (the task itself last) once the one "
+                                                  "before scores form_advance_accuracy on its own validation "
+                                                  "examples. A name is a form at form_text_tokens; {form, "
+                                                  "text_tokens} is a form at a length of its own")
     # Noise drowns a form's slope: the lookup left chance by step ~1,100 on 24-token examples and
     # not within 2,500 on the stage's 64 with noise (docs/research.md).
     form_text_tokens: int | None = Field(default=None, ge=1, description="Text tokens of a form's examples, "
@@ -180,6 +200,16 @@ class TrainSettings(BaseModel):
     @classmethod
     def _null_clears_forms(cls, forms):
         return [] if forms is None else forms
+
+    @field_validator("form_curriculum")
+    @classmethod
+    def _names_are_steps(cls, forms):
+        return [FormStep(form=step) if isinstance(step, str) else step for step in forms]
+
+    @field_serializer("form_curriculum")
+    def _steps_without_lengths_are_names(self, forms):
+        """Written back as params.yaml writes it: a name where the step has no length of its own."""
+        return [step.form if step.text_tokens is None else step.model_dump() for step in forms]
 
     @model_validator(mode="after")
     def _accumulation_divides(self) -> "TrainSettings":
@@ -206,7 +236,7 @@ class TrainSettings(BaseModel):
         # Below valid_length_from_segments a stage has no long steps (for_stage), so the clash
         # is checked once the stage is known (TaskSettings) unless long steps apply everywhere.
         if self.form_curriculum and self.long_step_every is not None and self.valid_length_from_segments == 1:
-            raise ValueError(f"form_curriculum {self.form_curriculum} and long_step_every {self.long_step_every} both "
+            raise ValueError(f"form_curriculum {self.form_labels} and long_step_every {self.long_step_every} both "
                              "choose what a step reads: set one of them to null (a form curriculum belongs to stage 1: "
                              "stage_train: {1: {form_curriculum: [...]}})")
         if self.form_text_tokens_max is not None and self.form_text_tokens is None:
@@ -216,13 +246,17 @@ class TrainSettings(BaseModel):
             raise ValueError(f"form_text_tokens_max {self.form_text_tokens_max} is the longest of the lengths from "
                              f"form_text_tokens ({self.form_text_tokens}): set form_text_tokens to at most it")
         if self.form_curriculum and self.mixed_lengths:
-            raise ValueError(f"form_curriculum {self.form_curriculum} and mixed_lengths both choose what a step reads: "
+            raise ValueError(f"form_curriculum {self.form_labels} and mixed_lengths both choose what a step reads: "
                              "turn mixed_lengths off (a form curriculum belongs to stage 1: "
                              "stage_train: {1: {form_curriculum: [...]}})")
         if self.drifted_memory_every is not None and self.long_step_every is not None:
             raise ValueError(f"drifted_memory_every {self.drifted_memory_every} and long_step_every "
                              f"{self.long_step_every} both choose what a step reads: set one of them to null")
         return self
+
+    @property
+    def form_labels(self) -> list[str]:
+        return [step.label for step in self.form_curriculum]
 
     def for_stage(self, segments: int) -> "TrainSettings":
         """The settings a stage on `segments` segments trains with: valid_length_from_segments
@@ -241,17 +275,19 @@ def form_curriculum_problem(task: str, train: TrainSettings) -> str | None:
     from rmt.data.tasks import TASKS, TRAINING_FORMS
 
     forms = TRAINING_FORMS.get(task, {})
-    unknown = [name for name in train.form_curriculum if name not in forms]
+    unknown = [step.form for step in train.form_curriculum if step.form not in forms]
     if unknown:
         choose = f"choose from {', '.join(forms)}" if forms else "this task has none: set it per task"
         return f"form_curriculum names {unknown}, which are not forms of the task {task}: {choose}"
-    if len(set(train.form_curriculum)) < len(train.form_curriculum):
-        return f"form_curriculum {train.form_curriculum} names a form twice: list each once, simplest first"
-    itself = [name for name in train.form_curriculum if forms[name] == TASKS[task]]
-    if itself and train.form_text_tokens is None:
+    if len(set(train.form_labels)) < len(train.form_labels):
+        return (f"form_curriculum {train.form_labels} names a form twice at one length: list each once, "
+                "simplest first")
+    itself = [step.label for step in train.form_curriculum if forms[step.form] == TASKS[task]
+              and step.text_tokens is None and train.form_text_tokens is None]
+    if itself:
         return (f"form_curriculum names {itself}, the task itself, and form_text_tokens is null: at the stage's "
                 "length it is the task as stored, which the curriculum brings in last anyway; set form_text_tokens "
-                "or leave it out")
+                "(or the step's text_tokens) or leave it out")
     return None
 
 
@@ -264,6 +300,10 @@ def form_length_problem(train: TrainSettings, stage_tokens: int) -> str | None:
         if not (getattr(train, name) or 0) <= stage_tokens:
             return (f"{name} {getattr(train, name)} is longer than the stage's examples ({stage_tokens} tokens): "
                     f"lower it, or set it to null for {null_means}")
+    for step in train.form_curriculum:
+        if not (step.text_tokens or 0) <= stage_tokens:
+            return (f"form_curriculum's step {step.label} is longer than the stage's examples ({stage_tokens} "
+                    f"tokens): lower its text_tokens to at most {stage_tokens}")
     return None
 
 

@@ -49,7 +49,7 @@ from rmt.peak_memory import PeakMemory
 from rmt.model.auto import is_checkpoint_folder
 from rmt.model.base import read_checkpoint_config
 from rmt.form_curriculum import FORM_VALID_EXAMPLES, FormCurriculum
-from rmt.settings import (TRAINING_WRAPPER_SETTINGS, ModelSettings, TrainSettings, form_curriculum_problem,
+from rmt.settings import (TRAINING_WRAPPER_SETTINGS, FormStep, ModelSettings, TrainSettings, form_curriculum_problem,
                           form_length_problem, label_smoothing_problem)
 from rmt.utils import UserError, atomic_directory, claim_output, progress_bar, recover_directory, write_atomic
 
@@ -324,8 +324,8 @@ class _Trainer:
         self.forms = FormCurriculum.of(train)
         self._form_valid: tuple = (None, None, None)  # (phase, tokens, labels) of the newest form
         # Built once: a batch generates an example of a form per row.
-        self.form_generators = {name: inputs.data.generator.for_form(TRAINING_FORMS[inputs.data.config.task][name])
-                                for name in train.form_curriculum}
+        self.form_generators = {step.form: inputs.data.generator.for_form(TRAINING_FORMS[inputs.data.config.task][step.form])
+                                for step in train.form_curriculum}
         self.drifted = None if train.drifted_memory_every is None else DriftedMemory(
             noise=inputs.data.generator.noise["train"], segment_length=inputs.data.config.segment_length,
             batch_size=train.batch_size, block_segments=segments, max_segments=train.drifted_memory_segments,
@@ -434,7 +434,10 @@ class _Trainer:
 
     @property
     def unfinished_form(self) -> str | None:
-        return None if self.forms_done else self.forms.forms[self.progress.form_phase] or self.inputs.data.config.task
+        if self.forms_done:
+            return None
+        step = self.forms.forms[self.progress.form_phase]
+        return step.label if step else self.inputs.data.config.task
 
     def _form_batch(self, rng: np.random.Generator, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """This process's share of a batch of the form curriculum's mix at `step`, generated from
@@ -443,7 +446,7 @@ class _Trainer:
         forms = self.forms.rows(phase, step - self.progress.form_phase_step, self.train.batch_size)
         drawn = rng.choice(data.config.train_examples, size=self.train.batch_size)
         mine = _own_rows(list(zip(forms, drawn)), self.parallel)
-        pairs = [self._form_example(form, "train", int(index)) for form, index in mine]
+        pairs = [self._form_example(form_step, "train", int(index)) for form_step, index in mine]
         return self._padded(pairs)
 
     def _padded(self, pairs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -452,14 +455,15 @@ class _Trainer:
         ids = padded_right([tokens for _, tokens in pairs], self.tokenizer.pad_token_id)
         return ids, np.array([layout.sample.label for layout, _ in pairs]), np.arange(len(pairs))
 
-    def _form_example(self, form: str | None, split: str, index: int):
-        """An example of `form` at form_text_tokens (None: the task, as its dataset holds it, at
-        the stage's length)."""
+    def _form_example(self, form_step: FormStep | None, split: str, index: int):
+        """An example of a form curriculum's step at its length, else form_text_tokens (None: the
+        task, as its dataset holds it, at the stage's length)."""
         data = self.inputs.data
         num_tokens = self.segments * data.config.segment_length
-        if form is None:
+        if form_step is None:
             return data.example(split, index, num_tokens)
-        return self.form_generators[form].example(split, index, self._form_length(split, index) or num_tokens)
+        length = form_step.text_tokens or self._form_length(split, index) or num_tokens
+        return self.form_generators[form_step.form].example(split, index, length)
 
     def _form_length(self, split: str, index: int) -> int | None:
         """Text tokens of a form's example `index` of `split` (None: the stage's length)."""
@@ -616,19 +620,24 @@ def validation_set(data: TaskDataset, segments: int, examples: int | None) -> tu
 
 
 def _check_form_length(data: TaskDataset, segments: int, train: TrainSettings, objective: Objective) -> None:
-    """form_text_tokens (and form_text_tokens_max) fit the task (its facts and question) and
-    the stage, on an encoder."""
-    tokens, stage_tokens = train.form_text_tokens, segments * data.config.segment_length
-    if tokens is None or not train.form_curriculum:
+    """The form curriculum's lengths (form_text_tokens, form_text_tokens_max, a step's own
+    text_tokens) fit the task (its facts and question) and the stage, on an encoder."""
+    if not train.form_curriculum:
         return
+    stage_tokens = segments * data.config.segment_length
     if problem := form_length_problem(train, stage_tokens):
         raise ValueError(problem)
-    if tokens < (fewest := data.generator.min_tokens):
-        raise ValueError(f"form_text_tokens {tokens} cannot hold the {data.config.task} facts and question "
-                         f"({fewest} tokens): raise it to {fewest} or more")
-    if tokens < stage_tokens and objective.model_class.architecture != "encoder":
-        raise ValueError(f"form_text_tokens {tokens} pads a form's examples to the stage's length, and a "
-                         f"{objective.model_class.architecture} would read the padding: set it to null")
+    lengths = {f"form_text_tokens {train.form_text_tokens}": (train.form_text_tokens, "set it to null")}
+    lengths |= {f"form_curriculum's step {step.label}": (step.text_tokens, f"set its text_tokens to {stage_tokens}")
+                for step in train.form_curriculum if step.text_tokens is not None}
+    fewest, architecture = data.generator.min_tokens, objective.model_class.architecture
+    for name, (tokens, fix) in lengths.items():
+        if tokens is not None and tokens < fewest:
+            raise ValueError(f"{name} cannot hold the {data.config.task} facts and question ({fewest} tokens): "
+                             f"raise it to {fewest} or more")
+        if tokens is not None and tokens < stage_tokens and architecture != "encoder":
+            raise ValueError(f"{name} pads a form's examples to the stage's length, and a {architecture} would "
+                             f"read the padding: {fix}")
 
 
 def _warn_if_forms_cannot_finish(train: TrainSettings) -> None:

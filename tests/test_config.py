@@ -53,7 +53,7 @@ def test_the_long_reasoning_recipe_changes_reasonings_first_stage_and_model_only
     base = load_config(ROOT / "params.yaml")
     config = load_config(ROOT / "params.yaml", ROOT / "config" / "reasoning-long.yaml")
     reasoning, first = config.for_task("reasoning"), config.for_task("reasoning").train_for(1)
-    assert first.form_curriculum == ["middle_lookup", "middle_lookup_either_wording", "middle_room_questions"]
+    assert first.form_labels == ["middle_lookup", "middle_lookup_either_wording", "middle_room_questions"]
     assert (first.form_text_tokens, first.learning_rate, first.schedule, first.batch_size) == (24, 1e-3, "constant", 64)
     assert reasoning.train_for(2).form_curriculum == [] and reasoning.train_for(2).learning_rate == 5e-4
     shape = base.for_task("reasoning").model.backbone_overrides
@@ -102,6 +102,12 @@ def test_the_minilm_config_validates():
         ({"tasks": {"reasoning": {"stage_train": {1: {"form_curriculum": ["middle_lookup"], "form_text_tokens": 24,
                                                        "form_text_tokens_max": 80}}}}},
          r"reasoning: the stage on 1 segments: form_text_tokens_max 80 is longer than the stage's examples \(64 "),
+        ({"tasks": {"reasoning": {"stage_train": {1: {"form_curriculum": [
+            "middle_lookup", {"form": "whole_task", "text_tokens": 48}, {"form": "whole_task", "text_tokens": 80}]}}}}},
+         r"reasoning: the stage on 1 segments: form_curriculum's step whole_task@80 is longer than the stage's "
+         r"examples \(64 tokens\): lower its text_tokens to at most 64"),
+        ({"tasks": {"reasoning": {"stage_train": {1: {"form_curriculum": [{"form": "whole_task", "tokens": 48}]}}}}},
+         "form_curriculum.0.FormStep.tokens: Extra inputs are not permitted"),
         ({"train": {"form_text_tokens": 31, "form_text_tokens_max": 30}},
          r"form_text_tokens_max 30 is the longest of the lengths from form_text_tokens \(31\): set form_text_tokens"),
         # The task itself is a form only where it is generated shorter than stored.
@@ -120,7 +126,7 @@ def test_long_steps_from_a_later_stage_leave_a_first_stage_form_curriculum_alone
     config = PipelineConfig(train={"long_step_every": 4, "valid_length_factor": 4, "valid_length_from_segments": 4},
                             tasks={"reasoning": {"stage_train": {1: {"form_curriculum": ["middle_lookup"]}}}})
     reasoning = config.for_task("reasoning")
-    assert reasoning.train_for(1).form_curriculum == ["middle_lookup"] and reasoning.train_for(1).long_step_every is None
+    assert reasoning.train_for(1).form_labels == ["middle_lookup"] and reasoning.train_for(1).long_step_every is None
     assert reasoning.train_for(4).long_step_every == 4 and reasoning.train_for(4).form_curriculum == []
 
 

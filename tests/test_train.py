@@ -16,7 +16,7 @@ from rmt.data.dataset import DataConfig, build_dataset
 from rmt.model import RecurrentMemoryEncoder
 from rmt.drifted_memory import DriftedMemory
 from rmt.objective import new_model
-from rmt.settings import ModelSettings, TrainSettings
+from rmt.settings import FormStep, ModelSettings, TrainSettings
 from rmt.train import TrainingDiverged, train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -667,9 +667,14 @@ def test_label_smoothing_is_refused_where_it_does_not_apply(data, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-FORMS = TRAIN.model_copy(update={"form_curriculum": ["middle_lookup", "middle_room_questions"], "form_ramp_steps": 6,
-                                 "form_start_share": 0.5, "form_advance_accuracy": 0.01, "max_steps": 36,
-                                 "target_accuracy": None, "clip_value": None, "clip_norm": 1.0})
+def validated(train: TrainSettings, **changes) -> TrainSettings:
+    """`train` with `changes`, validated as params.yaml would be (model_copy does not validate)."""
+    return TrainSettings.model_validate({**train.model_dump(), **changes})
+
+
+FORMS = validated(TRAIN, form_curriculum=["middle_lookup", "middle_room_questions"], form_ramp_steps=6,
+                  form_start_share=0.5, form_advance_accuracy=0.01, max_steps=36, target_accuracy=None,
+                  clip_value=None, clip_norm=1.0)
 
 
 @pytest.fixture
@@ -678,10 +683,10 @@ def forms_seen(monkeypatch):
     seen = []
     original = train_module._Trainer._form_example
 
-    def spy(self, form, split, index):
-        layout, tokens = original(self, form, split, index)
+    def spy(self, form_step, split, index):
+        layout, tokens = original(self, form_step, split, index)
         if split == "train":
-            seen.append((form, layout.sample))
+            seen.append((form_step and form_step.label, layout.sample))
         return layout, tokens
 
     monkeypatch.setattr(train_module._Trainer, "_form_example", spy)
@@ -754,9 +759,10 @@ def test_a_stage_too_short_for_its_form_curriculum_is_warned_about_and_says_wher
 def test_form_curriculum_ramps_and_boundaries():
     from rmt.form_curriculum import FormCurriculum
 
-    forms = FormCurriculum(forms=("a", "b", None), ramp_steps=333, start_share=0.1, advance_accuracy=0.9)
-    assert forms.rows(0, 5, 4) == ["a"] * 4
-    assert forms.rows(1, 0, 4) == ["b", "a", "a", "a"]  # at least one row of the newest form
+    a, b = FormStep(form="a"), FormStep(form="b", text_tokens=30)
+    forms = FormCurriculum(forms=(a, b, None), ramp_steps=333, start_share=0.1, advance_accuracy=0.9)
+    assert forms.rows(0, 5, 4) == [a] * 4
+    assert forms.rows(1, 0, 4) == [b, a, a, a]  # at least one row of the newest form
     assert forms.share(1, 332) < 1 and forms.share(1, 333) == 1.0 and forms.ramped_in(1, 333)
     assert forms.may_advance(1, 333) and not forms.may_advance(2, 333) and forms.done(2, 333)
     assert not forms.done(2, 332) and not forms.done(1, 333)
@@ -774,15 +780,18 @@ def test_a_stage_killed_during_its_form_curriculum_resumes_to_the_same_result(re
 @pytest.mark.parametrize("change, problem", [
     ({"form_curriculum": ["lookup"]}, r"not forms of the task reasoning: choose from middle_lookup, "),
     ({"form_curriculum": ["middle_lookup", "middle_lookup"]}, "names a form twice"),
+    ({"form_curriculum": [{"form": "whole_task", "text_tokens": 28}, {"form": "whole_task", "text_tokens": 28}]},
+     r"\['whole_task@28', 'whole_task@28'\] names a form twice at one length"),
+    ({"form_curriculum": [{"form": "lookup", "text_tokens": 28}]}, r"names \['lookup'\], which are not forms"),
 ])
 def test_a_form_curriculum_that_does_not_fit_the_task_is_refused_before_training(reasoning, data, tmp_path, change,
                                                                                problem):
     with pytest.raises(ValueError, match=problem):
         train_stage(data_dir=reasoning, segments=1, output=tmp_path / "refused", model=MODEL,
-                    train=TRAIN.model_copy(update=change), progress=False)
+                    train=validated(TRAIN, **change), progress=False)
     with pytest.raises(ValueError, match="not forms of the task memorize: this task has none"):
         train_stage(data_dir=data, segments=1, output=tmp_path / "memorize", model=MODEL,
-                    train=TRAIN.model_copy(update={"form_curriculum": ["middle_lookup"]}), progress=False)
+                    train=validated(TRAIN, form_curriculum=["middle_lookup"]), progress=False)
     assert not (tmp_path / "refused").exists() and not (tmp_path / "memorize").exists()
     with pytest.raises(ValueError, match="form_curriculum .* and mixed_lengths both choose what a step reads"):
         TrainSettings(form_curriculum=["middle_lookup"], mixed_lengths=True)
@@ -821,9 +830,9 @@ def test_forms_can_vary_in_length_each_example_keeping_its_own(reasoning, tmp_pa
     lengths = {}
     original = train_module._Trainer._form_example
 
-    def spy(self, form, split, index):
-        layout, tokens = original(self, form, split, index)
-        if form is not None:
+    def spy(self, form_step, split, index):
+        layout, tokens = original(self, form_step, split, index)
+        if form_step is not None:
             assert lengths.setdefault((split, index), len(tokens)) == len(tokens)
         return layout, tokens
 
@@ -837,6 +846,42 @@ def test_forms_can_vary_in_length_each_example_keeping_its_own(reasoning, tmp_pa
         other = SimpleNamespace(train=train)
         assert all(train_module._Trainer._form_length(other, where, index) == length
                    for (where, index), length in lengths.items())
+
+
+def test_a_form_curriculum_step_can_carry_a_form_to_a_length_of_its_own(reasoning, tmp_path, monkeypatch):
+    """{form, text_tokens}: a form learned at form_text_tokens, then the same form ramped in
+    at a longer length; each step's examples, training and validation, at its own length."""
+    lengths = {}
+    original = train_module._Trainer._form_example
+
+    def spy(self, form_step, split, index):
+        layout, tokens = original(self, form_step, split, index)
+        lengths.setdefault((form_step and form_step.label, split), set()).add(len(tokens))
+        return layout, tokens
+
+    monkeypatch.setattr(train_module._Trainer, "_form_example", spy)
+    train = validated(FORMS, form_text_tokens=24, max_steps=18,
+                      form_curriculum=["middle_lookup", {"form": "middle_lookup", "text_tokens": 28}])
+    train_stage(data_dir=reasoning, segments=1, output=tmp_path / "longer", model=MODEL, train=train, progress=False)
+    assert lengths == {("middle_lookup", "train"): {24}, ("middle_lookup", "valid"): {24},
+                       ("middle_lookup@28", "train"): {28}, ("middle_lookup@28", "valid"): {28},
+                       (None, "train"): {32}}  # the task, at the stage's length
+    history = [json.loads(line) for line in (tmp_path / "longer" / "history.jsonl").read_text().splitlines()]
+    assert [r.get("form") for r in history] == ["middle_lookup", "middle_lookup@28", None]
+
+
+@pytest.mark.parametrize("text_tokens, model, problem", [
+    (20, MODEL, r"form_curriculum's step middle_lookup@20 cannot hold the reasoning facts and question"),
+    (40, MODEL, r"step middle_lookup@40 is longer than the stage's examples \(32 tokens\): lower its text_tokens"),
+    (24, DECODER, "a decoder would read the padding: set its text_tokens to 32"),
+])
+def test_a_form_curriculum_step_of_a_length_that_cannot_be_is_refused(reasoning, tmp_path, text_tokens, model,
+                                                                      problem):
+    train = validated(FORMS, form_curriculum=["middle_lookup", {"form": "middle_lookup", "text_tokens": text_tokens}])
+    with pytest.raises(ValueError, match=problem):
+        train_stage(data_dir=reasoning, segments=1, output=tmp_path / "refused", model=model, train=train,
+                    progress=False)
+    assert not (tmp_path / "refused").exists()
 
 
 @pytest.mark.parametrize("tokens, model, problem", [

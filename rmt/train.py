@@ -324,7 +324,8 @@ class _Trainer:
         self.forms = FormCurriculum.of(train)
         self._form_valid: tuple = (None, None, None)  # (phase, tokens, labels) of the newest form
         # Built once: a batch generates an example of a form per row.
-        self.form_generators = {step.form: inputs.data.generator.for_form(TRAINING_FORMS[inputs.data.config.task][step.form])
+        task_forms = TRAINING_FORMS.get(inputs.data.config.task, {})
+        self.form_generators = {step.form: inputs.data.generator.for_form(task_forms[step.form])
                                 for step in train.form_curriculum}
         self.drifted = None if train.drifted_memory_every is None else DriftedMemory(
             noise=inputs.data.generator.noise["train"], segment_length=inputs.data.config.segment_length,

@@ -848,6 +848,34 @@ def test_forms_can_vary_in_length_each_example_keeping_its_own(reasoning, tmp_pa
                    for (where, index), length in lengths.items())
 
 
+def test_a_form_batch_under_several_processes_generates_only_the_processs_own_rows(reasoning, monkeypatch):
+    from rmt.form_curriculum import FormCurriculum
+    from rmt.hub import load_tokenizer
+
+    generated, original = [], train_module._Trainer._form_example
+
+    def spy(self, form_step, split, index):
+        generated.append((form_step.label, index))
+        return original(self, form_step, split, index)
+
+    monkeypatch.setattr(train_module._Trainer, "_form_example", spy)
+    train, dataset = validated(FORMS, form_text_tokens=24), train_module.TaskDataset(reasoning)
+    trainer = object.__new__(train_module._Trainer)  # only what a form batch reads
+    trainer.inputs, trainer.segments, trainer.train = SimpleNamespace(data=dataset), 1, train
+    trainer.forms, trainer.tokenizer = FormCurriculum.of(train), load_tokenizer(MODEL.backbone)
+    trainer.progress = SimpleNamespace(form_phase=1, form_phase_step=0)
+    trainer.parallel = SimpleNamespace(rank=1, world_size=2)
+    forms = train_module.TRAINING_FORMS["reasoning"]
+    trainer.form_generators = {step.form: dataset.generator.for_form(forms[step.form]) for step in train.form_curriculum}
+    tokens, labels, rows = trainer._form_batch(np.random.default_rng(7), step=3)
+    # Step 3 of the second form's ramp: 6 of the 8 rows are its (ceil(8 x 0.75)); the second of
+    # two processes generates rows 1, 3, 5 and 7 alone.
+    drawn = np.random.default_rng(7).choice(dataset.config.train_examples, size=8)
+    assert generated == [("middle_room_questions", drawn[1]), ("middle_room_questions", drawn[3]),
+                         ("middle_room_questions", drawn[5]), ("middle_lookup", drawn[7])]
+    assert tokens.shape == (4, 24) and len(labels) == 4 and (rows == np.arange(4)).all()
+
+
 def test_a_form_curriculum_step_can_carry_a_form_to_a_length_of_its_own(reasoning, tmp_path, monkeypatch):
     """{form, text_tokens}: a form learned at form_text_tokens, then the same form ramped in
     at a longer length; each step's examples, training and validation, at its own length."""

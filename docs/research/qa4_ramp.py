@@ -24,6 +24,17 @@ import qa4_probe as P
 from rmt.data.tasks.base import PLACES
 
 
+def roformer(a, vocab_size, num_classes):
+    """The probe's BERT shape with rotary positions (Hugging Face's RoFormer), built from a config."""
+    from transformers import RoFormerConfig, RoFormerForSequenceClassification
+
+    config = RoFormerConfig(vocab_size=vocab_size, embedding_size=a.hidden,
+                            hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads,
+                            intermediate_size=4 * a.hidden, hidden_dropout_prob=a.dropout,
+                            attention_probs_dropout_prob=a.dropout, num_labels=num_classes)
+    return RoFormerForSequenceClassification(config)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--stages", default="23,middle,one,middle;23,any,one,middle;23,any,both,middle;23,any,both,any")
@@ -37,6 +48,8 @@ def main():
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--backbone", choices=["bert", "roformer"], default="bert",
+                   help="roformer: rotary positions, whose reading of a sentence does not depend on where it sits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--max-minutes", type=float, default=120)
@@ -51,7 +64,8 @@ def main():
     for item in a.stages.split(";"):
         n, wording, qform, subject = item.split(",")
         forms.append(P.Data(argparse.Namespace(**{**base, "tokens": int(n), "wording": wording, "qform": qform, "subject": subject})))
-    model = P.build_model(argparse.Namespace(**base), full.vocab, len(PLACES))
+    model = (P.build_model(argparse.Namespace(**base), full.vocab, len(PLACES)) if a.backbone == "bert"
+             else roformer(a, full.vocab, len(PLACES)))
     decay = [q for q in model.parameters() if q.ndim >= 2]
     nodecay = [q for q in model.parameters() if q.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": nodecay, "weight_decay": 0.0}], lr=a.lr)

@@ -12,9 +12,11 @@ It reuses the plain-BERT probe's model, data and evaluation, ../shared/research/
   HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python docs/research/qa4_ramp.py --ramp 1000 \
       --stages "23,middle,one,middle;23,any,one,middle;23,any,both,middle;23,any,both,any" --seed 0
 
-A stage is "tokens,wording,qform,subject" as in qa4_probe.py.
+A stage is "tokens,wording,qform,subject" as in qa4_probe.py, with ",anywhere" at the end for
+facts at random token offsets among the noise (place_facts_anywhere).
 """
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,6 +24,22 @@ import numpy as np, torch, torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "shared" / "research"))
 import qa4_probe as P
 from rmt.data.tasks.base import PLACES
+
+
+def place_facts_anywhere(data):
+    """Facts at random token offsets in the noise instead of at noise-sentence starts: at a few
+    tokens more than the facts and question, the generator's own placement keeps the facts side
+    by side at the start (no sentence starts in so little noise); this moves them by a few tokens."""
+    original = data.gen.layout
+
+    def layout(split, index, num_tokens):
+        placed = original(split, index, num_tokens)
+        rng = np.random.default_rng([data.seed, index, num_tokens, len(split), 7])
+        offsets = tuple(sorted(int(o) for o in rng.integers(0, placed.noise_length + 1, size=len(placed.fact_ids))))
+        return dataclasses.replace(placed, noise_offsets=offsets)
+
+    data.gen.layout = layout
+    return data
 
 
 def roformer(a, vocab_size, num_classes):
@@ -48,24 +66,36 @@ def main():
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--backbone", choices=["bert", "roformer"], default="bert",
-                   help="roformer: rotary positions, whose reading of a sentence does not depend on where it sits")
+    p.add_argument("--backbone", choices=["bert", "roformer", "minilm"], default="bert",
+                   help="roformer: rotary positions, whose reading of a sentence does not depend on where it sits; "
+                        "minilm: the pretrained MiniLM the package ships, whole (its own vocabulary and width)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--max-minutes", type=float, default=120)
     a = p.parse_args()
     torch.set_num_threads(1); torch.manual_seed(a.seed)
     print(vars(a), flush=True)
+    # A pretrained backbone reads the tokenizer's own ids; the others get a compact vocabulary.
     base = dict(model="hf", layers=a.layers, hidden=a.hidden, heads=a.heads, dropout=a.dropout, prenorm=False,
-                pos="abs", wording="any", qform="both", subject="any", tokens=a.tokens, seed=a.seed, compact=True)
+                pos="abs", wording="any", qform="both", subject="any", tokens=a.tokens, seed=a.seed,
+                compact=a.backbone != "minilm")
     full = P.Data(argparse.Namespace(**base))
     valid = full.batch("valid", range(1000))
     forms = []
     for item in a.stages.split(";"):
-        n, wording, qform, subject = item.split(",")
-        forms.append(P.Data(argparse.Namespace(**{**base, "tokens": int(n), "wording": wording, "qform": qform, "subject": subject})))
-    model = (P.build_model(argparse.Namespace(**base), full.vocab, len(PLACES)) if a.backbone == "bert"
-             else roformer(a, full.vocab, len(PLACES)))
+        n, wording, qform, subject, *placement = item.split(",")
+        form = P.Data(argparse.Namespace(**{**base, "tokens": int(n), "wording": wording, "qform": qform, "subject": subject}))
+        form.seed = a.seed
+        forms.append(place_facts_anywhere(form) if placement == ["anywhere"] else form)
+    if a.backbone == "minilm":
+        from transformers import BertForSequenceClassification
+
+        model = BertForSequenceClassification.from_pretrained(P.resolve(P.MINILM), num_labels=len(PLACES),
+                                                              hidden_dropout_prob=a.dropout,
+                                                              attention_probs_dropout_prob=a.dropout)
+    else:
+        model = (P.build_model(argparse.Namespace(**base), full.vocab, len(PLACES)) if a.backbone == "bert"
+                 else roformer(a, full.vocab, len(PLACES)))
     decay = [q for q in model.parameters() if q.ndim >= 2]
     nodecay = [q for q in model.parameters() if q.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": nodecay, "weight_decay": 0.0}], lr=a.lr)

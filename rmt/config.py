@@ -428,11 +428,11 @@ def schema_problems(config: dict, schema: dict) -> list[str]:
     """The configuration against its JSON schema (what Snakemake workflows validate up
     front), one line per problem with its full key, not jsonschema's dump of the schema."""
     from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
 
     problems = []
     for error in Draft202012Validator(schema).iter_errors(config):
-        while error.context:  # oneOf/anyOf: the alternative that got deepest says what is wrong
-            error = max(error.context, key=lambda sub: len(sub.absolute_path))
+        error = best_match([error])  # oneOf/anyOf: the alternative that says what is wrong
         key = ".".join(map(str, error.absolute_path)) or "config"
         problems.append(f"{key}: {error.message}")
     return sorted(problems)

@@ -4,9 +4,10 @@ recipe. Plain pydantic models (no torch), so that configurations validate quickl
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_serializer, field_validator,
+                      model_validator)
 
 from rmt.hub import MINILM
 from rmt.model.config import Architecture, RMTConfig
@@ -27,13 +28,23 @@ class FormStep(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     form: str = Field(description="A form of the task (TRAINING_FORMS)")
-    text_tokens: int | None = Field(default=None, ge=1, description="Text tokens of each of this step's examples "
-                                    "(null: the stage's form_text_tokens)")
+    text_tokens: int | None = Field(default=None, ge=1, description="Text tokens of each of this step's examples, "
+                                    "all of one length (form_text_tokens_max does not apply; null: the stage's "
+                                    "form_text_tokens)")
 
     @property
     def label(self) -> str:
         """How history.jsonl and metrics.json name the step: `form`, or `form@text_tokens`."""
         return self.form if self.text_tokens is None else f"{self.form}@{self.text_tokens}"
+
+
+def _name_is_a_step(entry):
+    return {"form": entry} if isinstance(entry, str) else entry
+
+
+# A form curriculum's entry as params.yaml writes it: a form's name, or a step {form, text_tokens}.
+FormCurriculumEntry = Annotated[FormStep, BeforeValidator(_name_is_a_step),
+                                WithJsonSchema({"anyOf": [{"type": "string"}, FormStep.model_json_schema()]})]
 
 
 class ModelSettings(BaseModel):
@@ -170,7 +181,7 @@ class TrainSettings(BaseModel):
     # gradient descent does not find from the whole task (docs/research.md); learned one feature
     # at a time, each new form ramped in while the one before still answers most of the batch,
     # it is. A deviation from the paper's training data: validation and test stay the task's.
-    form_curriculum: list[str | FormStep] = Field(default_factory=list, description="Simpler forms of the task "
+    form_curriculum: list[FormCurriculumEntry] = Field(default_factory=list, description="Simpler forms of the task "
                                                   "(TRAINING_FORMS), simplest first: the stage trains on the first, "
                                                   "then ramps in each next one (the task itself last) once the one "
                                                   "before scores form_advance_accuracy on its own validation "
@@ -200,11 +211,6 @@ class TrainSettings(BaseModel):
     @classmethod
     def _null_clears_forms(cls, forms):
         return [] if forms is None else forms
-
-    @field_validator("form_curriculum")
-    @classmethod
-    def _names_are_steps(cls, forms):
-        return [FormStep(form=step) if isinstance(step, str) else step for step in forms]
 
     @field_serializer("form_curriculum")
     def _steps_without_lengths_are_names(self, forms):
@@ -279,9 +285,12 @@ def form_curriculum_problem(task: str, train: TrainSettings) -> str | None:
     if unknown:
         choose = f"choose from {', '.join(forms)}" if forms else "this task has none: set it per task"
         return f"form_curriculum names {unknown}, which are not forms of the task {task}: {choose}"
-    if len(set(train.form_labels)) < len(train.form_labels):
-        return (f"form_curriculum {train.form_labels} names a form twice at one length: list each once, "
-                "simplest first")
+    # A name is the form at form_text_tokens: {form, text_tokens} at that length is the same step.
+    same_length = train.form_text_tokens if train.form_text_tokens_max is None else None
+    steps = [(step.form, step.text_tokens or same_length) for step in train.form_curriculum]
+    if len(set(steps)) < len(steps):
+        return (f"form_curriculum {train.form_labels} names a form twice at one length (a name is the form at "
+                f"form_text_tokens, {train.form_text_tokens}): list each once, simplest first")
     itself = [step.label for step in train.form_curriculum if forms[step.form] == TASKS[task]
               and step.text_tokens is None and train.form_text_tokens is None]
     if itself:

@@ -107,7 +107,7 @@ def test_the_minilm_config_validates():
          r"reasoning: the stage on 1 segments: form_curriculum's step whole_task@80 is longer than the stage's "
          r"examples \(64 tokens\): lower its text_tokens to at most 64"),
         ({"tasks": {"reasoning": {"stage_train": {1: {"form_curriculum": [{"form": "whole_task", "tokens": 48}]}}}}},
-         "form_curriculum.0.FormStep.tokens: Extra inputs are not permitted"),
+         r"stage_train.1.form_curriculum.0.tokens: Extra inputs are not permitted \(given 48\)"),
         ({"train": {"form_text_tokens": 31, "form_text_tokens_max": 30}},
          r"form_text_tokens_max 30 is the longest of the lengths from form_text_tokens \(31\): set form_text_tokens"),
         # The task itself is a form only where it is generated shorter than stored.
@@ -234,6 +234,11 @@ def test_last_names_the_curriculums_last_stage_whatever_its_length():
     config = {"stage_train": {"last": {"learning_rate": 1e-4}, 3: None}, "tasks": {"memorize": {"stage_train": {"last": None}}}}
     assert schema_problems(config, schema) == []
     assert schema_problems({"stage_train": {"final": {}}}, schema) == ["stage_train: 'final' does not match '^([0-9]+|last)$'"]
+    # A form curriculum's entry is a name or a step: a bad step is named as a step.
+    steps = {"train": {"form_curriculum": ["middle_lookup", {"form": "whole_task", "tokens": 40}, {"text_tokens": 40}]}}
+    assert schema_problems(steps, schema) == [
+        "train.form_curriculum.1: Additional properties are not allowed ('tokens' was unexpected)",
+        "train.form_curriculum.2: 'form' is a required property"]
     params = read_config_files(ROOT / "params.yaml")
     for stage_train, problem in [({"final": {}}, "unknown stage 'final'.*or `last`"), (5, "valid dictionary"),
                                  ({9: None}, r"stages \[9\] that are not in the curriculum"),

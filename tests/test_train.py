@@ -26,6 +26,11 @@ TRAIN = TrainSettings(learning_rate=1e-3, warmup_steps=4, max_steps=24, batch_si
                       eval_every=6, patience=100)
 
 
+def validated(train: TrainSettings, **changes) -> TrainSettings:
+    """`train` with `changes`, validated as params.yaml would be (model_copy does not validate)."""
+    return TrainSettings.model_validate({**train.model_dump(), **changes})
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     config = DataConfig(task="memorize", segment_length=32, train_examples=200, valid_examples=24,
@@ -509,9 +514,9 @@ NO_DROPOUT = ModelSettings(pretrained=False, num_memory_tokens=4, classifier_dro
     ("data", 2, DRIFT.model_copy(update={"max_steps": 6, "eval_every": 3})),
     # Generated batches (the forms at 24 tokens beside the task's 32): each process generates
     # its own rows only, padded to its own longest.
-    ("reasoning", 1, TRAIN.model_copy(update={
-        "form_curriculum": ["middle_lookup", "middle_room_questions"], "form_text_tokens": 24, "form_ramp_steps": 3,
-        "form_advance_accuracy": 0.01, "max_steps": 12, "eval_every": 3, "target_accuracy": None})),
+    ("reasoning", 1, validated(
+        TRAIN, form_curriculum=["middle_lookup", "middle_room_questions"], form_text_tokens=24, form_ramp_steps=3,
+        form_advance_accuracy=0.01, max_steps=12, eval_every=3, target_accuracy=None)),
 ])
 def test_two_processes_under_torchrun_train_like_one(dataset_fixture, segments, settings, request, tmp_path):
     """DDP on the CPU (gloo): each process takes half of every batch; gradients averaged
@@ -667,11 +672,6 @@ def test_label_smoothing_is_refused_where_it_does_not_apply(data, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-def validated(train: TrainSettings, **changes) -> TrainSettings:
-    """`train` with `changes`, validated as params.yaml would be (model_copy does not validate)."""
-    return TrainSettings.model_validate({**train.model_dump(), **changes})
-
-
 FORMS = validated(TRAIN, form_curriculum=["middle_lookup", "middle_room_questions"], form_ramp_steps=6,
                   form_start_share=0.5, form_advance_accuracy=0.01, max_steps=36, target_accuracy=None,
                   clip_value=None, clip_norm=1.0)
@@ -783,6 +783,9 @@ def test_a_stage_killed_during_its_form_curriculum_resumes_to_the_same_result(re
     ({"form_curriculum": [{"form": "whole_task", "text_tokens": 28}, {"form": "whole_task", "text_tokens": 28}]},
      r"\['whole_task@28', 'whole_task@28'\] names a form twice at one length"),
     ({"form_curriculum": [{"form": "lookup", "text_tokens": 28}]}, r"names \['lookup'\], which are not forms"),
+    # A name is the form at form_text_tokens: the same step spelled twice.
+    ({"form_curriculum": ["middle_lookup", {"form": "middle_lookup", "text_tokens": 24}], "form_text_tokens": 24},
+     r"names a form twice at one length \(a name is the form at form_text_tokens, 24\)"),
 ])
 def test_a_form_curriculum_that_does_not_fit_the_task_is_refused_before_training(reasoning, data, tmp_path, change,
                                                                                problem):

@@ -324,7 +324,7 @@ class _Trainer:
         self.forms = FormCurriculum.of(train)
         self._form_valid: tuple = (None, None, None)  # (phase, tokens, labels) of the newest form
         # Built once: a batch generates an example of a form per row.
-        task_forms = TRAINING_FORMS.get(inputs.data.config.task, {})
+        task_forms = TRAINING_FORMS.get(inputs.data.config.task)  # validated: every step's form is one of them
         self.form_generators = {step.form: inputs.data.generator.for_form(task_forms[step.form])
                                 for step in train.form_curriculum}
         self.drifted = None if train.drifted_memory_every is None else DriftedMemory(
@@ -628,15 +628,17 @@ def _check_form_length(data: TaskDataset, segments: int, train: TrainSettings, o
     stage_tokens = segments * data.config.segment_length
     if problem := form_length_problem(train, stage_tokens):
         raise ValueError(problem)
-    lengths = {f"form_text_tokens {train.form_text_tokens}": (train.form_text_tokens, "set it to null")}
-    lengths |= {f"form_curriculum's step {step.label}": (step.text_tokens, f"set its text_tokens to {stage_tokens}")
-                for step in train.form_curriculum if step.text_tokens is not None}
+    # (what names the length, its tokens, how to leave it at the stage's length)
+    lengths = [(f"form_curriculum's step {step.label}", step.text_tokens, f"set its text_tokens to {stage_tokens}")
+               for step in train.form_curriculum if step.text_tokens is not None]
+    if train.form_text_tokens is not None:
+        lengths.insert(0, (f"form_text_tokens {train.form_text_tokens}", train.form_text_tokens, "set it to null"))
     fewest, architecture = data.generator.min_tokens, objective.model_class.architecture
-    for name, (tokens, fix) in lengths.items():
-        if tokens is not None and tokens < fewest:
+    for name, tokens, fix in lengths:
+        if tokens < fewest:
             raise ValueError(f"{name} cannot hold the {data.config.task} facts and question ({fewest} tokens): "
                              f"raise it to {fewest} or more")
-        if tokens is not None and tokens < stage_tokens and architecture != "encoder":
+        if tokens < stage_tokens and architecture != "encoder":
             raise ValueError(f"{name} pads a form's examples to the stage's length, and a {architecture} would "
                              f"read the padding: {fix}")
 

@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "shared" / "research"))
 import qa4_probe as P
+from rmt.data.generator import SPLITS, stable_int
 from rmt.data.tasks.base import PLACES
 
 
-def place_facts_anywhere(data):
+def place_facts_anywhere(data, seed):
     """Facts at random token offsets in the noise instead of at noise-sentence starts: at a few
     tokens more than the facts and question, the generator's own placement keeps the facts side
     by side at the start (no sentence starts in so little noise); this moves them by a few tokens."""
@@ -34,7 +35,7 @@ def place_facts_anywhere(data):
 
     def layout(split, index, num_tokens):
         placed = original(split, index, num_tokens)
-        rng = np.random.default_rng([data.seed, index, num_tokens, len(split), 7])
+        rng = np.random.default_rng([seed, SPLITS.index(split), index, num_tokens, stable_int("anywhere")])
         offsets = tuple(sorted(int(o) for o in rng.integers(0, placed.noise_length + 1, size=len(placed.fact_ids))))
         return dataclasses.replace(placed, noise_offsets=offsets)
 
@@ -42,14 +43,21 @@ def place_facts_anywhere(data):
     return data
 
 
-def roformer(a, vocab_size, num_classes):
-    """The probe's BERT shape with rotary positions (Hugging Face's RoFormer), built from a config."""
-    from transformers import RoFormerConfig, RoFormerForSequenceClassification
+def build_model(a, base, vocab_size):
+    """--backbone: the probe's BERT; the same shape with rotary positions (Hugging Face's
+    RoFormer), built from a config; or the pretrained MiniLM the package ships, whole."""
+    from transformers import BertForSequenceClassification, RoFormerConfig, RoFormerForSequenceClassification
 
-    config = RoFormerConfig(vocab_size=vocab_size, embedding_size=a.hidden,
-                            hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads,
-                            intermediate_size=4 * a.hidden, hidden_dropout_prob=a.dropout,
-                            attention_probs_dropout_prob=a.dropout, num_labels=num_classes)
+    if a.backbone == "bert":
+        return P.build_model(argparse.Namespace(**base), vocab_size, len(PLACES))
+    if a.backbone == "minilm":
+        return BertForSequenceClassification.from_pretrained(P.resolve(P.MINILM), num_labels=len(PLACES),
+                                                             hidden_dropout_prob=a.dropout,
+                                                             attention_probs_dropout_prob=a.dropout)
+    config = RoFormerConfig(vocab_size=vocab_size, embedding_size=a.hidden, hidden_size=a.hidden,
+                            num_hidden_layers=a.layers, num_attention_heads=a.heads, intermediate_size=4 * a.hidden,
+                            hidden_dropout_prob=a.dropout, attention_probs_dropout_prob=a.dropout,
+                            num_labels=len(PLACES))
     return RoFormerForSequenceClassification(config)
 
 
@@ -85,17 +93,8 @@ def main():
     for item in a.stages.split(";"):
         n, wording, qform, subject, *placement = item.split(",")
         form = P.Data(argparse.Namespace(**{**base, "tokens": int(n), "wording": wording, "qform": qform, "subject": subject}))
-        form.seed = a.seed
-        forms.append(place_facts_anywhere(form) if placement == ["anywhere"] else form)
-    if a.backbone == "minilm":
-        from transformers import BertForSequenceClassification
-
-        model = BertForSequenceClassification.from_pretrained(P.resolve(P.MINILM), num_labels=len(PLACES),
-                                                              hidden_dropout_prob=a.dropout,
-                                                              attention_probs_dropout_prob=a.dropout)
-    else:
-        model = (P.build_model(argparse.Namespace(**base), full.vocab, len(PLACES)) if a.backbone == "bert"
-                 else roformer(a, full.vocab, len(PLACES)))
+        forms.append(place_facts_anywhere(form, a.seed) if placement == ["anywhere"] else form)
+    model = build_model(a, base, full.vocab)
     decay = [q for q in model.parameters() if q.ndim >= 2]
     nodecay = [q for q in model.parameters() if q.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": nodecay, "weight_decay": 0.0}], lr=a.lr)
